@@ -1,0 +1,16 @@
+"""costmodel: predict what one fine-tuning step of a PyTorch model costs, without running it."""
+
+from costmodel.config import StepConfig
+from costmodel.errors import CostModelError
+from costmodel.result import StepCost
+
+__all__ = ["StepConfig", "StepCost", "CostModelError", "predict"]
+
+
+def __getattr__(name: str):
+    # The engine loads on first use, so that `import costmodel` stays cheap.
+    if name == "predict":
+        from costmodel.predict import predict
+
+        return predict
+    raise AttributeError(f"module 'costmodel' has no attribute {name!r}")

@@ -1,0 +1,105 @@
+"""The schema that ``costmodel measure`` and ``costmodel predict`` both print."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from costmodel.config import StepConfig
+
+PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
+FLOP_CONVENTIONS: tuple[str, ...] = ("torch", "exact")
+# MemTracker's categories. OTH holds the tensors passed to track_external: inputs and labels.
+MEMORY_GROUPS: tuple[str, ...] = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
+MEMORY_FIELDS: tuple[str, ...] = MEMORY_GROUPS + ("peak", "sum_of_group_peaks")
+
+
+def phase_flops(forward: int, backward: int, optimizer: int) -> dict[str, int]:
+    return {"forward": forward, "backward": backward, "optimizer": optimizer,
+            "total": forward + backward + optimizer}
+
+
+@dataclass
+class StepCost:
+    """FLOPs per phase in both conventions and each memory group's maximum over the step.
+
+    ``memory[group]`` is that group's own maximum over the step, whenever it occurs;
+    ``memory["peak"]`` is the largest simultaneous total; ``memory["sum_of_group_peaks"]`` is
+    the sum of the group maxima (what the paper reports as total peak memory).
+    """
+
+    config: StepConfig
+    source: str  # "measure" or "predict"
+    flops: dict[str, dict[str, int]]
+    memory: dict[str, int]
+    trainable_params: int
+    total_params: int
+    seconds: float
+    # Anything else a producer wants to expose (per-node breakdowns, timelines, coverage).
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "config": self.config.to_dict(),
+            "flops": self.flops,
+            "memory": self.memory,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "seconds": self.seconds,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render(self, conventions: tuple[str, ...] = FLOP_CONVENTIONS) -> str:
+        """A readable table: FLOPs per phase in each convention, then the memory groups."""
+        c = self.config
+        lines = [
+            f"{self.source}: {c.model}, method={c.method}, rank={c.rank}, batch={c.batch}, "
+            f"resolution={c.resolution}, classes={c.classes}, step={c.step} "
+            f"({self.seconds * 1e3:.1f} ms)",
+            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
+            "",
+            f"{'FLOPs':<12}" + "".join(f"{conv:>20}" for conv in conventions),
+        ]
+        for phase in PHASES + ("total",):
+            lines.append(f"{phase:<12}" + "".join(
+                f"{self.flops[conv][phase]:>20,}" for conv in conventions))
+        lines += ["", f"{'memory':<20}{'bytes':>16}{'MiB':>12}"]
+        for name in MEMORY_FIELDS:
+            value = self.memory[name]
+            lines.append(f"{name:<20}{value:>16,}{value / 2**20:>12.3f}")
+        return "\n".join(lines)
+
+
+def relative_error(predicted: int, measured: int) -> float:
+    """|predicted - measured| / measured; 0 when both are 0, infinite when only measured is 0."""
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("inf")
+    return abs(predicted - measured) / measured
+
+
+def render_comparison(predicted: StepCost, measured: StepCost) -> str:
+    """Predicted beside measured, with the difference of every field."""
+    lines = [
+        f"{predicted.config.model}, method={predicted.config.method}, rank={predicted.config.rank}, "
+        f"batch={predicted.config.batch}, resolution={predicted.config.resolution}, "
+        f"step={predicted.config.step}",
+        f"predict took {predicted.seconds * 1e3:.1f} ms, measure took {measured.seconds * 1e3:.1f} ms "
+        f"({measured.seconds / max(predicted.seconds, 1e-9):.0f}x)",
+        "",
+        f"{'':<26}{'predicted':>18}{'measured':>18}{'difference':>14}{'rel. error':>12}",
+    ]
+
+    def row(label: str, p: int, m: int) -> str:
+        return f"{label:<26}{p:>18,}{m:>18,}{p - m:>14,}{relative_error(p, m):>12.4%}"
+
+    for conv in FLOP_CONVENTIONS:
+        for phase in PHASES + ("total",):
+            lines.append(row(f"FLOPs {conv} {phase}", predicted.flops[conv][phase], measured.flops[conv][phase]))
+    for name in MEMORY_FIELDS:
+        lines.append(row(f"memory {name}", predicted.memory[name], measured.memory[name]))
+    lines.append(row("trainable parameters", predicted.trainable_params, measured.trainable_params))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Built-in op, optimizer and method plugins, registered through the ``costmodel`` entry-point group."""

@@ -1,0 +1,1 @@
+"""Runtime reference: apply each method for real and measure one training step."""
