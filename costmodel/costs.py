@@ -1,0 +1,209 @@
+"""The values that flow between the engine and its plugins.
+
+Op plugins receive an :class:`OpNode` (one node of the traced graph, with shapes) and answer with an
+:class:`OpCost`; optimizer plugins answer with an :class:`OptimizerCost`; method plugins with a
+:class:`PreparedMethod`. Everything is plain data: the engine turns it into FLOP totals and a memory
+timeline that mirrors what ``MemTracker`` would see at each op boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs in both conventions: ``torch`` is what stock ``FlopCounterMode`` counts (grouped-conv
+    weight gradients ``groups`` times too high, only matmul/conv/attention); ``exact`` is the
+    project's own convention (docs/flop-convention.md)."""
+
+    torch: int = 0
+    exact: int = 0
+
+    def __add__(self, other: "Flops") -> "Flops":
+        return Flops(self.torch + other.torch, self.exact + other.exact)
+
+    @staticmethod
+    def both(count: int) -> "Flops":
+        """A count on which both conventions agree."""
+        return Flops(count, count)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor as shape propagation saw it. ``storage`` identifies the storage it lives in:
+    two metas with the same ``storage`` alias (views, in-place results)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    storage: int
+    storage_nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    """A parameter or buffer of a module: its qualified name, shape, dtype and whether it trains."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    trainable: bool
+    is_buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class OpNode:
+    """One node of the traced graph, as an op plugin sees it.
+
+    ``kind`` is the torch.fx opcode (``call_module``, ``call_function``, ``call_method``);
+    ``target`` is the called function, the method name, or for ``call_module`` the module's class.
+    ``args``/``kwargs`` hold the node's arguments with every tensor replaced by its
+    :class:`TensorMeta`; ``inputs`` lists those tensor arguments in order.
+    ``needs_input_grad[i]`` says whether autograd must compute the gradient of ``inputs[i]``.
+    ``params`` are the module's own parameters and buffers (``call_module`` only).
+    """
+
+    name: str
+    kind: str
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+    needs_input_grad: tuple[bool, ...]
+    module: nn.Module | None = None
+    params: dict[str, ParamMeta] = field(default_factory=dict)
+
+    @property
+    def records_autograd(self) -> bool:
+        """Whether autograd records this op (some input or own parameter requires grad)."""
+        return any(t.requires_grad for t in self.inputs) or any(
+            p.trainable for p in self.params.values() if not p.is_buffer)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """A call argument given positionally at ``index`` or by keyword ``name``."""
+        if len(self.args) > index:
+            return self.args[index]
+        return self.kwargs.get(name, default)
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """A storage an op allocates, in allocation order. ``nbytes`` is the storage size.
+
+    ``lifetime`` says when it is freed:
+    - ``"output"``: it is output ``index`` of the node; the engine frees it after its last use
+      (or, if autograd saved it, after this node's backward);
+    - ``"saved"``: kept by autograd for backward only (e.g. batch norm's saved mean and invstd,
+      max-pool indices, a dropout mask, a clone of an in-place op's input); freed when this node's
+      backward has run;
+    - ``"transient"``: freed when the node finishes (visible to MemTracker only while it lives).
+    """
+
+    nbytes: int
+    lifetime: str
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class SavedRef:
+    """Autograd keeps an existing tensor alive for backward: input ``index`` or output ``index``."""
+
+    of: str  # "input" or "output"
+    index: int
+
+
+@dataclass
+class OpCost:
+    """What one node costs, in the forward pass and (when autograd records it) in backward.
+
+    Forward memory: ``forward_allocs`` in order (outputs that alias an input, such as views and
+    in-place results, allocate nothing and are not listed); ``saved`` names the inputs/outputs
+    autograd keeps until backward.
+    Backward memory: ``input_grads[i]`` is the number of bytes newly allocated for the gradient of
+    ``inputs[i]`` (0 when it aliases the incoming gradient, None when not computed);
+    ``param_grads`` maps a trainable parameter's name to its gradient bytes; ``backward_allocs``
+    are transients freed when the node's backward finishes, in order, before the gradients.
+    """
+
+    forward: Flops
+    backward: Flops = Flops()
+    forward_allocs: tuple[Alloc, ...] = ()
+    saved: tuple[SavedRef, ...] = ()
+    input_grads: tuple[int | None, ...] = ()
+    param_grads: dict[str, int] = field(default_factory=dict)
+    backward_allocs: tuple[Alloc, ...] = ()
+    # Why: a short human-readable derivation, shown in per-node breakdowns.
+    note: str = ""
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that one optimizer rule updates, with that rule's name and options
+    (``optimizer="adamw"``, ``options={"lr": 1e-3, ...}``, or a method's own optimizer)."""
+
+    optimizer: str
+    params: list[ParamMeta]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemEvent:
+    """One step of an optimizer's memory timeline: ``nbytes`` allocated (positive) or freed
+    (negative) into ``group`` ("OPT" for state and step temporaries, "GRAD" for gradients)."""
+
+    nbytes: int
+    group: str = "OPT"
+    label: str = ""
+
+
+@dataclass
+class OptimizerCost:
+    """An optimizer step over one parameter group at a given step number.
+
+    ``state_bytes`` is the persistent state that exists after the step (created on the first
+    step); ``events`` is the step's memory timeline in order (state creation on the first step,
+    temporaries allocated and freed); ``flops`` the step's arithmetic.
+    """
+
+    flops: Flops
+    state_bytes: int
+    events: list[MemEvent] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass
+class PreparedMethod:
+    """What a method plugin did to the (meta-device) model: the parameter groups the optimizer
+    sees, and the module types the tracer must keep as leaves (costed by op plugins)."""
+
+    param_groups: list[ParamGroup]
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    note: str = ""
