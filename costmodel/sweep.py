@@ -1,0 +1,657 @@
+"""Rank-scaling laws: predict a step's cost over many ranks and fit ``cost = a + b * rank``.
+
+Every metric of a :class:`StepCost` (FLOPs per phase in both conventions, each memory group,
+the peak, trainable parameters) gets its own least-squares line, fitted with scipy, and a verdict
+on whether a line describes it at all. A cost that really is ``max`` of two lines (a peak that
+moves from one phase to another as the rank grows) or that bends (a projection rank capped by a
+small layer) is reported as such, with the break or the local slopes, instead of a misleading
+slope.
+
+The predictor is a parameter (any callable ``StepConfig -> StepCost``), so that the laws can be
+fitted on the analytic engine, on the runtime reference, or on a synthetic cost in tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import linregress
+
+from costmodel.config import StepConfig
+from costmodel.errors import CostModelError
+from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, PHASES, StepCost
+
+Predictor = Callable[[StepConfig], StepCost]
+
+# The paper's five methods: the names asked for when the plugin registry cannot list its own.
+PAPER_METHODS: tuple[str, ...] = ("fft", "bn_head", "lora", "dora", "galore")
+DEFAULT_RANKS = "1-64"
+
+# A law counts as exact when no residual exceeds half a unit (the costs are integers) plus
+# floating-point noise on values of up to ~1e12.
+_EXACT_ABSOLUTE = 0.5
+_EXACT_RELATIVE = 1e-9
+# "Nearly" linear: the line misses by at most this share of the cost's rank-driven change.
+_NEARLY_SHARE_OF_SPAN = 0.01
+_MIN_SEGMENT_POINTS = 3
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics and units
+
+
+def metric_names() -> tuple[str, ...]:
+    """Every metric a sweep fits, in a stable order."""
+    names = [f"flops.{conv}.{phase}" for conv in FLOP_CONVENTIONS for phase in PHASES + ("total",)]
+    names += [f"memory.{name}" for name in MEMORY_FIELDS]
+    names.append("trainable_params")
+    return tuple(names)
+
+
+def cost_metrics(cost: StepCost) -> dict[str, int]:
+    """A step's cost flattened to ``{metric name: integer}`` (see :func:`metric_names`)."""
+    values: dict[str, int] = {}
+    for conv in FLOP_CONVENTIONS:
+        for phase in PHASES + ("total",):
+            values[f"flops.{conv}.{phase}"] = int(cost.flops[conv][phase])
+    for name in MEMORY_FIELDS:
+        values[f"memory.{name}"] = int(cost.memory[name])
+    values["trainable_params"] = int(cost.trainable_params)
+    return values
+
+
+def select_metrics(prefixes: str | None) -> tuple[str, ...]:
+    """Metrics whose names start with one of the comma-separated ``prefixes`` (all if None)."""
+    names = metric_names()
+    if prefixes is None:
+        return names
+    wanted = [p.strip() for p in prefixes.split(",") if p.strip()]
+    chosen = tuple(n for n in names if any(n == p or n.startswith(p.rstrip(".") + ".") for p in wanted))
+    if not chosen:
+        raise CostModelError(f"--metrics {prefixes!r} matches no metric; metrics are: {', '.join(names)}")
+    return chosen
+
+
+def metric_unit(metric: str) -> str:
+    if metric.startswith("flops."):
+        return "FLOP"
+    if metric.startswith("memory."):
+        return "B"
+    return "params"
+
+
+def format_bytes(value: float) -> str:
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{sign}{value / size:.3g} {unit}" if value / size < 100 else f"{sign}{value / size:,.1f} {unit}"
+    return f"{sign}{value:,.0f} B"
+
+
+def format_flops(value: float) -> str:
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if value >= size:
+            return f"{sign}{value / size:.4g} {unit}"
+    return f"{sign}{value:,.0f} FLOP"
+
+
+def format_quantity(metric: str, value: float) -> str:
+    """``value`` of ``metric`` in readable units (bytes in KiB/MiB, FLOPs in MFLOP/GFLOP)."""
+    unit = metric_unit(metric)
+    if unit == "B":
+        return format_bytes(value)
+    if unit == "FLOP":
+        return format_flops(value)
+    return f"{value:,.4g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks and methods
+
+
+def parse_ranks(text: str) -> tuple[int, ...]:
+    """``"1-64"``, ``"1,2,4,8"``, ``"1-64:4"`` (every 4th), or a mix: ``"1,2,4-16:4,64"``."""
+    ranks: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            span, _, step_text = part.partition(":")
+            step = int(step_text) if step_text else 1
+            first_text, dash, last_text = span.partition("-")
+            first = int(first_text)
+            last = int(last_text) if dash else first
+        except ValueError:
+            raise CostModelError(
+                f"--ranks: cannot read {part!r}; write ranks as 1-64, 1,2,4,8 or 1-64:4") from None
+        if first < 1 or last < first or step < 1:
+            raise CostModelError(f"--ranks: {part!r} is not a range of ranks >= 1 (first <= last, step >= 1)")
+        ranks.update(range(first, last + 1, step))
+    if not ranks:
+        raise CostModelError("--ranks: no rank given")
+    return tuple(sorted(ranks))
+
+
+def parse_names(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise CostModelError(f"{option}: no name given")
+    return names
+
+
+def registered_methods() -> tuple[str, ...]:
+    """The method names the plugin registry declares (``costmodel_method_names``); the paper's
+    five where no registry can be asked yet."""
+    try:
+        from costmodel.registry import method_names
+    except ImportError:
+        return PAPER_METHODS
+    return tuple(method_names())
+
+
+def supported_methods(predictor: Predictor, base: StepConfig,
+                      candidates: Iterable[str] | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The candidate methods the predictor can cost on ``base`` (one probe each), and for every
+    other one the predictor's reason."""
+    supported: list[str] = []
+    refused: dict[str, str] = {}
+    for method in registered_methods() if candidates is None else candidates:
+        try:
+            predictor(base.replace(method=method))
+        except (CostModelError, ImportError, NotImplementedError) as error:
+            refused[method] = f"{type(error).__name__}: {error}" if not isinstance(error, CostModelError) else str(error)
+        else:
+            supported.append(method)
+    return tuple(supported), refused
+
+
+def default_predictor() -> Predictor:
+    """The analytic engine, loaded only when asked for."""
+    from costmodel.predict import predict_config
+
+    return predict_config
+
+
+def default_measurer(fake: bool = False) -> Predictor:
+    """The runtime reference, loaded only when asked for."""
+    from costmodel.validation.measure import measure
+
+    return lambda config: measure(config, fake=fake)
+
+
+class _NoProgress:
+    def update(self, count: int = 1) -> None:
+        pass
+
+    def __enter__(self) -> "_NoProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress_bar(total: int, description: str, enabled: bool = True) -> Any:
+    """A tqdm bar (on stderr) that appears only once the work has taken more than two seconds."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", delay=2.0, leave=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The law
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One straight piece of a piecewise-linear cost: ``intercept + slope * rank`` on [first, last]."""
+
+    first_rank: int
+    last_rank: int
+    slope: float
+    intercept: float
+
+
+@dataclass(frozen=True)
+class Law:
+    """The least-squares line ``cost = intercept + slope * rank`` of one metric, and how well it
+    describes the cost.
+
+    ``shape`` is one of:
+    - ``constant``: the cost does not depend on the rank;
+    - ``linear``: every point is on the line (to the unit);
+    - ``piecewise linear``: two lines, each exact, meeting at ``segments[1].first_rank``;
+    - ``nearly linear``: the line misses by at most 1% of the cost's change over the ranks;
+    - ``non-linear``: none of these; ``note`` gives the local slopes at both ends;
+    - ``untested``: fewer than three ranks, so any line fits.
+    """
+
+    metric: str
+    slope: float
+    intercept: float
+    r_squared: float
+    max_residual: float  # the largest |cost - law| over the fitted ranks, in the metric's unit
+    max_residual_rank: int
+    max_relative_residual: float  # that residual as a share of the cost at that rank
+    shape: str
+    note: str = ""
+    segments: tuple[Segment, ...] = ()
+    ranks: tuple[int, ...] = field(default=(), repr=False)
+
+    def __call__(self, rank: float) -> float:
+        return self.intercept + self.slope * rank
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["first_rank"], data["last_rank"] = (self.ranks[0], self.ranks[-1]) if self.ranks else (None, None)
+        del data["ranks"]
+        return data
+
+
+def _share(fraction: float) -> str:
+    """A small share written with enough digits to be non-zero: 0.0052%, 1.3%, 33%."""
+    return f"{fraction:.2g}" if fraction == 0 else f"{fraction * 100:.2g}%"
+
+
+def _exact_tolerance(values: np.ndarray) -> float:
+    return _EXACT_ABSOLUTE + _EXACT_RELATIVE * float(np.max(np.abs(values)))
+
+
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """slope, intercept, R^2 (scipy's linregress)."""
+    if np.ptp(y) == 0:
+        return 0.0, float(y[0]), 1.0
+    fit = linregress(x, y)
+    return float(fit.slope), float(fit.intercept), float(fit.rvalue) ** 2
+
+
+def _best_single_break(x: np.ndarray, y: np.ndarray) -> tuple[Segment, Segment, float] | None:
+    """The split into two least-squares lines with the smallest total squared error, found over
+    every split at once from prefix sums (on standardised data, so the sums stay well
+    conditioned); the chosen split is then refitted exactly. Returns the segments and the
+    largest residual, or None with too few points."""
+    n = len(x)
+    if n < 2 * _MIN_SEGMENT_POINTS:
+        return None
+    xs = (x - x.mean()) / x.std()
+    ys = (y - y.mean()) / y.std()
+
+    def prefix(values: np.ndarray) -> np.ndarray:
+        return np.concatenate(([0.0], np.cumsum(values)))
+
+    count, sx, sy = prefix(np.ones(n)), prefix(xs), prefix(ys)
+    sxx, sxy, syy = prefix(xs * xs), prefix(xs * ys), prefix(ys * ys)
+
+    def squared_error(lo: np.ndarray | int, hi: np.ndarray | int) -> np.ndarray:
+        m = count[hi] - count[lo]
+        vx = sx[hi] - sx[lo]
+        vy = sy[hi] - sy[lo]
+        var_x = (sxx[hi] - sxx[lo]) - vx * vx / m
+        cov = (sxy[hi] - sxy[lo]) - vx * vy / m
+        var_y = (syy[hi] - syy[lo]) - vy * vy / m
+        return var_y - np.divide(cov * cov, var_x, out=np.zeros_like(cov), where=var_x > 0)
+
+    splits = np.arange(_MIN_SEGMENT_POINTS, n - _MIN_SEGMENT_POINTS + 1)
+    k = int(splits[np.argmin(squared_error(0, splits) + squared_error(splits, n))])
+    segments = []
+    worst = 0.0
+    for part in (slice(0, k), slice(k, n)):
+        slope, intercept, _ = _line(x[part], y[part])
+        worst = max(worst, float(np.max(np.abs(y[part] - (intercept + slope * x[part])))))
+        segments.append(Segment(int(x[part][0]), int(x[part][-1]), slope, intercept))
+    return segments[0], segments[1], worst
+
+
+def fit_law(ranks: Sequence[int], values: Sequence[float], metric: str = "") -> Law:
+    """Fit ``values = intercept + slope * ranks`` and say how linear the cost really is."""
+    x = np.asarray(ranks, dtype=float)
+    y = np.asarray(values, dtype=float)
+    if len(x) != len(y) or len(x) < 2:
+        raise CostModelError(f"a law for {metric or 'a metric'} needs at least two ranks with a cost")
+    if np.ptp(x) == 0:
+        raise CostModelError(f"a law for {metric or 'a metric'} needs at least two different ranks")
+    slope, intercept, r_squared = _line(x, y)
+    residuals = y - (intercept + slope * x)
+    worst = int(np.argmax(np.abs(residuals)))
+    max_residual = float(abs(residuals[worst]))
+    relative = max_residual / abs(y[worst]) if y[worst] else (0.0 if max_residual == 0 else math.inf)
+    common = dict(metric=metric, slope=slope, intercept=intercept, r_squared=r_squared,
+                  max_residual=max_residual, max_residual_rank=int(x[worst]),
+                  max_relative_residual=relative, ranks=tuple(int(r) for r in x))
+    unit = metric_unit(metric)
+
+    if np.ptp(y) == 0:
+        return Law(**common, shape="constant")
+    if len(x) < 3:
+        return Law(**common, shape="untested", note="two ranks: any line passes through them")
+    tolerance = _exact_tolerance(y)
+    if max_residual <= tolerance:
+        return Law(**common, shape="linear")
+
+    span = float(np.ptp(y))
+    piecewise = _best_single_break(x, y)
+    if piecewise is not None:
+        left, right, piece_residual = piecewise
+        described = (f"slope {left.slope:,.6g} {unit}/rank up to r={left.last_rank}, "
+                     f"{right.slope:,.6g} {unit}/rank from r={right.first_rank}")
+        if piece_residual <= tolerance:
+            return Law(**common, shape="piecewise linear", note=f"two exact lines: {described}",
+                       segments=(left, right))
+    if max_residual <= _NEARLY_SHARE_OF_SPAN * span:
+        return Law(**common, shape="nearly linear",
+                   note=f"largest deviation {_share(max_residual / span)} of the change over the ranks, at r={int(x[worst])}")
+    if piecewise is not None and piece_residual <= _NEARLY_SHARE_OF_SPAN * span:
+        return Law(**common, shape="piecewise linear",
+                   note=f"two nearly exact lines (largest deviation {_share(piece_residual / span)} of the change): {described}",
+                   segments=(left, right))
+    first_slope = (y[1] - y[0]) / (x[1] - x[0])
+    last_slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return Law(**common, shape="non-linear",
+               note=(f"local slope {first_slope:,.6g} {unit}/rank at r={int(x[0])}..{int(x[1])}, "
+                     f"{last_slope:,.6g} at r={int(x[-2])}..{int(x[-1])}; the line misses by up to "
+                     f"{_share(max_residual / span)} of the change over the ranks"))
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass
+class Series:
+    """One model and method over the swept ranks: the cost at each rank the predictor could cost,
+    the fitted laws, and the ranks it refused (with its reason)."""
+
+    model: str
+    method: str
+    ranks: list[int] = field(default_factory=list)
+    costs: list[StepCost] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+    laws: dict[str, Law] = field(default_factory=dict)
+
+    def values(self, metric: str) -> list[int]:
+        return [cost_metrics(cost)[metric] for cost in self.costs]
+
+    @property
+    def rank_independent(self) -> bool:
+        """True when every rank gave the same cost (FFT and BN+H ignore the rank)."""
+        first = cost_metrics(self.costs[0]) if self.costs else {}
+        return all(cost_metrics(c) == first for c in self.costs[1:])
+
+
+@dataclass(frozen=True)
+class LawCheck:
+    """A law and the direct prediction held against one measurement of the runtime reference."""
+
+    model: str
+    method: str
+    metric: str
+    rank: int
+    measured: int
+    predicted: int
+    law: float
+
+    @property
+    def law_error(self) -> float:
+        return _relative(self.law, self.measured)
+
+    @property
+    def prediction_error(self) -> float:
+        return _relative(self.predicted, self.measured)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "law_error": self.law_error, "prediction_error": self.prediction_error}
+
+
+def _relative(value: float, reference: float) -> float:
+    if reference == 0:
+        return 0.0 if value == 0 else math.inf
+    return abs(value - reference) / abs(reference)
+
+
+@dataclass
+class SweepResult:
+    base: StepConfig
+    ranks: tuple[int, ...]
+    metrics: tuple[str, ...]
+    series: list[Series]
+    refused_methods: dict[str, str] = field(default_factory=dict)
+    predict_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    checks: list[LawCheck] = field(default_factory=list)
+    measure_seconds: float = 0.0
+
+    def find(self, model: str, method: str) -> Series:
+        for series in self.series:
+            if series.model == model and series.method == method:
+                return series
+        raise KeyError((model, method))
+
+    @property
+    def predictions(self) -> int:
+        return sum(len(s.costs) + len(s.refused) for s in self.series)
+
+    def timing_line(self) -> str:
+        laws = sum(len(s.laws) for s in self.series)
+        per = self.predict_seconds / max(self.predictions, 1)
+        line = (f"{self.predictions} predictions in {self.predict_seconds:.2f} s ({per * 1e3:.1f} ms each), "
+                f"{laws} laws fitted in {self.fit_seconds:.3f} s; total {self.predict_seconds + self.fit_seconds:.2f} s")
+        if self.checks:
+            line += f"; measurements took {self.measure_seconds:.1f} s"
+        return line
+
+    def worst_checks(self) -> dict[tuple[str, str, str], tuple[LawCheck, LawCheck]]:
+        """Per (model, method, metric): the check with the largest law error and the one with
+        the largest prediction error."""
+        worst: dict[tuple[str, str, str], tuple[LawCheck, LawCheck]] = {}
+        for check in self.checks:
+            key = (check.model, check.method, check.metric)
+            law_worst, prediction_worst = worst.get(key, (check, check))
+            worst[key] = (check if check.law_error >= law_worst.law_error else law_worst,
+                          check if check.prediction_error >= prediction_worst.prediction_error else prediction_worst)
+        return worst
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.base.to_dict()
+        for name in ("model", "method", "rank"):
+            base.pop(name)
+        return {
+            "base_config": base,
+            "ranks": list(self.ranks),
+            "metrics": list(self.metrics),
+            "refused_methods": self.refused_methods,
+            "series": [
+                {
+                    "model": s.model,
+                    "method": s.method,
+                    "rank_independent": s.rank_independent,
+                    "refused_ranks": {str(r): why for r, why in s.refused.items()},
+                    "points": [{"rank": r, **{m: cost_metrics(c)[m] for m in self.metrics}}
+                               for r, c in zip(s.ranks, s.costs)],
+                    "laws": {m: law.to_dict() for m, law in s.laws.items()},
+                }
+                for s in self.series
+            ],
+            "checks": [check.to_dict() for check in self.checks],
+            "timing": {"predictions": self.predictions, "predict_seconds": self.predict_seconds,
+                       "fit_seconds": self.fit_seconds, "measure_seconds": self.measure_seconds},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+
+    def laws_csv(self) -> str:
+        """One row per model, method and metric: the law and, where measured, its worst errors."""
+        worst = self.worst_checks()
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["model", "method", "metric", "slope", "intercept", "r_squared", "max_residual",
+                         "max_residual_rank", "max_relative_residual", "shape", "note",
+                         "break_rank", "slope_before_break", "slope_after_break",
+                         "measured_ranks", "max_law_error_vs_measured", "max_prediction_error_vs_measured"])
+        for s in self.series:
+            for metric, law in s.laws.items():
+                brk = law.segments[1].first_rank if law.segments else ""
+                before = law.segments[0].slope if law.segments else ""
+                after = law.segments[1].slope if law.segments else ""
+                checks = [c for c in self.checks if (c.model, c.method, c.metric) == (s.model, s.method, metric)]
+                law_worst, prediction_worst = worst.get((s.model, s.method, metric), (None, None))
+                writer.writerow([s.model, s.method, metric, law.slope, law.intercept, law.r_squared,
+                                 law.max_residual, law.max_residual_rank, law.max_relative_residual,
+                                 law.shape, law.note, brk, before, after,
+                                 " ".join(str(c.rank) for c in checks),
+                                 law_worst.law_error if law_worst else "",
+                                 prediction_worst.prediction_error if prediction_worst else ""])
+        return out.getvalue()
+
+    def points_csv(self) -> str:
+        """One row per model, method and rank with every metric."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["model", "method", "rank", *self.metrics])
+        for s in self.series:
+            for rank, cost in zip(s.ranks, s.costs):
+                values = cost_metrics(cost)
+                writer.writerow([s.model, s.method, rank, *(values[m] for m in self.metrics)])
+        return out.getvalue()
+
+    def render(self) -> str:
+        """A readable table of the laws, one block per model and method."""
+        worst = self.worst_checks()
+        c = self.base
+        lines = [f"rank-scaling laws cost = a + b*rank over ranks {_ranks_text(self.ranks)} "
+                 f"(batch={c.batch}, resolution={c.resolution}, classes={c.classes}, step={c.step})"]
+        for method, why in self.refused_methods.items():
+            lines.append(f"  not predicted: {method}: {why}")
+        header = f"  {'metric':<26}{'slope b':>22}{'intercept a':>20}{'R^2':>10}{'max residual':>26}  shape"
+        if self.checks:
+            header += "  | law vs measured, prediction vs measured (worst)"
+        for s in self.series:
+            lines += ["", f"{s.model} / {s.method}" + (" (the rank changes nothing)" if s.rank_independent else "")]
+            for rank, why in s.refused.items():
+                lines.append(f"  r={rank} not predicted: {why}")
+            if not s.laws:
+                continue
+            lines.append(header)
+            for metric, law in s.laws.items():
+                unit = metric_unit(metric)
+                residual = f"{format_quantity(metric, law.max_residual)} at r={law.max_residual_rank}"
+                row = (f"  {metric:<26}{law.slope:>16,.1f} {unit:<5}{format_quantity(metric, law.intercept):>20}"
+                       f"{law.r_squared:>10.6f}{residual:>26}  {law.shape}")
+                if law.note:
+                    row += f" ({law.note})"
+                key = (s.model, s.method, metric)
+                if key in worst:
+                    law_worst, prediction_worst = worst[key]
+                    row += (f"  | {law_worst.law_error:.3%} at r={law_worst.rank}, "
+                            f"{prediction_worst.prediction_error:.3%} at r={prediction_worst.rank}")
+                lines.append(row)
+        lines += ["", self.timing_line()]
+        return "\n".join(lines)
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[int],
+                   predictor: Predictor, progress: Callable[[], Any] | None = None) -> Series:
+    """The predictor's cost of ``method`` on ``model`` at every rank; a rank it refuses
+    (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason."""
+    series = Series(model=model, method=method)
+    for rank in ranks:
+        try:
+            cost = predictor(base.replace(model=model, method=method, rank=rank))
+        except CostModelError as error:
+            series.refused[rank] = str(error)
+        else:
+            series.ranks.append(rank)
+            series.costs.append(cost)
+        if progress is not None:
+            progress()
+    return series
+
+
+def fit_series(series: Series, metrics: Sequence[str]) -> None:
+    """Fill ``series.laws`` (nothing when fewer than two ranks could be costed)."""
+    if len(series.ranks) < 2:
+        return
+    table = [cost_metrics(cost) for cost in series.costs]
+    series.laws = {m: fit_law(series.ranks, [row[m] for row in table], m) for m in metrics}
+
+
+def evenly_spread(ranks: Sequence[int], count: int) -> tuple[int, ...]:
+    """``count`` of ``ranks``, spread evenly and always including the first and the last."""
+    if count < 1:
+        raise CostModelError(f"--measure must be >= 1, got {count}")
+    if count >= len(ranks):
+        return tuple(ranks)
+    indices = np.unique(np.round(np.linspace(0, len(ranks) - 1, count)).astype(int))
+    return tuple(int(ranks[i]) for i in indices)
+
+
+def sweep(models: Sequence[str], methods: Sequence[str] | None, ranks: Sequence[int],
+          predictor: Predictor, base: StepConfig | None = None,
+          metrics: Sequence[str] | None = None, progress: bool = True) -> SweepResult:
+    """Predict every model and method over ``ranks`` and fit one law per metric.
+
+    With ``methods=None``, every method the registry declares and the predictor can cost.
+    A method named explicitly that the predictor cannot cost is an error.
+    """
+    base = base or StepConfig()
+    metrics = tuple(metrics or metric_names())
+    started = time.perf_counter()
+    refused_methods: dict[str, str] = {}
+    if methods is None:
+        methods, refused_methods = supported_methods(predictor, base.replace(model=models[0], rank=ranks[0]))
+        if not methods:
+            raise CostModelError("the predictor can cost none of the methods: "
+                                 + "; ".join(f"{m}: {why}" for m, why in refused_methods.items()))
+    series: list[Series] = []
+    with progress_bar(len(models) * len(methods) * len(ranks), "predicting", progress) as bar:
+        for model in models:
+            for method in methods:
+                series.append(predict_series(base, model, method, ranks, predictor, bar.update))
+                if not series[-1].costs:
+                    reasons = sorted(set(series[-1].refused.values()))
+                    raise CostModelError(f"{model} / {method}: no rank could be predicted: {'; '.join(reasons)}")
+    predicted = time.perf_counter()
+    for s in series:
+        fit_series(s, metrics)
+    fitted = time.perf_counter()
+    return SweepResult(base=base, ranks=tuple(ranks), metrics=metrics, series=series,
+                       refused_methods=refused_methods, predict_seconds=predicted - started,
+                       fit_seconds=fitted - predicted)
+
+
+def check_laws(result: SweepResult, count: int, measurer: Predictor, progress: bool = True) -> SweepResult:
+    """Measure ``count`` of the swept ranks (spread evenly) for every rank-dependent series and
+    hold both the law and the direct prediction against each measurement."""
+    started = time.perf_counter()
+    chosen = evenly_spread(result.ranks, count)
+    jobs = [(s, r) for s in result.series if s.laws and not s.rank_independent for r in chosen if r in s.ranks]
+    # A rank-independent method is measured once (any rank gives the same step).
+    jobs += [(s, s.ranks[0]) for s in result.series if s.laws and s.rank_independent]
+    with progress_bar(len(jobs), "measuring", progress) as bar:
+        for s, rank in jobs:
+            measured = cost_metrics(measurer(result.base.replace(model=s.model, method=s.method, rank=rank)))
+            predicted = cost_metrics(s.costs[s.ranks.index(rank)])
+            for metric, law in s.laws.items():
+                result.checks.append(LawCheck(s.model, s.method, metric, rank, measured[metric],
+                                              predicted[metric], law(rank)))
+            bar.update()
+    result.measure_seconds = time.perf_counter() - started
+    return result
