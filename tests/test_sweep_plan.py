@@ -302,3 +302,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(synthetic_cli: None, capsys: pytes
     import re
 
     assert re.search(message, err)
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def test_report_says_what_is_missing_instead_of_inventing_it(tmp_path) -> None:
+    from costmodel import report
+
+    def no_dora(config: StepConfig) -> StepCost:
+        if config.method == "dora":
+            raise CostModelError("method 'dora' is not predicted yet")
+        return synthetic_cost(config)
+
+    def unavailable() -> None:
+        raise ImportError("No module named 'costmodel.validation.measure'")
+
+    written = report.generate(tmp_path, models=("resnet18",), ranks=(1, 2, 3, 4), measure_ranks=(1, 4),
+                              predictor=lambda: no_dora, measurer=unavailable, progress=False)
+    assert {p.name for p in written} == {"figure1_memory.png", "figure2_flops.png", "figure5_rank.png",
+                                         "README.md", "data.json"}
+    assert all(p.stat().st_size > 0 for p in written)
+    text = (tmp_path / "README.md").read_text()
+    assert "method 'dora' is not predicted yet" in text and "No module named" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| LoRA peak-memory")}
+    lora_row = next(iter(rows.values()))
+    # 1 - lora/fft of the synthetic costs at r=4: sum of group peaks 1 - 6158/16758, peak 1 - 5500/16100
+    assert "63.3% (sum of group peaks) / 65.8% (peak) | not yet measured" in lora_row
+    dora_row = next(line for line in text.splitlines() if line.startswith("| DoRA memory overhead"))
+    assert "not yet predicted | not yet measured" in dora_row
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert data["missing"]["measured"] and not data["measured"]
