@@ -151,13 +151,14 @@ def parse_names(text: str, option: str) -> tuple[str, ...]:
 
 
 def registered_methods() -> tuple[str, ...]:
-    """The method names the plugin registry declares (``costmodel_method_names``); the paper's
-    five where no registry can be asked yet."""
+    """The method names the plugin registry declares (``costmodel_method_names``), the paper's
+    in the paper's order first; the paper's five where no registry can be asked yet."""
     try:
-        from costmodel.registry import method_names
+        from costmodel.registry import default_plugin_manager, method_names
     except ImportError:
         return PAPER_METHODS
-    return tuple(method_names())
+    names = method_names(default_plugin_manager())
+    return tuple(m for m in PAPER_METHODS if m in names) + tuple(m for m in names if m not in PAPER_METHODS)
 
 
 def supported_methods(predictor: Predictor, base: StepConfig,

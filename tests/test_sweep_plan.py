@@ -150,7 +150,9 @@ def test_sweep_outputs_json_and_csv() -> None:
     assert "lora" in result.render() and "laws fitted" in result.render()
 
 
-def test_sweep_defaults_to_the_methods_the_predictor_can_cost() -> None:
+def test_sweep_defaults_to_the_methods_the_predictor_can_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
+
     def lora_only(config: StepConfig) -> StepCost:
         if config.method != "lora":
             raise CostModelError(f"method {config.method!r} is not predicted yet")
@@ -252,7 +254,9 @@ def test_plan_flop_budget_and_sort_orders() -> None:
     assert "FLOPs (exact)" in {c.label: c for c in result.excluded}["fft"].reason()
 
 
-def test_plan_lists_methods_the_predictor_refuses() -> None:
+def test_plan_lists_methods_the_predictor_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
+
     def no_dora(config: StepConfig) -> StepCost:
         if config.method == "dora":
             raise CostModelError("method 'dora' is not predicted yet")
@@ -269,6 +273,7 @@ def test_plan_lists_methods_the_predictor_refuses() -> None:
 @pytest.fixture
 def synthetic_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sweep, "default_predictor", lambda: synthetic_cost)
+    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
 
 
 def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
