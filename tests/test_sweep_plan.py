@@ -31,6 +31,12 @@ SYNTHETIC_METHODS = {
 ACT = 600
 
 
+@pytest.fixture(autouse=True)
+def _paper_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The synthetic predictor knows the paper's five methods, whatever plugins are installed."""
+    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
+
+
 def synthetic_cost(config: StepConfig) -> StepCost:
     """Known costs: everything linear in the rank except the true peak, which is the larger of
     the backward's (ACT + GRAD + PARAM) and the optimizer's (GRAD + 2*OPT + PARAM) totals, so
@@ -150,9 +156,7 @@ def test_sweep_outputs_json_and_csv() -> None:
     assert "lora" in result.render() and "laws fitted" in result.render()
 
 
-def test_sweep_defaults_to_the_methods_the_predictor_can_cost(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
-
+def test_sweep_defaults_to_the_methods_the_predictor_can_cost() -> None:
     def lora_only(config: StepConfig) -> StepCost:
         if config.method != "lora":
             raise CostModelError(f"method {config.method!r} is not predicted yet")
@@ -254,9 +258,7 @@ def test_plan_flop_budget_and_sort_orders() -> None:
     assert "FLOPs (exact)" in {c.label: c for c in result.excluded}["fft"].reason()
 
 
-def test_plan_lists_methods_the_predictor_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
-
+def test_plan_lists_methods_the_predictor_refuses() -> None:
     def no_dora(config: StepConfig) -> StepCost:
         if config.method == "dora":
             raise CostModelError("method 'dora' is not predicted yet")
@@ -273,7 +275,6 @@ def test_plan_lists_methods_the_predictor_refuses(monkeypatch: pytest.MonkeyPatc
 @pytest.fixture
 def synthetic_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sweep, "default_predictor", lambda: synthetic_cost)
-    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
 
 
 def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
