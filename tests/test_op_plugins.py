@@ -1,0 +1,364 @@
+"""Op plugins against what torch 2.14.1 really does on CPU, one tiny op at a time.
+
+For each case the op runs for real once, observed three ways:
+- a logging ``TorchDispatchMode`` sees every aten op of forward and backward and the storages
+  they create (a result whose storage is an input's is an alias, not an allocation); weak
+  references tell, after the forward, which new storages are outputs, which autograd kept
+  (saved) and which are already gone (transient);
+- ``torch.autograd.graph.saved_tensors_hooks`` sees what autograd saves (an input, an output, a
+  parameter, or a new tensor);
+- stock ``FlopCounterMode`` gives the ``torch`` convention's count of each phase; the runtime
+  reference's exact counter (``costmodel.validation.flops``) gives the ``exact`` one.
+The plugin's answer for the same node, built from shapes alone, must equal all of it. Closed-form
+counts written out in the tests catch convention slips that a shared formula would hide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
+from costmodel.plugins import conv
+
+PLUGIN_MODULES = (conv,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Observation of one real op
+
+
+def storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class AllocationLog(TorchDispatchMode):
+    """Every aten op that runs, and every storage it creates (outputs not aliasing an input).
+
+    Holds only weak references, so that liveness can be read afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.new: list[tuple[int, int, StorageWeakRef]] = []  # (storage id, nbytes, weak ref)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops.append(str(func.overloadpacket))
+        known = {storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and storage_id(t) not in known and t.untyped_storage().nbytes() > 0:
+                storage = t.untyped_storage()
+                self.new.append((storage_id(t), storage.nbytes(), StorageWeakRef(storage)))
+        return out
+
+
+def exact_counter() -> contextlib.AbstractContextManager:
+    """The runtime reference's exact-convention counter (a no-op context while it does not exist)."""
+    try:
+        from costmodel.validation.flops import make_counter
+    except ImportError:
+        return contextlib.nullcontext()
+    return make_counter("exact")
+
+
+REFERENCE_EXISTS = not isinstance(exact_counter(), contextlib.nullcontext)
+
+
+def exact_total(counter: Any) -> int | None:
+    """The exact count, or None when the reference has none: no counter yet, or an op outside the
+    convention (then the plugin's exact count is a proposal, checked against closed forms only)."""
+    if not hasattr(counter, "uncovered") or counter.uncovered:
+        return None
+    return counter.get_total_flops()
+
+
+@dataclass
+class Observed:
+    node: OpNode
+    forward_torch: int
+    backward_torch: int
+    forward_exact: int | None
+    backward_exact: int | None
+    forward_allocs: list[Alloc]
+    saved_storages: set[int]
+    saved_new_bytes: list[int]
+    input_grads: tuple[int | None, ...]
+    param_grads: dict[str, int]
+    backward_transients: list[int]
+    forward_ops: list[str] = field(default_factory=list)
+    backward_ops: list[str] = field(default_factory=list)
+
+
+def meta_of(t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(tuple(t.shape), t.dtype, t.requires_grad, storage_id(t), t.untyped_storage().nbytes())
+
+
+def observe(kind: str, target: Any, fn: Callable, args: tuple, kwargs: dict | None = None,
+            module: nn.Module | None = None) -> Observed:
+    """Run ``fn(*args, **kwargs)`` once for real and record what it did.
+
+    Tensors in ``args`` that require grad are leaves; the op receives a clone of each (so that
+    in-place ops are legal, as inside a network), and gradients are taken with respect to the
+    leaves: the clone passes the gradient through untouched."""
+    kwargs = kwargs or {}
+    leaves: dict[int, torch.Tensor] = {}
+
+    def as_op_input(x):
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            inner = x.clone()
+            leaves[id(inner)] = x
+            return inner
+        return x
+
+    args, kwargs = tree_map(as_op_input, (args, kwargs))
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    input_metas = [meta_of(t) for t in inputs]
+    meta_by_id = {id(t): m for t, m in zip(inputs, input_metas)}
+    node_args, node_kwargs = tree_map(lambda x: meta_by_id.get(id(x), x) if isinstance(x, torch.Tensor) else x,
+                                      (args, kwargs))
+    params: dict[str, ParamMeta] = {}
+    param_tensors: dict[str, torch.Tensor] = {}
+    if module is not None:
+        for name, p in module.named_parameters(recurse=False):
+            params[name] = ParamMeta(name, tuple(p.shape), p.dtype, p.requires_grad)
+            param_tensors[name] = p
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None:
+                params[name] = ParamMeta(name, tuple(b.shape), b.dtype, False, is_buffer=True)
+
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    log = AllocationLog()
+    counter, exact = FlopCounterMode(display=False), exact_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with counter, exact, log:
+            result = fn(*args, **kwargs)
+    forward_exact = exact_total(exact)
+    outputs = [t for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+    output_metas = [meta_of(t) for t in outputs]
+    out_storages = [storage_id(t) for t in outputs]
+    forward_allocs = []
+    for sid, nbytes, ref in log.new:
+        if sid in out_storages:
+            forward_allocs.append(Alloc(nbytes, "output", out_storages.index(sid)))
+        elif not ref.expired():
+            forward_allocs.append(Alloc(nbytes, "saved"))
+        else:
+            forward_allocs.append(Alloc(nbytes, "transient"))
+    io_storages = {m.storage for m in input_metas} | set(out_storages)
+    param_storages = {storage_id(p) for p in (module.parameters(recurse=False) if module else ())}
+    param_storages |= {storage_id(b) for b in (module.buffers(recurse=False) if module else ()) if b is not None}
+    saved_storages = {storage_id(t) for t in saved if storage_id(t) in io_storages}
+    saved_new = list({storage_id(t): t.untyped_storage().nbytes() for t in saved
+                      if storage_id(t) not in io_storages | param_storages}.values())
+    needs = tuple(t.requires_grad for t in inputs)
+    node = OpNode(name="op", kind=kind, target=target, args=node_args, kwargs=node_kwargs,
+                  inputs=tuple(input_metas), outputs=tuple(output_metas), needs_input_grad=needs,
+                  module=module, params=params)
+
+    input_grads: list[int | None] = [None] * len(inputs)
+    param_grads: dict[str, int] = {}
+    backward_transients: list[int] = []
+    backward_torch, backward_exact = 0, None
+    blog = AllocationLog()
+    trainable = {n: p for n, p in param_tensors.items() if p.requires_grad}
+    if outputs and outputs[0].requires_grad:
+        grad_out = torch.ones_like(outputs[0])
+        wrt_inputs = [i for i, t in enumerate(inputs) if t.requires_grad]
+        wrt = [leaves.get(id(inputs[i]), inputs[i]) for i in wrt_inputs] + list(trainable.values())
+        bcounter, bexact = FlopCounterMode(display=False), exact_counter()
+        with bcounter, bexact, blog:
+            grads = torch.autograd.grad(outputs[0], wrt, grad_out, allow_unused=True)
+        backward_exact = exact_total(bexact)
+        backward_torch = bcounter.get_total_flops()
+        new_in_backward = {sid: nbytes for sid, nbytes, _ in blog.new}
+        grad_storages = set()
+        for slot, grad in zip(wrt_inputs + list(trainable), grads):
+            if grad is None:
+                continue
+            sid = storage_id(grad)
+            grad_storages.add(sid)
+            nbytes = new_in_backward.get(sid, 0)
+            assert nbytes or sid == storage_id(grad_out), "a gradient that is neither new nor the incoming one"
+            if isinstance(slot, int):
+                input_grads[slot] = nbytes
+            else:
+                param_grads[slot] = nbytes
+        backward_transients = [nbytes for sid, nbytes, _ in blog.new if sid not in grad_storages]
+    return Observed(node=node, forward_torch=counter.get_total_flops(), backward_torch=backward_torch,
+                    forward_exact=forward_exact, backward_exact=backward_exact, forward_allocs=forward_allocs,
+                    saved_storages=saved_storages, saved_new_bytes=saved_new, input_grads=tuple(input_grads),
+                    param_grads=param_grads, backward_transients=backward_transients,
+                    forward_ops=log.ops, backward_ops=blog.ops)
+
+
+def plugin_cost(node: OpNode) -> OpCost | None:
+    """The first plugin module that answers (they cover disjoint targets)."""
+    answers = [m.TABLE.cost(node) for m in PLUGIN_MODULES]
+    answers = [a for a in answers if a is not None]
+    assert len(answers) <= 1, f"two plugins answer {node.target}"
+    return answers[0] if answers else None
+
+
+def saved_storage_ids(node: OpNode, cost: OpCost) -> set[int]:
+    metas = {"input": node.inputs, "output": node.outputs}
+    return {metas[ref.of][ref.index].storage for ref in cost.saved}
+
+
+def check(obs: Observed, in_convention: bool = True) -> OpCost:
+    """The plugin's answer for the observed node equals the observation in every respect.
+
+    ``in_convention``: every aten op the node runs has a row in docs/flop-convention.md, so the
+    reference's exact counter must have counted it (once that counter exists)."""
+    node = obs.node
+    if in_convention and REFERENCE_EXISTS:
+        assert obs.forward_exact is not None, f"ops outside the exact convention: {obs.forward_ops}"
+        assert obs.backward_exact is not None or not obs.backward_ops, f"outside: {obs.backward_ops}"
+    cost = plugin_cost(node)
+    assert cost is not None, f"no plugin answers {node.kind} {node.target}"
+    where = f"{node.kind} {getattr(node.target, '__name__', node.target)}; ops {obs.forward_ops} / {obs.backward_ops}"
+    assert cost.forward.torch == obs.forward_torch, where
+    assert cost.backward.torch == obs.backward_torch, where
+    if obs.forward_exact is not None:
+        assert cost.forward.exact == obs.forward_exact, where
+        assert cost.backward.exact == obs.backward_exact or (obs.backward_exact is None and cost.backward.exact == 0), where
+    assert list(cost.forward_allocs) == obs.forward_allocs, where
+    assert saved_storage_ids(node, cost) == obs.saved_storages, where
+    assert sorted(a.nbytes for a in cost.forward_allocs if a.lifetime == "saved") == sorted(obs.saved_new_bytes), where
+    if node.records_autograd and node.outputs and node.outputs[0].requires_grad:
+        assert tuple(cost.input_grads) == obs.input_grads, where
+        assert cost.param_grads == obs.param_grads, where
+        assert [a.nbytes for a in cost.backward_allocs] == obs.backward_transients, where
+        assert all(a.lifetime == "transient" for a in cost.backward_allocs), where
+    else:
+        assert cost.backward.torch == cost.backward.exact == 0, where
+        assert not cost.saved and not cost.param_grads and not cost.backward_allocs, where
+    return cost
+
+
+def grad(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).requires_grad_()
+
+
+def nograd(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape)
+
+
+def run_module(module: nn.Module, *args: Any) -> Observed:
+    return observe("call_module", type(module), module, args, module=module)
+
+
+def run_function(fn: Callable, *args: Any, **kwargs: Any) -> Observed:
+    return observe("call_function", fn, fn, args, kwargs)
+
+
+def run_method(name: str, *args: Any, **kwargs: Any) -> Observed:
+    return observe("call_method", name, lambda self, *a, **k: getattr(self, name)(*a, **k), args, kwargs)
+
+
+def freeze(module: nn.Module, *names: str) -> nn.Module:
+    for name in names or [n for n, _ in module.named_parameters()]:
+        getattr(module, name).requires_grad_(False)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+
+
+def conv_closed_form(n, c_in, c_out, groups, k, h_out, w_out):
+    """2 * multiply-adds per output element (C_in/groups * k*k) times outputs."""
+    return 2 * n * c_out * h_out * w_out * (c_in // groups) * k * k
+
+
+@pytest.mark.parametrize("c_in,c_out,groups,bias", [(4, 6, 1, False), (4, 6, 1, True), (4, 4, 4, False),
+                                                    (4, 8, 2, True), (6, 6, 3, False)])
+@pytest.mark.parametrize("trainable,input_grad", [(True, True), (True, False), (False, True)])
+def test_conv2d_module(c_in, c_out, groups, bias, trainable, input_grad):
+    m = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, groups=groups, bias=bias)
+    if not trainable:
+        freeze(m)
+    x = grad(2, c_in, 7, 7) if input_grad else nograd(2, c_in, 7, 7)
+    cost = check(run_module(m, x))
+    f = conv_closed_form(2, c_in, c_out, groups, 3, 4, 4)
+    out_numel = 2 * c_out * 4 * 4
+    assert cost.forward.torch == f and cost.forward.exact == f + bias * out_numel
+    need_w = trainable
+    assert cost.backward.torch == input_grad * f + need_w * groups * f
+    assert cost.backward.exact == input_grad * f + need_w * f + (need_w and bias) * out_numel
+
+
+def test_conv_without_autograd_saves_nothing():
+    m = freeze(nn.Conv2d(3, 4, 3))
+    cost = check(run_module(m, nograd(1, 3, 5, 5)))
+    assert cost.backward == cost.backward.__class__() and not cost.saved
+
+
+def test_depthwise_weight_gradient_is_overcounted_groups_times_in_torch_convention():
+    m = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+    freeze(m)
+    m.weight.requires_grad_(True)
+    cost = check(run_module(m, nograd(1, 32, 8, 8)))
+    assert cost.backward.torch == 32 * cost.backward.exact == 32 * conv_closed_form(1, 32, 32, 32, 3, 8, 8)
+
+
+@pytest.mark.parametrize("module", [nn.Conv1d(4, 6, 3, groups=2, bias=True), nn.Conv3d(2, 4, 2, bias=False)])
+def test_conv1d_conv3d_modules(module):
+    x = grad(2, module.in_channels, *(5,) * (module.weight.dim() - 2))
+    check(run_module(module, x))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv2d_functional(with_bias):
+    w = grad(6, 2, 3, 3)
+    b = grad(6) if with_bias else None
+    check(run_function(F.conv2d, grad(2, 4, 6, 6), w, b, 1, 1, 1, 2))
+    check(run_function(F.conv2d, nograd(2, 4, 6, 6), w, bias=b, groups=2))
+
+
+def test_conv_outside_the_model_answers_none():
+    for module in (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 2, padding="same")):
+        obs = run_module(module, grad(1, 2, 5, 5))
+        assert conv.TABLE.cost(obs.node) is None
+    obs = run_module(nn.ConvTranspose2d(2, 2, 3), grad(1, 2, 5, 5))
+    assert plugin_cost(obs.node) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def test_every_op_plugin_is_registered_through_the_costmodel_entry_point_group():
+    import importlib.metadata
+
+    import pluggy
+
+    from costmodel import hookspecs
+
+    registered = {entry.value: entry for entry in importlib.metadata.entry_points(group="costmodel")}
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    for module in PLUGIN_MODULES:
+        assert module.__name__ in registered, f"{module.__name__} lacks an entry point in pyproject.toml"
+        manager.register(registered[module.__name__].load(), name=registered[module.__name__].name)
+    manager.check_pending()
+    obs = run_module(nn.Conv2d(2, 3, 1), grad(1, 2, 2, 2))
+    assert manager.hook.costmodel_op_cost(node=obs.node, config=None) == plugin_cost(obs.node)
