@@ -293,13 +293,21 @@ def plan(base: StepConfig, budget: Budget, predictor: Predictor, ranks: Sequence
         candidates += [Candidate(method, None, refused=why) for method, why in refused.items()]
     with progress_bar(len(methods) * len(ranks), "predicting", progress) as bar:
         for method in methods:
-            series = predict_series(base, base.model, method, ranks, predictor, bar.update)
+            # The smallest, middle and largest rank first: a method that costs the same at all
+            # three (FFT, BN+H ignore the rank) is taken as rank-independent and costed once.
+            probe = sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]})
+            series = predict_series(base, base.model, method, probe, predictor, bar.update)
+            if len(probe) > 1 and series.rank_independent and not series.refused:
+                candidates.append(Candidate(method, None, series.costs[0], budget.limits(series.costs[0])))
+                bar.update(len(ranks) - len(probe))
+                continue
+            rest = predict_series(base, base.model, method, [r for r in ranks if r not in probe], predictor, bar.update)
+            series.refused.update(rest.refused)
+            series.ranks += rest.ranks
+            series.costs += rest.costs
             if not series.costs:
                 reasons = sorted(set(series.refused.values()))
                 candidates.append(Candidate(method, None, refused="; ".join(reasons)))
-                continue
-            if series.rank_independent and not series.refused:
-                candidates.append(Candidate(method, None, series.costs[0], budget.limits(series.costs[0])))
                 continue
             for rank in ranks:
                 if rank in series.refused:
