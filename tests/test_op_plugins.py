@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import conv
+from costmodel.plugins import conv, linear
 
-PLUGIN_MODULES = (conv,)
+PLUGIN_MODULES = (conv, linear)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,3 +362,51 @@ def test_every_op_plugin_is_registered_through_the_costmodel_entry_point_group()
     manager.check_pending()
     obs = run_module(nn.Conv2d(2, 3, 1), grad(1, 2, 2, 2))
     assert manager.hook.costmodel_op_cost(node=obs.node, config=None) == plugin_cost(obs.node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear and matrix products
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_shape", [(3, 4), (2, 3, 4), (4,)])
+@pytest.mark.parametrize("trainable,input_grad", [(True, True), (True, False), (False, True)])
+def test_linear_module(bias, x_shape, trainable, input_grad):
+    m = nn.Linear(4, 5, bias=bias)
+    if not trainable:
+        freeze(m)
+    x = grad(*x_shape) if input_grad else nograd(*x_shape)
+    # A 1-d input without bias runs unsqueeze/mm/squeeze_: squeeze_ has no row in the convention yet.
+    cost = check(run_module(m, x), in_convention=bias or len(x_shape) > 1)
+    rows = math.prod(x_shape) // 4
+    assert cost.forward.torch == 2 * rows * 4 * 5
+    assert cost.forward.exact == 2 * rows * 4 * 5 + bias * rows * 5
+    assert cost.backward.torch == (input_grad + trainable) * 2 * rows * 4 * 5
+    assert cost.backward.exact == cost.backward.torch + (trainable and bias) * rows * 5
+
+
+def test_linear_bias_only_trainable():
+    m = freeze(nn.Linear(4, 5), "weight")
+    cost = check(run_module(m, nograd(3, 4)))
+    assert cost.backward == cost.backward.__class__(torch=0, exact=15) and not cost.saved
+
+
+def test_linear_functional_and_products():
+    check(run_function(F.linear, grad(3, 4), grad(5, 4), grad(5)))
+    check(run_function(F.linear, nograd(3, 4), grad(5, 4)))
+    check(run_function(torch.mm, grad(3, 4), nograd(4, 5)))
+    check(run_function(torch.mm, grad(3, 4), grad(4, 5)))
+    check(run_method("mm", nograd(3, 4), grad(4, 5)))
+    check(run_function(torch.bmm, grad(2, 3, 4), grad(2, 4, 5)))
+    check(run_function(torch.addmm, grad(5), grad(3, 4), grad(4, 5)))
+    check(run_function(torch.addmm, grad(3, 5), nograd(3, 4), grad(4, 5)))
+    check(run_function(torch.matmul, grad(3, 4), grad(4, 5)))
+    check(run_function(torch.matmul, grad(2, 3, 4), grad(4, 5)))
+    check(run_function(operator.matmul, grad(2, 2, 3, 4), nograd(2, 2, 4, 5)))
+    check(run_method("matmul", grad(2, 3, 4), grad(2, 4, 5)))
+
+
+def test_products_outside_the_model_answer_none():
+    assert plugin_cost(run_function(torch.matmul, grad(4), grad(4, 5)).node) is None
+    assert plugin_cost(run_function(torch.matmul, grad(2, 3, 4), grad(1, 4, 5)).node) is None
+    assert plugin_cost(run_function(torch.addmm, grad(5), grad(3, 4), grad(4, 5), beta=2).node) is None
