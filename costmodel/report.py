@@ -531,13 +531,17 @@ def laws_table(data: ReportData) -> list[str]:
     return _table(["model", "method", "metric", "law (predicted)", "law (measured)", "note on the predicted law"], rows)
 
 
+def _config_label(config: StepConfig) -> str:
+    rank = f" r={config.rank}" if config.method in RANK_METHODS else ""
+    return f"{config.model}/{config.method}{rank}/step {config.step}"
+
+
 def missing_lines(data: ReportData) -> list[str]:
     lines = []
     for source in SOURCES:
         by_reason: dict[str, list[str]] = {}
         for config, reason in data.sources[source].missing.values():
-            rank = "" if config.method in ("fft", "bn_head") else f" r={config.rank}"
-            by_reason.setdefault(reason, []).append(f"{config.model}/{config.method}{rank}/step {config.step}")
+            by_reason.setdefault(reason, []).append(_config_label(config))
         for reason, configs in sorted(by_reason.items()):
             shown = ", ".join(configs[:6]) + (f" and {len(configs) - 6} more" if len(configs) > 6 else "")
             lines.append(f"- **{MISSING[source]}** ({len(configs)} configuration(s): {shown}): {reason}")
@@ -592,16 +596,30 @@ def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, st
 
 
 def _data_json(data: ReportData, claims: Sequence[ClaimRow]) -> dict[str, Any]:
+    """Every number of the report; the predicted rank sweeps only as the metrics Figure 5 draws
+    (all of them would be most of a megabyte)."""
     def costs(source: str) -> list[dict[str, Any]]:
-        return [cost.to_dict() for cost in data.sources[source].costs.values()]
+        kept = data.sources[source].costs.values()
+        if source == "predicted":
+            kept = [c for c in kept if c.config.rank == data.base.rank or c.config.method not in RANK_METHODS]
+        return [cost.to_dict() for cost in kept]
+
+    def missing(source: str) -> dict[str, list[str]]:
+        by_reason: dict[str, list[str]] = {}
+        for config, why in data.sources[source].missing.values():
+            by_reason.setdefault(why, []).append(_config_label(config))
+        return by_reason
 
     return {
         "base_config": data.base.to_dict(),
         "models": list(data.models),
         "predicted": costs("predicted"),
         "measured": costs("measured"),
-        "missing": {source: [{"config": c.to_dict(), "reason": why} for c, why in data.sources[source].missing.values()]
-                    for source in SOURCES},
+        "predicted_over_ranks": [
+            {"model": model, "method": method, "ranks": series.ranks,
+             **{metric: series.values(metric) for metric, _ in FIGURE5_METRICS}}
+            for (source, model, method), series in data.rank_series.items() if source == "predicted"],
+        "missing": {source: missing(source) for source in SOURCES},
         "laws": [{"source": source, "model": model, "method": method, **law.to_dict()}
                  for (source, model, method), series in data.rank_series.items() for law in series.laws.values()],
         "claims": [vars(row) for row in claims],
