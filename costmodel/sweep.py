@@ -33,7 +33,6 @@ Predictor = Callable[[StepConfig], StepCost]
 
 # The paper's five methods: the names asked for when the plugin registry cannot list its own.
 PAPER_METHODS: tuple[str, ...] = ("fft", "bn_head", "lora", "dora", "galore")
-DEFAULT_RANKS = "1-64"
 
 # A law counts as exact when no residual exceeds half a unit (the costs are integers) plus
 # floating-point noise on values of up to ~1e12.
