@@ -1,0 +1,67 @@
+"""GaLore as the runtime reference applies galore-torch 1.0: which parameters are projected.
+
+Nothing in the model changes: every parameter trains, the backward is the full backward (each
+weight gradient is computed in full; only the optimizer projects it). ``galore_torch.GaLoreAdamW``
+gets the weights of every ``nn.Conv2d`` (grouped and depthwise ones too) and ``nn.Linear`` outside
+the head in its low-rank group (rank ``r``, ``update_proj_gap = T``, ``scale``,
+``proj_type="std"``) and every other parameter (biases, batch-norm affine parameters, the head)
+in a plain group. A 4-D convolution gradient is projected as the matrix
+``(C_out, C_in/groups * kh * kw)`` (galore-torch 1.0 itself fails on 4-D tensors).
+
+The plugin returns one :class:`ParamGroup` for the whole optimizer, ``optimizer="galore_adamw"``,
+listing every parameter in the order ``optimizer.step()`` visits them - the plain group first, as
+the reference builds it, then the low-rank group - with the low-rank ones and their projection
+settings in ``options["low_rank"]``: GaLoreAdamW's step keeps its temporaries in Python locals
+that live on from one parameter to the next, across its parameter groups, so only the whole step
+can be costed to the byte (see ``galore_adamw``).
+
+Options: those of ``method_targets`` except ``include_grouped`` (every convolution is projected
+anyway) and ``alpha_pattern``; ``rank_pattern`` gives a layer its own projection rank.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from costmodel.config import StepConfig
+from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
+from costmodel.hookspecs import hookimpl
+from costmodel.plugins.method_targets import KNOWN_OPTIONS, check_options, select_targets
+
+METHOD = "galore"
+GALORE_OPTIONS = KNOWN_OPTIONS - {"include_grouped", "alpha_pattern"}
+
+
+def low_rank_settings(config: StepConfig, rank: int) -> dict[str, object]:
+    """The low-rank group's settings, as the runtime reference passes them to GaLoreAdamW."""
+    return {"rank": rank, "update_proj_gap": config.galore_update_proj_gap,
+            "scale": config.galore_scale, "proj_type": "std"}
+
+
+def galore_param_group(model: nn.Module, config: StepConfig) -> ParamGroup:
+    """Unfreeze ``model`` and describe GaLoreAdamW over it as one ordered ParamGroup."""
+    check_options(config.options, METHOD, GALORE_OPTIONS)
+    targets = select_targets(model, config.rank, float(config.rank), config.options, grouped="all")
+    low_rank = {f"{t.name}.weight": low_rank_settings(config, t.rank) for t in targets}
+    for param in model.parameters():
+        param.requires_grad_(True)
+    metas = [ParamMeta(name, tuple(p.shape), p.dtype, True) for name, p in model.named_parameters()]
+    projected = [m for m in metas if m.name in low_rank]
+    plain = [m for m in metas if m.name not in low_rank]
+    return ParamGroup("galore_adamw", plain + projected, {"lr": config.lr, "low_rank": low_rank})
+
+
+@hookimpl
+def costmodel_method_names() -> list[str]:
+    return [METHOD]
+
+
+@hookimpl
+def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
+    if name != METHOD:
+        return None
+    group = galore_param_group(model, config)
+    return PreparedMethod(
+        param_groups=[group],
+        note=f"galore: {len(group.options['low_rank'])} projected weights at rank {config.rank}, "
+             f"T={config.galore_update_proj_gap}; every parameter trains")

@@ -1,0 +1,228 @@
+"""LoRA and DoRA as the pinned peft 0.21.2 applies them, mirrored op for op on the meta device.
+
+The plugin swaps each target layer for an adapter module whose ``forward`` issues the same aten
+ops, in the same order, with the same tensors kept alive, as peft's ``lora.Conv2d`` /
+``lora.Linear`` in training mode with ``lora_dropout=0`` (the reference configuration). The
+adapters are *not* tracer leaves: torch.fx traces through them, so every op is costed by the
+ordinary op plugins (conv, linear, element-wise, shape) exactly as in the base model; the few ops
+only DoRA issues are costed in ``dora_ops``.
+
+What peft 0.21.2 runs (``tuners/lora/layer.py``, ``variants.py``, ``dora.py``), checked on this
+machine with a logging ``TorchDispatchMode``, ``saved_tensors_hooks`` and ``FlopCounterMode`` on
+single ``Conv2d(16, 32, 3, stride=2, padding=1)`` and ``Linear(24, 40)`` layers at r = 1 and 4:
+
+LoRA, ``Conv2d(C_in, C_out, k, stride, padding, groups=g)`` at rank ``r``, scaling ``alpha / r``:
+
+- parameters: the frozen base weight (and bias), ``lora_A.default.weight`` of shape
+  ``(r, C_in, *k)`` (a *dense* convolution with the base layer's kernel, stride and padding, no
+  bias, no dilation, no groups) and ``lora_B.default.weight`` of shape ``(C_out, r / g, 1, 1)``
+  (a 1x1 convolution with the base layer's ``groups``), in that ``named_parameters`` order;
+- forward: ``result = base_layer(x)``; ``lora_B(lora_A(x))``; ``* scaling`` (an ``aten.mul``
+  even when the scaling is 1.0, allocating a new tensor); ``result + ...`` (a new tensor). With
+  ``lora_dropout=0`` the dropout is ``nn.Identity`` (no op); the dtype casts are no-ops in fp32;
+- autograd saves: the base conv's input and (frozen) weight - the input only if it requires grad
+  (the model's first layer records nothing for its base conv); ``lora_A``'s input and weight;
+  ``lora_B``'s input (the r-channel activation) and weight; the two scalar/elementwise ops save
+  nothing;
+- backward: ``mul`` by the scaling (a new tensor), ``lora_B`` and ``lora_A`` weight and input
+  gradients, the base conv's *input* gradient only (``output_mask = [True, False, False]``), and an
+  ``add`` accumulating the two gradients of ``x`` (base path and adapter path).
+
+For ``nn.Linear`` the same with ``lora_A = Linear(in, r, bias=False)`` and
+``lora_B = Linear(r, out, bias=False)``.
+
+DoRA (``use_dora=True``) adds ``lora_magnitude_vector.default.weight`` (shape ``(1, C_out, 1, 1)``
+for a conv, ``(out,)`` for a Linear) and, after the base layer (whose result it reuses because the
+dropout is the identity), runs in ``DoraConv2dLayer.forward``:
+
+1. ``lora_weight = mm(lora_B.weight.view(-1, r), lora_A.weight.view(r, -1))`` reshaped to the base
+   weight's shape: ``2 * (C_out*r/g... )`` FLOPs as an ``mm`` (both conventions count it). Its
+   result only ever feeds ``detach()``, so its backward never runs; but the Python local
+   ``lora_weight`` keeps this weight-sized tensor alive until the DoRA forward returns;
+2. ``weight_norm = (W + scaling * lora_weight.detach()).norm(p=2, dim=(1, 2, 3), keepdim=True)
+   .transpose(1, 0)`` then ``.detach()``: a ``mul`` and an ``add`` of weight size (the sum lives
+   until the norm is taken), ``linalg_vector_norm`` to ``(C_out, 1, 1, 1)``;
+3. ``mag_norm_scale = magnitude / weight_norm`` (autograd saves ``weight_norm``);
+4. if the base layer has a bias: ``base_result = result - bias.view(1, -1, 1, 1)`` (a new tensor);
+5. ``result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_B(lora_A(x)) *
+   scaling``: the broadcasting ``mul`` ops save their full-size operands (``base_result`` and the
+   ``lora_B`` output) for the magnitude's gradient;
+6. the function returns (``lora_weight`` is freed), then ``result + result_dora``.
+
+For a Linear, ``lora_weight = lora_B(lora_A(eye(in))).T``: ``eye`` (in x in), two ``mm`` and a
+transposed view; autograd saves ``eye`` and the ``(in, r)`` product, kept alive with
+``lora_weight`` until the DoRA forward returns; the norm is ``linalg.norm(W', dim=1)`` and the
+scale is viewed as ``(1, out)``.
+
+The mirror computes step 1 (and the Linear's ``eye`` products) from detached weights: the same
+ops, FLOPs and bytes, and - as in peft, where the result is detached before use - no backward.
+``dora_ops.release`` marks the end of the DoRA forward's Python scope, so that ``lora_weight`` (and
+the Linear's ``eye`` products) die exactly where peft's locals do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from costmodel.config import StepConfig
+from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
+from costmodel.errors import CostModelError
+from costmodel.hookspecs import hookimpl
+from costmodel.plugins import dora_ops
+from costmodel.plugins.method_targets import (Target, check_options, head_module_names, replace_module,
+                                              select_targets)
+
+METHODS: tuple[str, ...] = ("lora", "dora")
+ADAPTER = "default"  # peft's adapter name: parameters are named lora_A.default.weight etc.
+
+
+class DoraMagnitude(nn.Module):
+    """peft's ``DoraConv2dLayer`` / ``DoraLinearLayer``: holds the trainable magnitude ``weight``."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+
+class LoraConv2d(nn.Module):
+    """peft 0.21.2 ``lora.Conv2d`` (and its DoRA variant) in training mode, dropout 0."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, use_dora: bool) -> None:
+        super().__init__()
+        device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict({ADAPTER: nn.Conv2d(
+            base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+            bias=False, device=device, dtype=dtype)})
+        self.lora_B = nn.ModuleDict({ADAPTER: nn.Conv2d(
+            rank, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False, device=device, dtype=dtype)})
+        self.lora_magnitude_vector = nn.ModuleDict()
+        if use_dora:
+            self.lora_magnitude_vector[ADAPTER] = DoraMagnitude((1, base_layer.out_channels, 1, 1), device, dtype)
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.use_dora = use_dora
+        self.weight_shape = tuple(base_layer.weight.shape)
+        self.has_bias = base_layer.bias is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.use_dora:
+            return result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
+        return result + self.dora(x, result)
+
+    def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``_DoraConvNdLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
+        lora_A, lora_B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
+        weight = self.base_layer.weight
+        lora_weight = torch.mm(lora_B.weight.detach().view(-1, self.rank),
+                               lora_A.weight.detach().view(self.rank, -1)).reshape(self.weight_shape)
+        weight_norm = (weight + self.scaling * lora_weight.detach()).norm(
+            p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)
+        weight_norm = weight_norm.detach()
+        mag_norm_scale = self.lora_magnitude_vector[ADAPTER].weight / weight_norm
+        base_result = result
+        if self.has_bias:
+            base_result = base_result - self.base_layer.bias.view(1, -1, 1, 1)
+        result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_B(lora_A(x)) * self.scaling
+        return dora_ops.release(result_dora, lora_weight)
+
+
+class LoraLinear(nn.Module):
+    """peft 0.21.2 ``lora.Linear`` (and its DoRA variant) in training mode, dropout 0."""
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, use_dora: bool) -> None:
+        super().__init__()
+        device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(
+            base_layer.in_features, rank, bias=False, device=device, dtype=dtype)})
+        self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(
+            rank, base_layer.out_features, bias=False, device=device, dtype=dtype)})
+        self.lora_magnitude_vector = nn.ModuleDict()
+        if use_dora:
+            self.lora_magnitude_vector[ADAPTER] = DoraMagnitude((base_layer.out_features,), device, dtype)
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.use_dora = use_dora
+        self.in_features = base_layer.in_features
+        self.has_bias = base_layer.bias is not None
+        self.factory = {"device": device, "dtype": dtype}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.use_dora:
+            return result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
+        return result + self.dora(x, result)
+
+    def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``DoraLinearLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
+        lora_A, lora_B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
+        x_eye = torch.eye(self.in_features, **self.factory)
+        eye_a = F.linear(x_eye, lora_A.weight.detach())
+        lora_weight = F.linear(eye_a, lora_B.weight.detach()).t()
+        weight = self.base_layer.weight
+        weight_norm = torch.linalg.norm(weight + self.scaling * lora_weight.detach(), dim=1)
+        weight_norm = weight_norm.detach()
+        mag_norm_scale = (self.lora_magnitude_vector[ADAPTER].weight / weight_norm).view(1, -1)
+        lora_result = lora_B(lora_A(x))
+        base_result = result
+        if self.has_bias:
+            base_result = base_result - self.base_layer.bias
+        result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
+        return dora_ops.release(result_dora, lora_weight, eye_a, x_eye)
+
+
+def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list[Target]:
+    """Freeze ``model`` and wrap its target layers in adapters, as ``inject_adapter_in_model`` does.
+
+    Every base parameter is frozen; the head stays fully trainable unless ``adapt_head``. Returns
+    the targets (name, module, rank, alpha) in model order.
+    """
+    method = "dora" if use_dora else "lora"
+    check_options(config.options, method)
+    targets = select_targets(model, config.rank, config.lora_alpha, config.options, grouped="divisible")
+    if not targets:
+        raise CostModelError(f"{method}: the model {config.model!r} has no layer to adapt")
+    trainable_head = set() if config.options.get("adapt_head") else head_module_names(model)
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(name in trainable_head)
+    for target in targets:
+        wrapper = LoraConv2d if isinstance(target.module, nn.Conv2d) else LoraLinear
+        replace_module(model, target.name, wrapper(target.module, target.rank, target.alpha, use_dora))
+    return targets
+
+
+def trainable_param_metas(model: nn.Module) -> list[ParamMeta]:
+    """The trainable parameters in ``model.parameters()`` order: the optimizer's single group."""
+    return [ParamMeta(name, tuple(p.shape), p.dtype, True)
+            for name, p in model.named_parameters() if p.requires_grad]
+
+
+@hookimpl
+def costmodel_method_names() -> list[str]:
+    return list(METHODS)
+
+
+@hookimpl
+def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
+    if name not in METHODS:
+        return None
+    targets = apply_adapters(model, config, use_dora=name == "dora")
+    ranks = sorted({t.rank for t in targets})
+    group = ParamGroup("adamw", trainable_param_metas(model), {"lr": config.lr})
+    return PreparedMethod(
+        param_groups=[group],
+        note=f"{name}: {len(targets)} adapted layers (rank {', '.join(map(str, ranks))}); "
+             f"AdamW over {sum(p.numel for p in group.params):,} trainable parameters")
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Trainable-parameter count and the adapted layers, for messages and tests."""
+    adapted = [name for name, m in model.named_modules() if isinstance(m, (LoraConv2d, LoraLinear))]
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "adapted": adapted}
