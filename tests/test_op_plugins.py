@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import conv, linear
+from costmodel.plugins import batchnorm, conv, linear
 
-PLUGIN_MODULES = (conv, linear)
+PLUGIN_MODULES = (conv, linear, batchnorm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def observe(kind: str, target: Any, fn: Callable, args: tuple, kwargs: dict | No
     param_storages |= {storage_id(b) for b in (module.buffers(recurse=False) if module else ()) if b is not None}
     saved_storages = {storage_id(t) for t in saved if storage_id(t) in io_storages}
     saved_new = list({storage_id(t): t.untyped_storage().nbytes() for t in saved
-                      if storage_id(t) not in io_storages | param_storages}.values())
+                      if storage_id(t) not in io_storages | param_storages and t.untyped_storage().nbytes()}.values())
     needs = tuple(t.requires_grad for t in inputs)
     node = OpNode(name="op", kind=kind, target=target, args=node_args, kwargs=node_kwargs,
                   inputs=tuple(input_metas), outputs=tuple(output_metas), needs_input_grad=needs,
@@ -410,3 +410,39 @@ def test_products_outside_the_model_answer_none():
     assert plugin_cost(run_function(torch.matmul, grad(4), grad(4, 5)).node) is None
     assert plugin_cost(run_function(torch.matmul, grad(2, 3, 4), grad(1, 4, 5)).node) is None
     assert plugin_cost(run_function(torch.addmm, grad(5), grad(3, 4), grad(4, 5), beta=2).node) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch normalisation
+
+
+@pytest.mark.parametrize("affine_trainable,input_grad", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm2d(affine_trainable, input_grad, train):
+    m = nn.BatchNorm2d(4).train(train)
+    if not affine_trainable:
+        freeze(m)
+    x = grad(2, 4, 3, 3) if input_grad else nograd(2, 4, 3, 3)
+    cost = check(run_module(m, x))
+    e, c = 72, 4
+    assert cost.forward.torch == cost.backward.torch == 0
+    assert cost.forward.exact == (e * 8 + c * 12 if train else e * 4 + 3 * c)
+    if train and affine_trainable and input_grad:
+        assert cost.backward.exact == e * 9 + c * 6
+    if train and not affine_trainable and input_grad:  # BN+H: frozen affine, gradient through the input
+        assert cost.backward.exact == e * 9 + c * 5 and not cost.param_grads
+
+
+@pytest.mark.parametrize("module,shape", [(nn.BatchNorm1d(3), (4, 3)), (nn.BatchNorm1d(3, affine=False), (2, 3, 5)),
+                                          (nn.BatchNorm2d(3, track_running_stats=False), (2, 3, 2, 2)),
+                                          (nn.BatchNorm3d(2, momentum=None), (2, 2, 2, 2, 2))])
+def test_batch_norm_variants(module, shape):
+    check(run_module(module.train(), grad(*shape)))
+
+
+def test_batch_norm_functional():
+    rm, rv = torch.zeros(3), torch.ones(3)
+    check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, grad(3), grad(3), True))
+    check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, nograd(3), None, training=True))
+    check(run_function(F.batch_norm, nograd(2, 3, 4), None, None, grad(3), grad(3), True))
+    check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, grad(3), grad(3), False))
