@@ -1,0 +1,228 @@
+"""The traced step as per-node records: what each op plugin is asked about, plus liveness.
+
+A *value* is one tensor a node produces: ``(node, k)`` for the ``k``-th tensor of its result.
+Several values may share a storage (views, in-place results); memory is counted per storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from costmodel.costs import OpNode, ParamMeta, TensorMeta
+from costmodel.trace import MODEL_PREFIX, TracedStep, flatten_tensors, iter_params
+
+Value = tuple[fx.Node, int]
+COSTED_OPCODES = ("call_module", "call_function", "call_method")
+
+
+@dataclass
+class NodeRecord:
+    """One costed node: the :class:`OpNode` plugins see, and where its tensors come from."""
+
+    index: int
+    op: OpNode
+    # The value behind ``op.inputs[i]`` and ``op.outputs[k]``.
+    input_values: tuple[Value, ...]
+    output_values: tuple[Value, ...]
+    # Output indices whose storage this node allocates (not an alias of an existing storage).
+    fresh_outputs: tuple[int, ...]
+    # The module qualified name (call_module) or the function / method name, for display.
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+
+@dataclass
+class StepGraph:
+    """Every costed node in execution order, the step's inputs, parameters and liveness."""
+
+    records: list[NodeRecord]
+    images: TensorMeta
+    labels: TensorMeta
+    loss: Value
+    loss_meta: TensorMeta
+    params: list[ParamMeta]
+    buffers: list[ParamMeta]
+    # Storage id -> bytes of every parameter and buffer storage (they are never freed).
+    param_storages: dict[int, int]
+    buffer_storages: dict[int, int]
+    # After record i has run, these values are no longer referenced by the forward code.
+    released_after: dict[int, list[Value]] = field(default_factory=dict)
+    metas: dict[Value, TensorMeta] = field(default_factory=dict)
+    # Values that are trainable parameters used as plain inputs (get_attr): their gradient is the
+    # parameter's gradient.
+    param_values: dict[Value, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[NodeRecord]:
+        return iter(self.records)
+
+
+class _StorageIds:
+    """Small integer ids for storages (``untyped_storage()._cdata``), in order of first sight."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, int] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> tuple[int, bool]:
+        key = tensor.untyped_storage()._cdata
+        known = key in self.ids
+        if not known:
+            self.ids[key] = len(self.ids)
+        return self.ids[key], not known
+
+
+def _tensor_meta(tensor: torch.Tensor, storage: int) -> TensorMeta:
+    return TensorMeta(tuple(int(s) for s in tensor.shape), tensor.dtype, bool(tensor.requires_grad),
+                      storage, int(tensor.untyped_storage().nbytes()))
+
+
+def _param_name(qualified: str) -> str:
+    return qualified[len(MODEL_PREFIX):] if qualified.startswith(MODEL_PREFIX) else qualified
+
+
+def _label(traced: TracedStep, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return _param_name(str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return getattr(node.target, "__name__", None) or str(node.target)
+
+
+def build_step_graph(traced: TracedStep, results: dict[fx.Node, Any]) -> StepGraph:
+    """Turn a propagated trace into records (shapes, aliasing, gradients needed) and liveness."""
+    storage_of = _StorageIds()
+    gm = traced.graph_module
+
+    params: list[ParamMeta] = []
+    buffers: list[ParamMeta] = []
+    param_storages: dict[int, int] = {}
+    buffer_storages: dict[int, int] = {}
+    for qualified, tensor, is_buffer in iter_params(traced.step_module):
+        sid, _ = storage_of(tensor)
+        meta = ParamMeta(_param_name(qualified), tuple(tensor.shape), tensor.dtype,
+                         bool(tensor.requires_grad) and not is_buffer, is_buffer)
+        (buffers if is_buffer else params).append(meta)
+        (buffer_storages if is_buffer else param_storages)[sid] = int(tensor.untyped_storage().nbytes())
+
+    metas: dict[Value, TensorMeta] = {}
+    records: list[NodeRecord] = []
+    position: dict[fx.Node, int] = {}
+    placeholders: list[TensorMeta] = []
+    param_values: dict[Value, str] = {}
+    loss: Value | None = None
+
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            loss_node = node.args[0]
+            loss = (loss_node, 0)
+            continue
+        result = results[node]
+        tensors = flatten_tensors(result)
+        outputs: list[TensorMeta] = []
+        fresh: list[int] = []
+        for k, tensor in enumerate(tensors):
+            sid, new = storage_of(tensor)
+            meta = _tensor_meta(tensor, sid)
+            metas[(node, k)] = meta
+            outputs.append(meta)
+            if new:
+                fresh.append(k)
+        if node.op == "placeholder":
+            placeholders.append(outputs[0])
+            continue
+        if node.op == "get_attr":  # a parameter or buffer used directly
+            if isinstance(result, torch.Tensor) and result.requires_grad and result.is_leaf:
+                param_values[(node, 0)] = _param_name(str(node.target))
+            continue
+
+        input_values: list[Value] = []
+
+        def replace(arg: Any) -> Any:
+            if not isinstance(arg, fx.Node):
+                return arg
+            value = results[arg]
+            if isinstance(value, torch.Tensor):
+                input_values.append((arg, 0))
+                return metas[(arg, 0)]
+            if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+                replaced = []
+                k = 0
+                for item in value:
+                    if isinstance(item, torch.Tensor):
+                        input_values.append((arg, k))
+                        replaced.append(metas[(arg, k)])
+                        k += 1
+                    else:
+                        replaced.append(item)
+                return type(value)(replaced) if isinstance(value, tuple) else replaced
+            return value
+
+        args = fx.node.map_aggregate(node.args, replace)
+        kwargs = fx.node.map_aggregate(node.kwargs, replace)
+        inputs = tuple(metas[v] for v in input_values)
+
+        module = None
+        node_params: dict[str, ParamMeta] = {}
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            prefix = str(node.target) + "."
+            for local, tensor, is_buffer in iter_params(module):
+                node_params[local] = ParamMeta(_param_name(prefix + local), tuple(tensor.shape), tensor.dtype,
+                                               bool(tensor.requires_grad) and not is_buffer, is_buffer)
+            target: Any = type(module)
+        else:
+            target = node.target
+
+        op = OpNode(
+            name=node.name, kind=node.op, target=target, args=tuple(args), kwargs=dict(kwargs),
+            inputs=inputs, outputs=tuple(outputs), needs_input_grad=tuple(t.requires_grad for t in inputs),
+            module=module, params=node_params,
+        )
+        position[node] = len(records)
+        records.append(NodeRecord(len(records), op, tuple(input_values),
+                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh),
+                                  _label(traced, node)))
+
+    if loss is None or len(placeholders) != 2:
+        raise AssertionError("a traced training step has two placeholders and one output")
+
+    released_after = _liveness(traced, records, position, loss)
+    return StepGraph(records, placeholders[0], placeholders[1], loss, metas[loss], params, buffers,
+                     param_storages, buffer_storages, released_after, metas, param_values)
+
+
+def _liveness(traced: TracedStep, records: list[NodeRecord], position: dict[fx.Node, int],
+              loss: Value) -> dict[int, list[Value]]:
+    """When the forward code drops its last reference to each produced value.
+
+    A value dies after its last user has run, like fx's own liveness, except that the arguments of
+    a traced-through module call live until that call returns (the caller holds them), and the
+    loss lives to the end of the step (the training loop holds it).
+    """
+    last: dict[fx.Node, int] = {}
+    for record in records:
+        for value_node, _ in record.input_values:
+            if value_node in position:
+                last[value_node] = max(last.get(value_node, -1), record.index)
+    for call in traced.module_calls:
+        end = position.get(call.last_node)
+        if end is None:
+            continue
+        for argument in call.arguments:
+            if argument in position and argument in last:
+                last[argument] = max(last[argument], end)
+    released: dict[int, list[Value]] = {}
+    for node, index in position.items():
+        if node is loss[0]:
+            continue
+        record = records[index]
+        end = last.get(node, index)  # an unused result dies right after its node
+        released.setdefault(end, []).extend(record.output_values)
+    return released

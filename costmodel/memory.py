@@ -1,0 +1,320 @@
+"""The memory timeline of one training step, as ``MemTracker`` would record it.
+
+The simulation mirrors the runtime reference (``validation/memory.py``) rule for rule:
+
+- The unit is a storage, counted once however many values view it, in the category it got when it
+  was created: ACT in the forward pass, TEMP in backward, OPT inside ``optimizer.step()``;
+  parameters, buffers, inputs (OTH) and the state that exists before the step are there at entry.
+  A parameter's gradient is created as TEMP and moves to GRAD when autograd accumulates it.
+- A snapshot is taken once at entry and after every op; a group's maximum and the simultaneous
+  peak are maxima over snapshots. Frees happen between ops, so an op's outputs are always counted
+  together with the inputs its caller frees afterwards.
+- Forward: each node allocates what its op plugin lists, in order; outputs that alias an existing
+  storage (views, in-place results) allocate nothing. The forward code drops a value after its last
+  use (``graph.StepGraph.released_after``); autograd keeps what the plugin says it saves until the
+  node's backward has run.
+- Backward runs the recorded nodes in reverse order (autograd's ready queue orders by sequence
+  number, and every consumer of a value was created after it). For each node: its backward
+  allocates its transients and the gradients it computes (snapshot); the engine then drops the
+  incoming gradients, releases the saved tensors, and hands each input gradient to its producer,
+  accumulating out of place (``old + new``, one more snapshot) when one is already waiting;
+  finally autograd accumulates the parameter gradients (TEMP -> GRAD, one more snapshot).
+- The gradient of the loss (``ones_like``) is created before autograd's engine starts (ACT) and held
+  by ``backward()`` until it returns.
+- Optimizer: each parameter group's plugin gives its memory events in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+from costmodel.costs import OpCost, OptimizerCost
+from costmodel.graph import NodeRecord, StepGraph, Value
+from costmodel.result import MEMORY_GROUPS
+
+GROUP_INDEX = {name: i for i, name in enumerate(MEMORY_GROUPS)}
+PARAM, BUFFER, GRAD, ACT, TEMP, OPT, OTH = (GROUP_INDEX[name] for name in MEMORY_GROUPS)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The bytes of every group right after one op: ``groups`` in ``MEMORY_GROUPS`` order."""
+
+    phase: str  # "entry", "forward", "backward", "optimizer"
+    node: str  # the graph node (or optimizer group) that ran the op
+    label: str  # what happened: "forward", "backward", "accumulate", "grad", an optimizer event
+    groups: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.groups)
+
+    def as_dict(self) -> dict[str, int | str]:
+        return {"phase": self.phase, "node": self.node, "label": self.label,
+                **dict(zip(MEMORY_GROUPS, self.groups)), "total": self.total}
+
+
+@dataclass
+class MemoryResult:
+    maxima: dict[str, int]
+    peak: int
+    timeline: list[Snapshot] = field(default_factory=list)
+    # Indices of the records whose backward ran (autograd recorded them and a gradient reached them).
+    ran_backward: set[int] = field(default_factory=set)
+
+    def fields(self) -> dict[str, int]:
+        """The result schema's memory fields."""
+        return {**self.maxima, "peak": self.peak, "sum_of_group_peaks": sum(self.maxima.values())}
+
+
+class _Storages:
+    """Live storages with reference counts and categories, and the running per-group totals."""
+
+    def __init__(self, record_timeline: bool) -> None:
+        self.current = [0] * len(MEMORY_GROUPS)
+        self.maxima = [0] * len(MEMORY_GROUPS)
+        self.peak = 0
+        self.nbytes: dict[object, int] = {}
+        self.group: dict[object, int] = {}
+        self.refs: dict[object, int] = {}
+        self.timeline: list[Snapshot] | None = [] if record_timeline else None
+        self._anonymous = count()
+
+    def new_key(self) -> object:
+        return ("anonymous", next(self._anonymous))
+
+    def allocate(self, key: object, nbytes: int, group: int, refs: int = 1) -> object:
+        if key in self.refs:
+            raise AssertionError(f"storage {key!r} allocated twice")
+        self.nbytes[key] = nbytes
+        self.group[key] = group
+        self.refs[key] = refs
+        self.current[group] += nbytes
+        return key
+
+    def anonymous(self, nbytes: int, group: int) -> object:
+        return self.allocate(self.new_key(), nbytes, group)
+
+    def hold(self, key: object) -> None:
+        self.refs[key] += 1
+
+    def release(self, key: object) -> None:
+        left = self.refs[key] - 1
+        if left:
+            self.refs[key] = left
+            return
+        del self.refs[key]
+        self.current[self.group.pop(key)] -= self.nbytes.pop(key)
+
+    def retag(self, key: object, group: int) -> None:
+        old = self.group[key]
+        if old != group:
+            self.group[key] = group
+            self.current[old] -= self.nbytes[key]
+            self.current[group] += self.nbytes[key]
+
+    def add(self, group: int, nbytes: int) -> None:
+        self.current[group] += nbytes
+
+    def snapshot(self, phase: str, node: str, label: str) -> None:
+        current = self.current
+        maxima = self.maxima
+        for i, value in enumerate(current):
+            if value > maxima[i]:
+                maxima[i] = value
+        total = sum(current)
+        if total > self.peak:
+            self.peak = total
+        if self.timeline is not None:
+            self.timeline.append(Snapshot(phase, node, label, tuple(current)))
+
+    def result(self, ran_backward: set[int]) -> MemoryResult:
+        return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward)
+
+
+@dataclass(frozen=True)
+class OptimizerStep:
+    """One parameter group's optimizer cost, labelled for the timeline."""
+
+    label: str
+    cost: OptimizerCost
+
+
+def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list[OptimizerStep], state_before: int, grads_before: int,
+             record_timeline: bool = True) -> MemoryResult:
+    """Simulate the step's memory; ``costs[i]`` is record ``i``'s cost (None: an uncovered node,
+    counted as allocating its fresh outputs only). ``state_before`` / ``grads_before`` are the
+    optimizer state and parameter gradients that exist when the step starts."""
+    mem = _Storages(record_timeline)
+
+    # -- entry: what exists before the first op
+    for key, nbytes in graph.param_storages.items():
+        mem.allocate(("storage", key), nbytes, PARAM)
+    for key, nbytes in graph.buffer_storages.items():
+        mem.allocate(("storage", key), nbytes, BUFFER)
+    for meta in (graph.images, graph.labels):
+        mem.allocate(("storage", meta.storage), meta.storage_nbytes, OTH)
+    mem.add(OPT, state_before)
+    mem.add(GRAD, grads_before)
+    mem.snapshot("entry", "", "entry")
+    # zero_grad(set_to_none=True) frees last step's gradients; it runs no op, so no snapshot.
+    mem.add(GRAD, -grads_before)
+
+    storage_key = _storage_key(graph)
+    saved: dict[int, list[object]] = {}
+
+    # -- forward
+    for record, cost in zip(graph.records, costs):
+        _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()))
+
+    # -- backward
+    ones_like = mem.anonymous(graph.loss_meta.storage_nbytes, ACT)  # created before the engine starts
+    mem.snapshot("forward", "", "ones_like")
+    grads: dict[Value, object] = {graph.loss: ones_like}
+    mem.hold(ones_like)  # held by backward() until it returns, besides the engine's buffer
+    param_of_value = graph.param_values
+    param_grads: dict[str, object] = {}
+    ran_backward: set[int] = set()
+    for record in reversed(graph.records):
+        cost = costs[record.index]
+        if cost is None or not record.op.records_autograd:
+            continue
+        incoming = [grads.pop(value) for value in record.output_values if value in grads]
+        if not incoming:
+            continue
+        ran_backward.add(record.index)
+        _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads, param_of_value,
+                       param_grads)
+    for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
+        for key in keys:
+            mem.release(key)
+    for key in grads.values():  # gradients that reached a value nothing consumes (a leaf input)
+        mem.release(key)
+    mem.release(ones_like)
+
+    # -- optimizer
+    for step in optimizer_steps:
+        for event in step.cost.events:
+            mem.add(GROUP_INDEX[event.group], event.nbytes)
+            if event.nbytes > 0:
+                mem.snapshot("optimizer", step.label, event.label or "step")
+    return mem.result(ran_backward)
+
+
+def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
+    metas = graph.metas
+
+    def key(value: Value) -> object:
+        return ("storage", metas[value].storage)
+
+    return key
+
+
+def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
+                  saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value]) -> None:
+    op = record.op
+    outputs = record.output_values
+    fresh = set(record.fresh_outputs)
+    transients: list[object] = []
+    records_autograd = op.records_autograd
+    node_saved: list[object] = []
+    if cost is not None:
+        for alloc in cost.forward_allocs:
+            if alloc.lifetime == "output":
+                if alloc.index in fresh:
+                    fresh.discard(alloc.index)
+                    mem.allocate(storage_key(outputs[alloc.index]), alloc.nbytes, ACT, refs=0)
+            elif alloc.lifetime == "saved" and records_autograd:
+                node_saved.append(mem.anonymous(alloc.nbytes, ACT))
+            else:
+                transients.append(mem.anonymous(alloc.nbytes, ACT))
+    for index in sorted(fresh):  # outputs the plugin did not list are still new storages
+        meta = op.outputs[index]
+        mem.allocate(storage_key(outputs[index]), meta.storage_nbytes, ACT, refs=0)
+    for value in outputs:
+        mem.hold(storage_key(value))
+    if cost is not None and records_autograd:
+        for ref in cost.saved:
+            values = record.input_values if ref.of == "input" else outputs
+            key = storage_key(values[ref.index])
+            mem.hold(key)
+            node_saved.append(key)
+    if node_saved:
+        saved[record.index] = node_saved
+    mem.snapshot("forward", record.name, "forward")
+    for key in transients:
+        mem.release(key)
+    for value in released:
+        mem.release(storage_key(value))
+
+
+def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
+                   node_saved: list[object], grads: dict[Value, object], param_of_value: dict[Value, str],
+                   param_grads: dict[str, object]) -> None:
+    op = record.op
+    name = record.name
+    transients = [mem.anonymous(alloc.nbytes, TEMP) for alloc in cost.backward_allocs]
+    produced: list[tuple[Value, object]] = []
+    for i, nbytes in enumerate(cost.input_grads):
+        if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
+            continue
+        if nbytes == 0:  # the incoming gradient itself (or a view of it) flows on
+            key = incoming[0]
+            mem.hold(key)
+        else:
+            key = mem.anonymous(nbytes, TEMP)
+        produced.append((record.input_values[i], key))
+    new_param_grads: list[tuple[str, object]] = []
+    for local, nbytes in cost.param_grads.items():
+        meta = op.params.get(local)
+        qualified = meta.name if meta is not None else f"{record.label}.{local}"
+        new_param_grads.append((qualified, mem.anonymous(nbytes, TEMP)))
+    mem.snapshot("backward", name, "backward")
+
+    for key in transients:
+        mem.release(key)
+    for key in incoming:
+        mem.release(key)
+    for key in node_saved:
+        mem.release(key)
+    for value, key in produced:
+        parameter = param_of_value.get(value)
+        if parameter is not None:  # a parameter used as a plain input (get_attr): AccumulateGrad
+            new_param_grads.append((parameter, key))
+            continue
+        waiting = grads.get(value)
+        if waiting is None:
+            grads[value] = key
+            continue
+        total = mem.anonymous(mem.nbytes[key], TEMP)  # InputBuffer: old + new, out of place
+        mem.snapshot("backward", name, "accumulate")
+        mem.release(waiting)
+        mem.release(key)
+        grads[value] = total
+    if new_param_grads:
+        for qualified, key in new_param_grads:
+            existing = param_grads.get(qualified)
+            if existing is None:
+                mem.retag(key, GRAD)
+                param_grads[qualified] = key
+            else:  # a parameter used twice: AccumulateGrad adds in place into .grad
+                mem.release(key)
+        mem.snapshot("backward", name, "grad")
+
+
+def parameter_gradient_bytes(graph: StepGraph, costs: list[OpCost | None]) -> int:
+    """Bytes of the parameter gradients one backward produces (what exists after a previous step)."""
+    seen: dict[str, int] = {}
+    for record, cost in zip(graph.records, costs):
+        if cost is None or not record.op.records_autograd:
+            continue
+        for local, nbytes in cost.param_grads.items():
+            meta = record.op.params.get(local)
+            seen[meta.name if meta is not None else f"{record.label}.{local}"] = nbytes
+        for i, nbytes in enumerate(cost.input_grads):
+            parameter = graph.param_values.get(record.input_values[i]) if i < len(record.input_values) else None
+            if parameter is not None and nbytes:
+                seen[parameter] = nbytes
+    return sum(seen.values())

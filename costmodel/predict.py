@@ -1,0 +1,249 @@
+"""Predicting one training step: trace, ask the plugins, add up FLOPs, simulate memory.
+
+Nothing here runs backward, an optimizer, ``FlopCounterMode`` or ``MemTracker``: the model is built
+on the meta device, traced with torch.fx, its shapes propagated on meta tensors, and every FLOP and
+byte comes from a plugin rule (``costmodel.hookspecs``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from costmodel.config import StepConfig
+from costmodel.costs import Flops, OpCost, OpNode, ParamGroup
+from costmodel.errors import CostModelError
+from costmodel.graph import StepGraph, build_step_graph
+from costmodel.memory import MemoryResult, OptimizerStep, Snapshot, parameter_gradient_bytes, simulate
+from costmodel.registry import default_plugin_manager
+from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
+from costmodel.trace import TracedStep, propagate, trace_config
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One node's share of the step, for breakdowns: what ran, what it cost, and why."""
+
+    name: str
+    label: str
+    op: str
+    forward: Flops
+    backward: Flops
+    ran_backward: bool
+    allocated: int  # bytes the forward allocated (outputs, saved and transient tensors)
+    covered: bool
+    note: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "op": self.op,
+                "forward": {"torch": self.forward.torch, "exact": self.forward.exact},
+                "backward": {"torch": self.backward.torch, "exact": self.backward.exact},
+                "ran_backward": self.ran_backward, "allocated": self.allocated, "covered": self.covered,
+                "note": self.note}
+
+
+class Prediction(StepCost):
+    """A :class:`StepCost` computed analytically, with a per-node breakdown (``nodes``), the memory
+    timeline (``timeline``: one snapshot per simulated op) and the plugin coverage (``coverage``)."""
+
+    @property
+    def nodes(self) -> list[NodeCost]:
+        return self.details.get("nodes", [])
+
+    @property
+    def timeline(self) -> list[Snapshot]:
+        return self.details.get("timeline", [])
+
+    @property
+    def coverage(self) -> dict[str, Any]:
+        return self.details.get("coverage", {})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.coverage.get("allow_unknown"):
+            data["coverage"] = {k: v for k, v in self.coverage.items() if k != "allow_unknown"}
+        return data
+
+    def render(self, conventions: tuple[str, ...] = FLOP_CONVENTIONS) -> str:
+        text = super().render(conventions)
+        coverage = self.coverage
+        if coverage.get("allow_unknown"):
+            text += f"\n\nplugin coverage: {coverage['covered']} of {coverage['nodes']} nodes ({coverage['share']:.1%})"
+            for gap in coverage["unknown"]:
+                text += f"\n  not covered (counted as 0 FLOPs): {gap['op']} at node {gap['node']} ({gap['label']})"
+        return text
+
+
+def describe_op(op: OpNode) -> str:
+    """A node's op as a user would name it: a module class, a function or a tensor method."""
+    target = op.target
+    if op.kind == "call_module":
+        return f"{target.__module__}.{target.__qualname__}"
+    if op.kind == "call_method":
+        return f"Tensor.{target}"
+    name = getattr(target, "__name__", None) or repr(target)
+    module = getattr(target, "__module__", None)
+    if module is None and "_VariableFunctions" in getattr(target, "__qualname__", ""):
+        module = "torch"  # torch.flatten & co. are builtins of torch._C._VariableFunctions
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+# -- tracing cache: everything that does not depend on batch, resolution or step
+
+_TRACE_CACHE: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()
+_TRACE_CACHE_SIZE = 32
+
+
+def _trace_key(config: StepConfig, manager: pluggy.PluginManager) -> tuple[Any, ...]:
+    shape_free = {k: v for k, v in config.to_dict().items() if k not in ("batch", "resolution", "step")}
+    return (id(manager), json.dumps(shape_free, sort_keys=True, default=repr))
+
+
+def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep:
+    """The prepared, traced step of ``config`` (cached: it does not depend on batch, resolution or step)."""
+    key = _trace_key(config, manager)
+    traced = _TRACE_CACHE.get(key)
+    if traced is None:
+        traced = trace_config(config, manager)
+        _TRACE_CACHE[key] = traced
+        while len(_TRACE_CACHE) > _TRACE_CACHE_SIZE:
+            _TRACE_CACHE.popitem(last=False)
+    else:
+        _TRACE_CACHE.move_to_end(key)
+    return traced
+
+
+def clear_cache() -> None:
+    _TRACE_CACHE.clear()
+
+
+# -- costing
+
+def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, config: StepConfig,
+               allow_unknown: bool) -> tuple[list[OpCost | None], list[dict[str, str]]]:
+    """Ask the op plugins about every node; an unanswered node is an error unless ``allow_unknown``."""
+    ask = manager.hook.costmodel_op_cost
+    costs: list[OpCost | None] = []
+    unknown: list[dict[str, str]] = []
+    for record in graph.records:
+        cost = ask(node=record.op, config=config)
+        if cost is None:
+            gap = {"node": record.name, "label": record.label, "op": describe_op(record.op)}
+            if not allow_unknown:
+                raise CostModelError(
+                    f"no plugin covers op {gap['op']} at node {gap['node']!r} ({gap['label']}); "
+                    f"add an op plugin for it, or pass --allow-unknown to report the coverage gap")
+            unknown.append(gap)
+        costs.append(cost)
+    return costs, unknown
+
+
+def optimizer_steps(groups: list[ParamGroup], manager: pluggy.PluginManager, config: StepConfig,
+                    step: int) -> list[OptimizerStep]:
+    ask = manager.hook.costmodel_optimizer_cost
+    steps = []
+    for index, group in enumerate(groups):
+        cost = ask(group=group, step=step, config=config)
+        if cost is None:
+            raise CostModelError(f"no optimizer plugin covers {group.optimizer!r} "
+                                 f"(parameter group {index} of method {config.method!r})")
+        steps.append(OptimizerStep(f"{group.optimizer}[{index}]", cost))
+    return steps
+
+
+def _node_costs(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult) -> list[NodeCost]:
+    nodes = []
+    for record, cost in zip(graph.records, costs):
+        ran = record.index in memory.ran_backward
+        if cost is None:
+            nodes.append(NodeCost(record.name, record.label, describe_op(record.op), Flops(), Flops(), ran,
+                                  0, False, "not covered by any plugin"))
+            continue
+        allocated = sum(a.nbytes for a in cost.forward_allocs)
+        nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward,
+                              cost.backward if ran else Flops(), ran, allocated, True, cost.note))
+    return nodes
+
+
+def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+                   model: nn.Module | None = None) -> Prediction:
+    """Predict FLOPs per phase and per-group peak memory of step ``config.step`` of ``config``.
+
+    ``model``: a user's module to predict instead of ``config.model`` (copied to the meta device,
+    never modified). With ``allow_unknown`` a node no plugin covers counts as 0 FLOPs and only its
+    fresh outputs' bytes, and ``coverage`` reports which share of the graph was covered.
+    """
+    started = time.perf_counter()
+    manager = manager or default_plugin_manager()
+    traced = trace_config(config, manager, model) if model is not None else traced_step(config, manager)
+    graph = build_step_graph(traced, propagate(traced, config.batch, config.resolution))
+    costs, unknown = cost_nodes(graph, manager, config, allow_unknown)
+
+    groups = traced.prepared.param_groups
+    steps = optimizer_steps(groups, manager, config, config.step)
+    state_before = 0
+    if config.step > 1:
+        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, config.step - 1))
+    grads_before = parameter_gradient_bytes(graph, costs) if config.step > 1 else 0
+    memory = simulate(graph, costs, steps, state_before, grads_before)
+
+    forward, backward = Flops(), Flops()
+    for record, cost in zip(graph.records, costs):
+        if cost is None:
+            continue
+        forward = forward + cost.forward
+        if record.index in memory.ran_backward:
+            backward = backward + cost.backward
+    optimizer = Flops()
+    for step in steps:
+        optimizer = optimizer + step.cost.flops
+    flops = {conv: phase_flops(getattr(forward, conv), getattr(backward, conv), getattr(optimizer, conv))
+             for conv in FLOP_CONVENTIONS}
+    assert tuple(flops["torch"])[:3] == PHASES
+
+    covered = len(graph.records) - len(unknown)
+    coverage = {"allow_unknown": allow_unknown, "nodes": len(graph.records), "covered": covered,
+                "share": covered / len(graph.records) if graph.records else 1.0, "unknown": unknown}
+    return Prediction(
+        config=config,
+        source="predict",
+        flops=flops,
+        memory=memory.fields(),
+        trainable_params=sum(p.numel for p in graph.params if p.trainable),
+        total_params=sum(p.numel for p in graph.params),
+        seconds=time.perf_counter() - started,
+        details={"nodes": _node_costs(graph, costs, memory), "timeline": memory.timeline, "coverage": coverage,
+                 "method": traced.prepared.note,
+                 "optimizer": [step.cost.note for step in steps]},
+    )
+
+
+def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,
+            resolution: int = 224, classes: int = 10, step: int = 2, lr: float = 1e-3, alpha: float | None = None,
+            galore_update_proj_gap: int = 200, galore_scale: float = 0.25, allow_unknown: bool = False,
+            manager: pluggy.PluginManager | None = None, **options: Any) -> Prediction:
+    """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
+
+    ``predict("mobilenet_v2", "lora", rank=8, batch=4)``; ``predict(my_model, "fft")``. A module is
+    fed ``batch`` images of 3 x ``resolution`` x ``resolution`` and integer labels through
+    ``nn.CrossEntropyLoss``; it is copied to the meta device and never modified. Extra keyword
+    arguments are method options (``StepConfig.options``).
+    """
+    module = None
+    if isinstance(model_or_name, nn.Module):
+        module = model_or_name
+        name = type(module).__name__
+    elif isinstance(model_or_name, str):
+        name = model_or_name
+    else:
+        raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
+    config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
+                        step=step, lr=lr, alpha=alpha, galore_update_proj_gap=galore_update_proj_gap,
+                        galore_scale=galore_scale, options=dict(options))
+    return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

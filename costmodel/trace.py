@@ -1,0 +1,226 @@
+"""Tracing one training step's forward pass with torch.fx, on the meta device.
+
+The model is built on ``meta`` (no weight memory, no initialisation arithmetic), the method plugin
+prepares it (adds adapters, freezes what the method freezes), and the model and its loss are traced
+together as one graph. Shape propagation runs that graph on meta tensors with autograd enabled, so
+every value's shape, dtype, storage (aliasing) and ``requires_grad`` come out exactly as eager
+PyTorch would give them, without any arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from costmodel.config import StepConfig
+from costmodel.costs import PreparedMethod
+from costmodel.errors import CostModelError
+from costmodel.models import build_model
+
+# Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
+MODEL_PREFIX = "model."
+IMAGE_CHANNELS = 3
+
+
+class TrainingStep(nn.Module):
+    """What one step runs forward: ``criterion(model(images), labels)``."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.criterion(self.model(images), labels)
+
+
+class _InPlaceProxy(fx.Proxy):
+    """A proxy that records ``a += b`` as ``operator.iadd``.
+
+    A plain ``fx.Proxy`` has no ``__iadd__``, so Python falls back to ``a = a + b`` and the graph
+    shows an out-of-place add; eager PyTorch runs ``Tensor.__iadd__`` (``add_``) instead, which
+    allocates nothing and changes what autograd saves. Op plugins see ``operator.iadd`` (etc.) as
+    the node's target.
+    """
+
+    def _inplace(self, op: Callable[[Any, Any], Any], other: Any) -> "fx.Proxy":
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other: Any) -> "fx.Proxy":
+        return self._inplace(operator.iadd, other)
+
+    def __isub__(self, other: Any) -> "fx.Proxy":
+        return self._inplace(operator.isub, other)
+
+    def __imul__(self, other: Any) -> "fx.Proxy":
+        return self._inplace(operator.imul, other)
+
+    def __itruediv__(self, other: Any) -> "fx.Proxy":
+        return self._inplace(operator.itruediv, other)
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a traced-through (non-leaf) module: eager PyTorch keeps the call's arguments
+    alive (the caller's frame and ``Module.__call__`` hold them) until the call returns, i.e. until
+    the last graph node recorded inside it has run."""
+
+    qualname: str
+    arguments: tuple[fx.Node, ...]
+    last_node: fx.Node
+
+
+class StepTracer(fx.Tracer):
+    """A tracer that keeps method modules (``PreparedMethod.leaf_modules``) whole, records in-place
+    operators, and remembers each traced-through module call for liveness."""
+
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = ()) -> None:
+        super().__init__()
+        self.leaf_modules = leaf_modules
+        self.module_calls: list[ModuleCall] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_modules and isinstance(m, self.leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        before = _last_node(self.graph)
+        result = super().call_module(m, forward, args, kwargs)
+        last = _last_node(self.graph)
+        arguments = tuple(a.node for a in tree_flatten((args, kwargs))[0] if isinstance(a, fx.Proxy))
+        if last is not before and arguments:
+            self.module_calls.append(ModuleCall(qualname, arguments, last))
+        return result
+
+
+def _last_node(graph: fx.Graph) -> fx.Node | None:
+    return next(iter(reversed(graph.nodes)), None)
+
+
+@dataclass
+class TracedStep:
+    """The prepared meta-device model and its traced training step (shape-independent)."""
+
+    model: nn.Module
+    step_module: TrainingStep
+    graph_module: fx.GraphModule
+    prepared: PreparedMethod
+    module_calls: list[ModuleCall] = field(default_factory=list)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+def prepare_method(manager: pluggy.PluginManager, model: nn.Module, config: StepConfig) -> PreparedMethod:
+    """Ask the method plugins to apply ``config.method`` to ``model`` (mutated in place)."""
+    prepared = manager.hook.costmodel_prepare_method(name=config.method, model=model, config=config)
+    if prepared is None:
+        from costmodel.registry import method_names
+
+        known = ", ".join(method_names(manager)) or "none registered"
+        raise CostModelError(f"unknown method {config.method!r}; methods provided by plugins: {known}")
+    return prepared
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device.
+
+    The user's model is neither modified nor has its weights copied: each parameter and buffer is
+    replaced by a meta tensor of the same shape, dtype and ``requires_grad`` before copying.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in model.parameters():
+        memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), requires_grad=tensor.requires_grad)
+    for tensor in model.buffers():
+        memo[id(tensor)] = torch.empty_like(tensor, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> TracedStep:
+    """Trace ``criterion(model(images), labels)`` for a prepared meta-device model."""
+    step_module = TrainingStep(model, nn.CrossEntropyLoss())
+    tracer = StepTracer(tuple(prepared.leaf_modules))
+    try:
+        graph = tracer.trace(step_module)
+    except CostModelError:
+        raise
+    except Exception as error:
+        label = name or type(model).__name__
+        raise CostModelError(
+            f"cannot trace {label} with torch.fx ({type(error).__name__}: {error}); a method plugin "
+            f"can keep the offending module whole by listing its type in PreparedMethod.leaf_modules"
+        ) from None
+    graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
+    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls)
+
+
+def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
+    """Build (or copy to meta) the model, let the method plugin prepare it, and trace the step."""
+    if model is None:
+        model = build_model(config.model, config.classes, device="meta")
+    else:
+        model = meta_copy(model).train()
+    prepared = prepare_method(manager, model, config)
+    return trace_model(model, prepared, config.model)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph on meta tensors and keeps every node's result (never freed during the run,
+    so that storage identities stay unique)."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module, garbage_collect_values=False)
+        self.results: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.results[n] = result
+        return result
+
+
+def propagate(traced: TracedStep, batch: int, resolution: int) -> dict[fx.Node, Any]:
+    """Every node's result for a batch of ``batch`` images of ``resolution`` pixels, on meta tensors."""
+    images = torch.empty(batch, IMAGE_CHANNELS, resolution, resolution, device="meta")
+    labels = torch.empty(batch, dtype=torch.long, device="meta")
+    recorder = _Recorder(traced.graph_module)
+    try:
+        with torch.enable_grad():
+            recorder.run(images, labels)
+    except Exception as error:
+        node = next(reversed(recorder.results), None)
+        where = f" after node {node.name!r}" if node is not None else ""
+        raise CostModelError(
+            f"shape propagation failed{where} for batch={batch}, resolution={resolution}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+    return recorder.results
+
+
+def flatten_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) node result or argument structure, in order."""
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def iter_params(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, bool]]:
+    """(local name, tensor, is_buffer) for every parameter and buffer of ``module`` and below."""
+    for name, param in module.named_parameters():
+        yield name, param, False
+    for name, buffer in module.named_buffers():
+        yield name, buffer, True
