@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, linear
+from costmodel.plugins import batchnorm, conv, elementwise, linear
 
-PLUGIN_MODULES = (conv, linear, batchnorm)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def observe(kind: str, target: Any, fn: Callable, args: tuple, kwargs: dict | No
     saved_storages = {storage_id(t) for t in saved if storage_id(t) in io_storages}
     saved_new = list({storage_id(t): t.untyped_storage().nbytes() for t in saved
                       if storage_id(t) not in io_storages | param_storages and t.untyped_storage().nbytes()}.values())
-    needs = tuple(t.requires_grad for t in inputs)
+    needs = tuple(m.requires_grad for m in input_metas)  # before the op: an in-place op may change it
     node = OpNode(name="op", kind=kind, target=target, args=node_args, kwargs=node_kwargs,
                   inputs=tuple(input_metas), outputs=tuple(output_metas), needs_input_grad=needs,
                   module=module, params=params)
@@ -182,7 +182,7 @@ def observe(kind: str, target: Any, fn: Callable, args: tuple, kwargs: dict | No
     trainable = {n: p for n, p in param_tensors.items() if p.requires_grad}
     if outputs and outputs[0].requires_grad:
         grad_out = torch.ones_like(outputs[0])
-        wrt_inputs = [i for i, t in enumerate(inputs) if t.requires_grad]
+        wrt_inputs = [i for i, need in enumerate(needs) if need]
         wrt = [leaves.get(id(inputs[i]), inputs[i]) for i in wrt_inputs] + list(trainable.values())
         bcounter, bexact = FlopCounterMode(display=False), exact_counter()
         with bcounter, bexact, blog:
@@ -446,3 +446,100 @@ def test_batch_norm_functional():
     check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, nograd(3), None, training=True))
     check(run_function(F.batch_norm, nograd(2, 3, 4), None, None, grad(3), grad(3), True))
     check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, grad(3), grad(3), False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise ops
+
+# (module, exact forward k, exact backward k, in the convention)
+ACTIVATION_MODULES = [
+    (lambda inplace: nn.ReLU(inplace=inplace), 1, 1, True),
+    (lambda inplace: nn.ReLU6(inplace=inplace), 2, 2, True),
+    (lambda inplace: nn.Hardtanh(-2.0, 3.0, inplace=inplace), 2, 2, True),
+    (lambda inplace: nn.Hardswish(inplace=inplace), 5, 6, True),
+    (lambda inplace: nn.Hardsigmoid(inplace=inplace), 4, 3, True),
+    (lambda inplace: nn.SiLU(inplace=inplace), 5, 9, False),
+    (lambda inplace: nn.Sigmoid(), 4, 3, False),
+]
+
+
+@pytest.mark.parametrize("make,k_forward,k_backward,in_convention", ACTIVATION_MODULES)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_activation_modules(make, k_forward, k_backward, in_convention, inplace, input_grad):
+    x = grad(2, 3, 2) if input_grad else nograd(2, 3, 2)
+    cost = check(run_module(make(inplace), x), in_convention=in_convention)
+    assert cost.forward == cost.forward.__class__(torch=0, exact=k_forward * 12)
+    assert cost.backward.exact == input_grad * k_backward * 12
+
+
+def test_inplace_hardswish_keeps_a_clone_of_its_input_but_inplace_relu_does_not():
+    cost = check(run_module(nn.Hardswish(inplace=True), grad(2, 5)))
+    assert cost.forward_allocs == (Alloc(40, "saved"),) and not cost.saved
+    cost = check(run_module(nn.ReLU(inplace=True), grad(2, 5)))
+    assert cost.forward_allocs == () and cost.saved == (SavedRef("output", 0),)
+
+
+@pytest.mark.parametrize("fn,args,in_convention", [
+    (F.relu, (True,), True), (torch.relu, (), True), (torch.relu_, (), True), (F.relu6, (True,), True),
+    (F.hardtanh, (-2.0, 2.0, True), True), (F.hardtanh_, (), True), (F.hardswish, (True,), True),
+    (F.hardsigmoid, (), True), (F.silu, (True,), False), (torch.sigmoid, (), False), (F.sigmoid, (), False),
+    (torch.sigmoid_, (), False),
+])
+def test_activation_functions(fn, args, in_convention):
+    check(run_function(fn, grad(3, 4), *args), in_convention=in_convention)
+    check(run_function(fn, nograd(3, 4), *args), in_convention=in_convention)
+
+
+@pytest.mark.parametrize("name,in_convention", [("relu", True), ("relu_", True), ("sigmoid", False),
+                                                ("sigmoid_", False)])
+def test_activation_methods(name, in_convention):
+    check(run_method(name, grad(3, 4)), in_convention=in_convention)
+
+
+@pytest.mark.parametrize("fn,a,b", [
+    (operator.add, (2, 3, 4, 4), (2, 3, 4, 4)),
+    (operator.add, (2, 3, 4, 4), (2, 3, 1, 1)),
+    (operator.add, (3, 1), (2, 1, 4)),
+    (operator.iadd, (2, 3, 4, 4), (2, 3, 4, 4)),
+    (operator.iadd, (2, 3, 4, 4), (3, 1, 1)),
+    (torch.add, (2, 3), (3,)),
+    (operator.sub, (2, 3), (3,)),
+    (operator.isub, (2, 3), (2, 3)),
+    (torch.sub, (3,), (2, 3)),
+    (operator.mul, (2, 3, 1, 1), (2, 3, 4, 4)),  # squeeze-excitation: scale * input
+    (operator.mul, (2, 3), (2, 3)),
+    (operator.imul, (2, 3, 4), (2, 3, 1)),
+    (torch.mul, (3, 1), (1, 4)),
+])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True), (False, False)])
+def test_binary_ops(fn, a, b, needs):
+    x = grad(*a) if needs[0] else nograd(*a)
+    y = grad(*b) if needs[1] else nograd(*b)
+    cost = check(run_function(fn, x, y))
+    out = torch.broadcast_shapes(a, b)
+    assert cost.forward.exact == math.prod(out) and cost.forward.torch == 0
+
+
+def test_binary_ops_with_scalars_alpha_and_methods():
+    check(run_function(torch.add, grad(2, 3), grad(3), alpha=2))
+    check(run_function(torch.add, grad(2, 3), grad(2, 3), alpha=0.5))
+    check(run_function(operator.add, grad(2, 3), 1.0))
+    check(run_function(operator.sub, 1.0, grad(2, 3)))  # rsub
+    check(run_function(operator.mul, 2.0, grad(2, 3)))
+    check(run_function(operator.imul, grad(2, 3), 3.0))
+    check(run_method("add_", grad(2, 3), grad(3), alpha=2))
+    check(run_method("mul_", grad(2, 3), grad(2, 3)))
+    check(run_method("mul", nograd(2, 3), grad(1, 3)))
+    check(run_method("sub_", grad(2, 3), 1))
+    cost = check(run_function(operator.add, torch.arange(6), torch.arange(6)))
+    assert cost.forward.exact == 0  # integer arithmetic is not floating-point work
+
+
+def test_add_traced_out_of_place_but_run_in_place_is_costed_in_place():
+    """``out += identity`` traces to ``operator.add`` under a stock tracer; when shape propagation
+    shows the result in the input's storage, the plugin follows the storage."""
+    obs = run_function(operator.iadd, grad(2, 3), grad(2, 3))
+    obs.node.target = operator.add
+    cost = plugin_cost(obs.node)
+    assert cost.forward_allocs == () and cost.input_grads == (0, 0)
