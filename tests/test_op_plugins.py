@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, elementwise, linear
+from costmodel.plugins import batchnorm, conv, elementwise, linear, pooling
 
-PLUGIN_MODULES = (conv, linear, batchnorm, elementwise)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,3 +543,45 @@ def test_add_traced_out_of_place_but_run_in_place_is_costed_in_place():
     obs.node.target = operator.add
     cost = plugin_cost(obs.node)
     assert cost.forward_allocs == () and cost.input_grads == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_max_pool(input_grad):
+    x = grad(2, 3, 9, 9) if input_grad else nograd(2, 3, 9, 9)
+    cost = check(run_module(nn.MaxPool2d(3, 2, 1), x))  # resnet's stem pool
+    assert cost.forward.exact == 2 * 3 * 5 * 5 * 9 and cost.backward.exact == input_grad * 2 * 3 * 5 * 5
+    assert cost.forward_allocs[1] == Alloc(2 * 3 * 5 * 5 * 8, "saved" if input_grad else "transient")
+    check(run_module(nn.MaxPool2d((2, 3), ceil_mode=True), x))
+    check(run_function(F.max_pool2d, x, 2))
+    check(run_function(F.max_pool2d, x, [3], 1, 1, 2))
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_global_average_pool_is_a_mean(input_grad):
+    x = grad(2, 3, 5, 4) if input_grad else nograd(2, 3, 5, 4)
+    for node_obs in (run_module(nn.AdaptiveAvgPool2d(1), x), run_module(nn.AdaptiveAvgPool2d((1, 1)), x),
+                     run_function(F.adaptive_avg_pool2d, x, 1)):
+        cost = check(node_obs)
+        assert cost.forward.exact == 120 + 6 and cost.backward.exact == input_grad * 120 and not cost.saved
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_average_pools_outside_the_convention(input_grad):
+    x = grad(2, 3, 7, 5) if input_grad else nograd(2, 3, 7, 5)
+    cost = check(run_module(nn.AdaptiveAvgPool2d((3, 2)), x), in_convention=False)
+    # windows along 7 -> 3: [0,3) [2,5) [4,7): 9 elements; along 5 -> 2: [0,3) [2,5): 6 elements
+    assert cost.forward.exact == 6 * 9 * 6 + 6 * 3 * 2
+    cost = check(run_module(nn.AvgPool2d(2), x), in_convention=False)
+    assert cost.forward.exact == 2 * 3 * 3 * 2 * 5
+    check(run_function(F.avg_pool2d, x, (3, 2), 1, 1), in_convention=False)
+    check(run_module(nn.AdaptiveAvgPool2d(7), grad(1, 2, 7, 7)), in_convention=False)
+
+
+def test_pools_outside_the_model_answer_none():
+    assert plugin_cost(run_module(nn.MaxPool2d(2, return_indices=True), grad(1, 2, 4, 4)).node) is None
+    assert plugin_cost(run_module(nn.MaxPool1d(2), grad(1, 2, 4)).node) is None
+    assert plugin_cost(run_module(nn.AdaptiveMaxPool2d(1), grad(1, 2, 4, 4)).node) is None
