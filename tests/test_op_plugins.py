@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, elementwise, linear, pooling
+from costmodel.plugins import batchnorm, conv, elementwise, linear, pooling, shape
 
-PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,3 +585,41 @@ def test_pools_outside_the_model_answer_none():
     assert plugin_cost(run_module(nn.MaxPool2d(2, return_indices=True), grad(1, 2, 4, 4)).node) is None
     assert plugin_cost(run_module(nn.MaxPool1d(2), grad(1, 2, 4)).node) is None
     assert plugin_cost(run_module(nn.AdaptiveMaxPool2d(1), grad(1, 2, 4, 4)).node) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape ops
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_views_and_reshapes(input_grad):
+    x = grad(2, 3, 1, 1) if input_grad else nograd(2, 3, 1, 1)
+    for obs in (run_function(torch.flatten, x, 1), run_module(nn.Flatten(), x), run_method("view", x, 2, -1),
+                run_method("reshape", x, 6), run_function(torch.reshape, x, (3, 2)), run_method("flatten", x),
+                run_method("contiguous", x), run_method("squeeze", x), run_method("unsqueeze", x, 0),
+                run_method("permute", x, 1, 0, 2, 3), run_method("transpose", x, 0, 1)):
+        cost = check(obs)
+        assert cost.forward == cost.forward.__class__() and cost.forward_allocs == ()
+
+
+def test_reshape_of_a_non_contiguous_input_copies():
+    x = torch.randn(3, 2).t().requires_grad_()
+    cost = check(run_method("reshape", x, 6))
+    assert cost.forward_allocs == (Alloc(24, "output", 0),)
+    cost = check(run_method("contiguous", x))
+    assert cost.forward_allocs == (Alloc(24, "output", 0),)
+
+
+def test_cat_identity_and_metadata_nodes():
+    check(run_function(torch.cat, [grad(2, 3), nograd(2, 2), grad(2, 1)], 1))
+    check(run_function(torch.cat, (grad(2, 3), grad(1, 3))))
+    check(run_module(nn.Identity(), grad(2, 3)))
+    for obs in (run_method("size", grad(2, 3), 0), run_function(getattr, grad(2, 3), "shape"),
+                run_method("dim", grad(2, 3))):
+        cost = check(obs)
+        assert cost.forward == cost.forward.__class__() and cost.input_grads == (None,)
+
+
+def test_indexing_into_a_tensor_answers_none():
+    assert plugin_cost(run_function(operator.getitem, grad(4, 3), 1).node) is None
+    assert plugin_cost(run_method("expand", grad(1, 3), 4, 3).node) is None
