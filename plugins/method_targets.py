@@ -142,7 +142,7 @@ def select_targets(
             if layer_rank % groups != 0:
                 # Named on purpose (a target or a rank_pattern key equal to the name): refuse, as
                 # peft does; reached only through include_grouped: leave the layer alone.
-                if explicit or key == name:
+                if explicit or (key == name and key in rank_pattern):
                     raise CostModelError(
                         f"layer {name!r} is a grouped convolution (groups={groups}) and cannot take "
                         f"rank {layer_rank}: peft needs the rank to be a multiple of groups")
