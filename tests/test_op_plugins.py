@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, elementwise, linear, pooling, shape
+from costmodel.plugins import batchnorm, conv, dropout, elementwise, linear, pooling, shape
 
-PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape, dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,3 +623,31 @@ def test_cat_identity_and_metadata_nodes():
 def test_indexing_into_a_tensor_answers_none():
     assert plugin_cost(run_function(operator.getitem, grad(4, 3), 1).node) is None
     assert plugin_cost(run_method("expand", grad(1, 3), 4, 3).node) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_dropout_in_train_mode_keeps_an_input_sized_float_mask(inplace, input_grad):
+    x = grad(3, 5) if input_grad else nograd(3, 5)
+    cost = check(run_module(nn.Dropout(0.2, inplace=inplace).train(), x))
+    assert cost.forward.exact == 30 and cost.backward.exact == input_grad * 15
+    assert cost.forward_allocs[0] == Alloc(60, "saved" if input_grad else "transient")
+    assert len(cost.forward_allocs) == 2 - inplace
+
+
+def test_dropout_off_returns_its_input():
+    for obs in (run_module(nn.Dropout(0.2).eval(), grad(3, 5)), run_module(nn.Dropout(0.0), grad(3, 5)),
+                run_function(F.dropout, grad(3, 5), 0.5, False)):
+        cost = check(obs)
+        assert cost.forward_allocs == () and cost.input_grads == (0,)
+    check(run_function(F.dropout, grad(3, 5), 0.3))
+    check(run_function(F.dropout, grad(3, 5), p=0.3, inplace=True))
+
+
+def test_dropout_variants_outside_the_model_answer_none():
+    assert plugin_cost(run_module(nn.Dropout(1.0), grad(3, 5)).node) is None
+    assert plugin_cost(run_module(nn.Dropout2d(0.2), grad(1, 3, 2, 2)).node) is None
