@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, dropout, elementwise, linear, pooling, shape
+from costmodel.plugins import batchnorm, conv, dropout, elementwise, linear, loss, pooling, shape
 
-PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape, dropout)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape, dropout, loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,3 +651,28 @@ def test_dropout_off_returns_its_input():
 def test_dropout_variants_outside_the_model_answer_none():
     assert plugin_cost(run_module(nn.Dropout(1.0), grad(3, 5)).node) is None
     assert plugin_cost(run_module(nn.Dropout2d(0.2), grad(1, 3, 2, 2)).node) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_cross_entropy(reduction, input_grad):
+    logits = grad(4, 10) if input_grad else nograd(4, 10)
+    target = torch.randint(0, 10, (4,))
+    cost = check(run_module(nn.CrossEntropyLoss(reduction=reduction), logits, target))
+    mean = reduction == "mean"
+    assert cost.forward == cost.forward.__class__(torch=0, exact=5 * 40 + 4 + 4 + mean)
+    assert cost.backward.exact == input_grad * (4 + mean + 4 * 40)
+    assert [a.nbytes for a in cost.forward_allocs] == [160, 4, 4]
+    check(run_function(F.cross_entropy, logits, target, reduction=reduction))
+
+
+def test_cross_entropy_variants_outside_the_model_answer_none():
+    logits, target = grad(4, 10), torch.randint(0, 10, (4,))
+    assert plugin_cost(run_module(nn.CrossEntropyLoss(label_smoothing=0.1), logits, target).node) is None
+    assert plugin_cost(run_module(nn.CrossEntropyLoss(weight=torch.ones(10)), logits, target).node) is None
+    assert plugin_cost(run_module(nn.CrossEntropyLoss(reduction="none"), logits, target).node) is None
+    assert plugin_cost(run_function(F.cross_entropy, logits, torch.rand(4, 10)).node) is None

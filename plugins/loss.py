@@ -1,0 +1,84 @@
+"""Cross-entropy: ``nn.CrossEntropyLoss`` and ``F.cross_entropy`` = ``_log_softmax`` + ``nll_loss``.
+
+For logits ``x: (B, C)`` and class-index targets ``(B,)``: ``E = B*C`` elements, ``R = B`` rows,
+``N = B`` targets. FLOPs, ``exact`` (docs/flop-convention.md); the stock counter counts 0:
+
+- forward: ``_log_softmax`` ``5*E + R`` (max comparison, subtract, exp, accumulate, subtract the
+  log-sum per element; a log per row), ``nll_loss_forward`` ``N + [reduction == mean]``.
+- backward: ``nll_loss_backward`` ``N + [mean]`` (one value per sample, the divide once),
+  ``_log_softmax_backward_data`` ``4*E``.
+
+Memory (torch 2.14.1, CPU): the forward allocates the log-probabilities (``E`` elements), then the
+loss (a 0-d output) and ``total_weight`` (0-d). When autograd records the loss it keeps the
+log-probabilities and ``total_weight`` (and the targets, which exist anyway); otherwise both die at
+once. The backward allocates the log-probabilities' gradient (``E`` elements, a temporary freed
+when the node's backward ends) and then the logits' gradient (``E`` elements). The seed gradient
+``ones_like(loss)`` that ``loss.backward()`` creates belongs to the engine's backward start, not
+to this node.
+
+Not modelled (answer None): class weights, label smoothing, ``reduction="none"``, probability
+targets, inputs other than ``(B, C)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn import functional as F
+
+from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, TensorMeta
+from costmodel.hookspecs import hookimpl
+
+from ._handles import HandleTable, input_index, is_float, new_output, no_grads, numel, saved_or_transient
+
+TABLE = HandleTable()
+
+
+def cross_entropy_cost(node: OpNode, logits: TensorMeta | None, target: TensorMeta | None, reduction: str,
+                       has_weight: bool, label_smoothing: float) -> OpCost | None:
+    if logits is None or target is None or has_weight or label_smoothing != 0 or reduction not in ("mean", "sum"):
+        return None
+    if len(logits.shape) != 2 or target.shape != logits.shape[:1] or is_float(target.dtype) or len(node.outputs) != 1:
+        return None
+    elements, rows, samples = numel(logits.shape), logits.shape[0], target.numel
+    mean = reduction == "mean"
+    scalar_bytes = logits.dtype.itemsize
+    allocs = (saved_or_transient(logits.nbytes, node),) + new_output(node) + (saved_or_transient(scalar_bytes, node),)
+    cost = OpCost(forward=Flops(torch=0, exact=5 * elements + rows + samples + mean), forward_allocs=allocs,
+                  note=f"cross entropy: log_softmax over {logits.shape}, nll_loss ({reduction})")
+    if not node.records_autograd:
+        return cost
+    cost.saved = (SavedRef("input", input_index(node, target)),)
+    cost.backward = Flops(torch=0, exact=samples + mean + 4 * elements)
+    cost.backward_allocs = (Alloc(logits.nbytes, "transient"),)  # gradient of the log-probabilities
+    grads = list(no_grads(node))
+    grads[input_index(node, logits)] = logits.nbytes if node.needs_input_grad[input_index(node, logits)] else None
+    cost.input_grads = tuple(grads)
+    return cost
+
+
+@TABLE.register("call_module", nn.CrossEntropyLoss)
+def cross_entropy_module(node: OpNode) -> OpCost | None:
+    loss = node.module
+    if loss is None:
+        return None
+    logits, target = node.arg(0, "input"), node.arg(1, "target")
+    return cross_entropy_cost(node, logits if isinstance(logits, TensorMeta) else None,
+                              target if isinstance(target, TensorMeta) else None, loss.reduction,
+                              getattr(loss, "weight", None) is not None, loss.label_smoothing)
+
+
+@TABLE.register("call_function", F.cross_entropy)
+def cross_entropy_function(node: OpNode) -> OpCost | None:
+    """``F.cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+    reduce=None, reduction="mean", label_smoothing=0.0)``."""
+    if node.arg(3, "size_average") is not None or node.arg(5, "reduce") is not None:
+        return None  # legacy reduction flags
+    logits, target = node.arg(0, "input"), node.arg(1, "target")
+    return cross_entropy_cost(node, logits if isinstance(logits, TensorMeta) else None,
+                              target if isinstance(target, TensorMeta) else None, node.arg(6, "reduction", "mean"),
+                              node.arg(2, "weight") is not None, node.arg(7, "label_smoothing", 0.0))
+
+
+@hookimpl
+def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+    return TABLE.cost(node)
