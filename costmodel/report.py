@@ -125,6 +125,9 @@ def collect(base: StepConfig, models: Sequence[str], ranks: Sequence[int], measu
     point_jobs = [(m, method, base.step) for m in models for method in PAPER_METHODS]
     point_jobs += [(m, method, 1) for m in models for method in ("fft", "galore") if base.step != 1]
     jobs: list[tuple[str, str, str, int, int]] = []
+    # Rank `base.rank` is measured for Figure 1 anyway, so Figure 5's measured points include it.
+    measure_ranks = tuple(sorted({*measure_ranks, base.rank})) if measure_ranks else ()
+    data.measure_ranks = measure_ranks
     for source, rank_list in (("predicted", ranks), ("measured", measure_ranks)):
         jobs += [(source, m, method, step, base.rank) for m, method, step in point_jobs]
         jobs += [(source, m, method, base.step, r) for m in models for method in RANK_METHODS for r in rank_list]
@@ -627,7 +630,7 @@ def _data_json(data: ReportData, claims: Sequence[ClaimRow]) -> dict[str, Any]:
 
 
 def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Sequence[int] = tuple(range(1, 65)),
-             measure_ranks: Sequence[int] = (1, 4, 16, 64), base: StepConfig | None = None, fake: bool = False,
+             measure_ranks: Sequence[int] = (1, 16, 64), base: StepConfig | None = None, fake: bool = False,
              predictor: Callable[[], Predictor] | None = default_predictor,
              measurer: Callable[[], Predictor] | None = None, progress: bool = True) -> list[Path]:
     """Collect, draw and write the report into ``out``; returns the files written.
