@@ -551,12 +551,29 @@ def missing_lines(data: ReportData) -> list[str]:
     return lines
 
 
-def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, str]) -> str:
+def regenerate_command(out: str | Path, models: Sequence[str], ranks: Sequence[int], measure_ranks: Sequence[int],
+                       base: StepConfig, fake: bool) -> str:
+    """The ``costmodel report`` command line that writes this report again (defaults left out)."""
+    parts = ["costmodel", "report", "--out", str(out)]
+    if tuple(models) != PAPER_MODELS:
+        parts += ["--models", ",".join(models)]
+    if tuple(ranks) != tuple(range(1, 65)):
+        parts += ["--ranks", _ranks_text(ranks)]
+    if not measure_ranks:
+        parts.append("--no-measure")
+    elif tuple(measure_ranks) != (1, 16, 64):
+        parts += ["--measure-ranks", _ranks_text(measure_ranks)]
+    if fake:
+        parts.append("--fake")
+    defaults = StepConfig()
+    for name in ("rank", "batch", "resolution", "classes", "step", "galore_update_proj_gap"):
+        if getattr(base, name) != getattr(defaults, name):
+            parts += [f"--{name.replace('_', '-')}", str(getattr(base, name))]
+    return " ".join(parts)
+
+
+def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, str], command: str) -> str:
     b = data.base
-    models = ",".join(data.models)
-    command = "costmodel report --out docs/report"
-    if data.models != PAPER_MODELS:
-        command += f" --models {models}"
     lines = [
         "# The paper's figures and claims, predicted and measured",
         "",
@@ -655,6 +672,7 @@ def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Seque
     figure_memory(data, out / figures["figure1"])
     figure_flops(data, out / figures["figure2"])
     figure_rank(data, out / figures["figure5"])
-    (out / "README.md").write_text(markdown(data, claims, figures), encoding="utf-8")
+    command = regenerate_command(out, models, ranks, measure_ranks, base, fake)
+    (out / "README.md").write_text(markdown(data, claims, figures, command), encoding="utf-8")
     (out / "data.json").write_text(json.dumps(_data_json(data, claims), indent=1, allow_nan=True), encoding="utf-8")
     return [out / name for name in (*figures.values(), "README.md", "data.json")]
