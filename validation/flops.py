@@ -1,0 +1,445 @@
+"""FLOP counting for the runtime reference: stock FlopCounterMode ("torch") and our "exact" formulas.
+
+The "exact" convention is defined in ``docs/flop-convention.md``; every formula here implements one
+row of it, with its derivation in the docstring, and is handed to ``FlopCounterMode`` through
+``custom_mapping``. The "torch" convention is the stock counter, untouched.
+
+Formulas are registered *raw* (``_get_raw``): they receive the op's real arguments (tensors, real or
+fake) rather than bare shapes, because a few rows depend on a dtype (non-floating outputs count 0) or
+on a scalar coefficient (``alpha``, ``value``). Formulas are keyed by op packet, so ``aten.add``
+covers ``add.Tensor`` and ``add.Scalar``; in-place variants are registered beside their
+out-of-place twins and count the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from costmodel.errors import CostModelError
+from costmodel.result import FLOP_CONVENTIONS
+
+aten = torch.ops.aten
+
+FlopFormula = Callable[..., int]
+
+EXACT_FLOP_FORMULAS: dict[Any, FlopFormula] = {}
+
+
+def _register(*packets: Any) -> Callable[[FlopFormula], FlopFormula]:
+    """Register ``formula`` for ``packets`` in the exact convention (raw arguments)."""
+
+    def decorate(formula: FlopFormula) -> FlopFormula:
+        formula._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode's raw-argument flag
+        for packet in packets:
+            if packet in EXACT_FLOP_FORMULAS:
+                raise RuntimeError(f"duplicate exact FLOP formula for {packet}")
+            EXACT_FLOP_FORMULAS[packet] = formula
+        return formula
+
+    return decorate
+
+
+def _first(value: Any) -> torch.Tensor:
+    """The first tensor of an op's output (ops such as max_pool2d_with_indices return tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    for item in value:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise TypeError(f"no tensor in op output {type(value).__name__}")
+
+
+def _floating_numel(out: Any) -> int:
+    """numel of the op's output, or 0 if it is not floating point ("FLOPs" are floating-point)."""
+    tensor = _first(out)
+    if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex):
+        return 0
+    return tensor.numel()
+
+
+def _coefficient(value: Any) -> int:
+    """1 when a scalar coefficient (alpha, value, beta) costs a multiply per element, i.e. != 1."""
+    return 0 if value is None or (not isinstance(value, torch.Tensor) and value == 1) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero FLOPs: views, copies, allocation, fills, randomness, profiler markers.
+# ---------------------------------------------------------------------------------------------
+
+ZERO_FLOP_OPS: tuple[Any, ...] = (
+    aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
+    aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.as_strided, aten.alias, aten.detach,
+    aten.clone, aten.copy_, aten._to_copy, aten.cat, aten.stack, aten.split, aten.split_with_sizes,
+    aten.unbind, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
+    aten.new_empty_strided, aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like,
+    aten.new_ones, aten.full, aten.full_like, aten.fill_, aten.zero_, aten.scalar_tensor,
+    aten.lift_fresh, aten.lift_fresh_copy, aten._local_scalar_dense, aten.diag_embed, aten.diag,
+    aten.bernoulli_, torch.ops.prim.device, torch.ops.profiler._record_function_enter_new,
+    torch.ops.profiler._record_function_exit,
+)
+
+
+@_register(*ZERO_FLOP_OPS)
+def zero_flop(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Moves, views, allocates, fills or draws random numbers: no floating-point arithmetic."""
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix products
+# ---------------------------------------------------------------------------------------------
+
+@_register(aten.mm)
+def mm_flop(a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """(m x k) @ (k x n): m*n dot products of length k, each k multiplies and k adds: 2*m*k*n."""
+    m, k = a.shape
+    return 2 * m * k * b.shape[1]
+
+
+@_register(aten.addmm)
+def addmm_flop(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1, alpha: Any = 1,
+               out_val: Any = None) -> int:
+    """beta*bias + alpha*(a @ b): the product 2*m*k*n, the bias add m*n, each non-unit scalar m*n."""
+    m, k = a.shape
+    n = b.shape[1]
+    return 2 * m * k * n + m * n * (1 + _coefficient(beta) + _coefficient(alpha))
+
+
+@_register(aten.bmm)
+def bmm_flop(a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """A batch of b matrix products (m x k) @ (k x n): 2*b*m*k*n."""
+    batch, m, k = a.shape
+    return 2 * batch * m * k * b.shape[2]
+
+
+@_register(aten.baddbmm)
+def baddbmm_flop(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1, alpha: Any = 1,
+                 out_val: Any = None) -> int:
+    """bmm plus the bias add b*m*n and b*m*n per non-unit scalar."""
+    batch, m, k = a.shape
+    n = b.shape[2]
+    return 2 * batch * m * k * n + batch * m * n * (1 + _coefficient(beta) + _coefficient(alpha))
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution
+# ---------------------------------------------------------------------------------------------
+
+def conv_forward_flop(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int],
+                      transposed: bool) -> int:
+    """F, the multiply-adds of a convolution, bias excluded.
+
+    Non-transposed: each output element is a dot product of length (C_in/groups) * prod(kernel),
+    and w_shape[1] = C_in/groups, so F = 2 * numel(out) * w_shape[1] * prod(kernel).
+    Transposed: each input element is scattered into w_shape[1] * prod(kernel) outputs
+    (w_shape[1] = C_out/groups), so F = 2 * numel(x) * w_shape[1] * prod(kernel).
+    """
+    per_element = w_shape[1] * math.prod(w_shape[2:])
+    return 2 * math.prod(x_shape if transposed else out_shape) * per_element
+
+
+@_register(aten.convolution, aten._convolution)
+def convolution_flop(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: Any, padding: Any,
+                     dilation: Any, transposed: bool, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """F plus one add per output element for the bias."""
+    out = _first(out_val)
+    return conv_forward_flop(x.shape, w.shape, out.shape, transposed) + (out.numel() if bias is not None else 0)
+
+
+@_register(aten.convolution_backward)
+def convolution_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias_sizes: Any,
+                              stride: Any, padding: Any, dilation: Any, transposed: bool, output_padding: Any,
+                              groups: int, output_mask: Sequence[bool], *, out_val: Any = None) -> int:
+    """grad_input F, grad_weight F, grad_bias numel(grad_out), each only if requested.
+
+    grad_input is a transposed convolution of grad_out with w: the forward's multiply-adds.
+    Each weight element w[o, i, *k] accumulates one product per (sample, output position) of its
+    group: 2 * numel(w) * N * prod(out spatial), which equals F. (Stock FlopCounterMode uses the
+    full C_in here, hence counts grouped convolutions ``groups`` times too high.) grad_bias sums
+    grad_out over batch and space: numel(grad_out) adds.
+    """
+    forward = conv_forward_flop(x.shape, w.shape, grad_out.shape, transposed)
+    grad_input, grad_weight, grad_bias = (bool(flag) for flag in output_mask)
+    return forward * grad_input + forward * grad_weight + grad_out.numel() * grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch normalisation
+# ---------------------------------------------------------------------------------------------
+
+def batch_norm_flop_count(x_shape: Sequence[int], has_weight: bool, has_bias: bool, running_stats: bool,
+                          training: bool) -> int:
+    """Training: E*(6 + w + b) + C*(5 + 7*r); evaluation: E*(2 + w + b) + 3*C.
+
+    Training, per element: mean accumulate 1, variance (x - mean)^2 accumulate 3, normalise
+    (x - mean) * invstd 2, scale w, shift b. Per channel: mean divide 1, variance divide 1,
+    invstd = 1/sqrt(var + eps) 3, and with running statistics (r) rm = (1-m)*rm + m*mean 3 and
+    rv = (1-m)*rv + m*var*M/(M-1) 4. Evaluation: normalise with the running statistics.
+    """
+    numel, channels = math.prod(x_shape), x_shape[1]
+    affine = int(has_weight) + int(has_bias)
+    if training:
+        return numel * (6 + affine) + channels * (5 + 7 * int(running_stats))
+    return numel * (2 + affine) + channels * 3
+
+
+@_register(aten.native_batch_norm, aten._native_batch_norm_legit)
+def batch_norm_flop(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *args: Any,
+                    out_val: Any = None, **kwargs: Any) -> int:
+    """batch_norm_flop_count. Arguments after bias: (running_mean, running_var, training, momentum,
+    eps), or (training, momentum, eps) for ``_native_batch_norm_legit.no_stats`` (no running stats).
+    """
+    if len(args) == 5:
+        running_mean, _, training = args[:3]
+    else:
+        running_mean, training = None, args[0]
+    return batch_norm_flop_count(x.shape, weight is not None, bias is not None, running_mean is not None,
+                                 bool(training))
+
+
+@_register(aten._native_batch_norm_legit_no_training)
+def batch_norm_eval_flop(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *args: Any,
+                         out_val: Any = None, **kwargs: Any) -> int:
+    """batch_norm_flop_count with training=False."""
+    return batch_norm_flop_count(x.shape, weight is not None, bias is not None, True, False)
+
+
+@_register(aten.native_batch_norm_backward)
+def batch_norm_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                             running_mean: Any, running_var: Any, save_mean: Any, save_invstd: Any,
+                             train: bool, eps: float, output_mask: Sequence[bool], *, out_val: Any = None) -> int:
+    """Training: E*([g_i or g_b] + 3*[g_i or g_w] + 5*g_i) + C*(g_w + g_i*(4 + w)).
+
+    sum_dy = sum(dy) per channel (1 per element) serves grad_input and is grad_bias;
+    dot = sum(dy * (x - mean)) (3 per element) serves grad_input and gives grad_weight =
+    dot * invstd (1 per channel). grad_input = (dy - sum_dy/M - (x - mean)*dot*invstd^2/M) *
+    invstd * weight: 5 per element, and per channel sum_dy/M 1, dot*invstd^2/M 3, invstd*weight w.
+    Evaluation: invstd from the running variance 3*C; grad_input = dy * (invstd*weight): E + C*w;
+    grad_weight = sum(dy * (x - rm) * invstd): 4*E; grad_bias = sum(dy): E.
+    """
+    numel, channels = x.numel(), x.shape[1]
+    g_i, g_w, g_b = (int(bool(flag)) for flag in output_mask)
+    w = int(weight is not None)
+    if train:
+        per_element = int(bool(g_i or g_b)) + 3 * int(bool(g_i or g_w)) + 5 * g_i
+        return numel * per_element + channels * (g_w + g_i * (4 + w))
+    return channels * 3 + g_i * (numel + channels * w) + g_w * 4 * numel + g_b * numel
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise ops: k FLOPs per (floating-point) output element
+# ---------------------------------------------------------------------------------------------
+
+def _elementwise(k: int, doc: str, *packets: Any) -> FlopFormula:
+    def formula(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        return k * _floating_numel(out_val)
+
+    formula.__name__ = f"elementwise_{k}_flop"
+    formula.__doc__ = f"{k} per output element: {doc}."
+    return _register(*packets)(formula)
+
+
+_elementwise(1, "one multiply, divide, negation, root, exp or log",
+             aten.mul, aten.mul_, aten.div, aten.div_, aten.neg, aten.neg_, aten.reciprocal,
+             aten.reciprocal_, aten.sqrt, aten.sqrt_, aten.rsqrt, aten.rsqrt_, aten.exp, aten.exp_,
+             aten.log, aten.log_)
+_elementwise(3, "self + weight * (end - self)", aten.lerp, aten.lerp_)
+_elementwise(1, "max(x, 0)", aten.relu, aten.relu_)
+_elementwise(1, "grad where x > threshold: one comparison", aten.threshold_backward)
+_elementwise(2, "ReLU6: clamp below and above", aten.hardtanh, aten.hardtanh_)
+_elementwise(2, "two comparisons select grad", aten.hardtanh_backward)
+_elementwise(4, "clamp(x + 3, 0, 6) / 6: add, two comparisons, divide", aten.hardsigmoid, aten.hardsigmoid_)
+_elementwise(3, "two comparisons and grad / 6", aten.hardsigmoid_backward)
+_elementwise(5, "x * clamp(x + 3, 0, 6) / 6: add, two comparisons, multiply, divide",
+             aten.hardswish, aten.hardswish_)
+_elementwise(6, "two comparisons, (2x + 3) / 6 (3), times grad", aten.hardswish_backward)
+
+
+@_register(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
+def add_flop(x: Any, other: Any, alpha: Any = 1, *, out_val: Any = None) -> int:
+    """One add per output element, plus one multiply per element for alpha * other if alpha != 1."""
+    return (1 + _coefficient(alpha)) * _floating_numel(out_val)
+
+
+@_register(aten.addcmul, aten.addcmul_, aten.addcdiv, aten.addcdiv_)
+def addcmul_flop(x: Any, tensor1: Any, tensor2: Any, *, value: Any = 1, out_val: Any = None) -> int:
+    """self + value * t1 * t2 (or t1 / t2): product, add, and the value multiply if value != 1."""
+    return (2 + _coefficient(value)) * _floating_numel(out_val)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions, norms, pooling
+# ---------------------------------------------------------------------------------------------
+
+@_register(aten.sum)
+def sum_flop(x: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Every input element is accumulated once (into zero): numel(x)."""
+    return x.numel()
+
+
+@_register(aten.mean)
+def mean_flop(x: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """The sum, numel(x), and one divide per output element."""
+    return x.numel() + _first(out_val).numel()
+
+
+@_register(aten.linalg_vector_norm)
+def vector_norm_flop(x: torch.Tensor, ord: Any = 2, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """2-norm: square and accumulate each element (2*numel(x)), one sqrt per output element."""
+    if ord != 2:
+        raise CostModelError(f"the exact FLOP convention defines linalg_vector_norm only for ord=2, got ord={ord}")
+    return 2 * x.numel() + _first(out_val).numel()
+
+
+@_register(aten.max_pool2d_with_indices)
+def max_pool2d_flop(x: torch.Tensor, kernel_size: Sequence[int], *args: Any, out_val: Any = None,
+                    **kwargs: Any) -> int:
+    """One comparison per window element, windows counted as full: numel(out) * kh * kw."""
+    kernel = list(kernel_size) * (2 if len(kernel_size) == 1 else 1)
+    return _first(out_val).numel() * math.prod(kernel)
+
+
+@_register(aten.max_pool2d_with_indices_backward)
+def max_pool2d_backward_flop(grad_out: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Each output gradient is added into grad_input at its argmax: numel(grad_out)."""
+    return grad_out.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: nn.CrossEntropyLoss = _log_softmax + nll_loss_forward
+# ---------------------------------------------------------------------------------------------
+
+_MEAN_REDUCTION = 1  # at::Reduction::Mean
+
+
+@_register(aten._log_softmax)
+def log_softmax_flop(x: torch.Tensor, dim: int, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """5 per element (max comparison, subtract, exp, accumulate, subtract the log-sum), 1 log per row."""
+    return 5 * x.numel() + x.numel() // x.shape[dim]
+
+
+@_register(aten._log_softmax_backward_data)
+def log_softmax_backward_flop(grad: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """grad - exp(out) * sum(grad): accumulate, exp, multiply, subtract: 4 per element."""
+    return 4 * grad.numel()
+
+
+@_register(aten.nll_loss_forward)
+def nll_loss_flop(x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, reduction: int,
+                  ignore_index: int, *, out_val: Any = None) -> int:
+    """N negate-accumulates, one divide for the mean, 2N with class weights (multiply, accumulate)."""
+    n = target.numel()
+    return n + int(reduction == _MEAN_REDUCTION) + 2 * n * (weight is not None)
+
+
+@_register(aten.nll_loss_backward)
+def nll_loss_backward_flop(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                           reduction: int, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """One value written per sample, grad / total once for the mean, N more with class weights."""
+    n = target.numel()
+    return n + int(reduction == _MEAN_REDUCTION) + n * (weight is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVD (GaLore's projector refresh)
+# ---------------------------------------------------------------------------------------------
+
+def svd_flop_count(m: int, n: int, full_matrices: bool, compute_uv: bool) -> int:
+    """Golub-Reinsch SVD of one m x n matrix, l = max(m, n), k = min(m, n).
+
+    Golub & Van Loan, Matrix Computations (3rd ed. Fig. 5.4.1; 4th ed. Fig. 8.6.1): thin U1, S, V:
+    14*l*k^2 + 8*k^3; full U, S, V: 4*l^2*k + 8*l*k^2 + 9*k^3; S only: 4*l*k^2 - 4*k^3/3
+    (rounded down).
+    """
+    l, k = max(m, n), min(m, n)
+    if not compute_uv:
+        return (12 * l * k * k - 4 * k**3) // 3
+    if full_matrices:
+        return 4 * l * l * k + 8 * l * k * k + 9 * k**3
+    return 14 * l * k * k + 8 * k**3
+
+
+@_register(aten._linalg_svd)
+def svd_flop(a: torch.Tensor, full_matrices: bool = True, compute_uv: bool = True, *, driver: Any = None,
+             out_val: Any = None) -> int:
+    """svd_flop_count per matrix, times the batch."""
+    *batch, m, n = a.shape
+    return math.prod(batch) * svd_flop_count(m, n, full_matrices, compute_uv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counters
+# ---------------------------------------------------------------------------------------------
+
+class ExactFlopCounterMode(FlopCounterMode):
+    """FlopCounterMode restricted to the exact convention's table, recording every uncovered op.
+
+    The stock registry is not merged in: an op the convention does not define is recorded in
+    ``uncovered`` (never silently counted as 0 or by a stock formula), and ``measure`` fails on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=EXACT_FLOP_FORMULAS)
+        self.flop_registry = dict(EXACT_FLOP_FORMULAS)
+        self.uncovered: Counter[str] = Counter()
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        if func_packet not in self.flop_registry:
+            self.uncovered[str(func_packet)] += 1
+        return super()._count_flops(func_packet, out, args, kwargs)
+
+
+def make_counter(convention: str) -> FlopCounterMode:
+    """A fresh counter for one convention: "torch" (stock) or "exact"."""
+    if convention == "torch":
+        return FlopCounterMode(display=False)
+    if convention == "exact":
+        return ExactFlopCounterMode()
+    raise CostModelError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(FLOP_CONVENTIONS)}")
+
+
+class PhaseFlops:
+    """FLOPs per phase in both conventions: ``with phase_flops.phase("forward"): ...``.
+
+    Each phase enters a fresh counter per convention (entering a FlopCounterMode resets it), both
+    nested so that every op is seen once by each.
+    """
+
+    def __init__(self, conventions: Sequence[str] = FLOP_CONVENTIONS) -> None:
+        self.conventions = tuple(conventions)
+        self.counts: dict[str, dict[str, int]] = {conv: {} for conv in self.conventions}
+        self.by_op: dict[str, dict[str, dict[str, int]]] = {conv: {} for conv in self.conventions}
+        self.uncovered: Counter[str] = Counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        counters = {conv: make_counter(conv) for conv in self.conventions}
+        with contextlib.ExitStack() as stack:
+            for counter in counters.values():
+                stack.enter_context(counter)
+            yield
+        for conv, counter in counters.items():
+            self.counts[conv][name] = self.counts[conv].get(name, 0) + counter.get_total_flops()
+            global_counts = counter.get_flop_counts().get("Global", {})
+            phase_ops = self.by_op[conv].setdefault(name, {})
+            for packet, flops in global_counts.items():
+                phase_ops[str(packet)] = phase_ops.get(str(packet), 0) + flops
+            if isinstance(counter, ExactFlopCounterMode):
+                self.uncovered.update(counter.uncovered)
+
+
+def count_flops(fn: Callable[[], Any], convention: str) -> int:
+    """FLOPs of ``fn()`` in one convention (tests on single layers use this)."""
+    counter = make_counter(convention)
+    with counter:
+        fn()
+    if isinstance(counter, ExactFlopCounterMode) and counter.uncovered:
+        raise CostModelError(f"ops outside the exact FLOP convention: {', '.join(sorted(counter.uncovered))}")
+    return counter.get_total_flops()

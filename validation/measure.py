@@ -1,0 +1,130 @@
+"""Measure one fine-tuning step for real: FLOPs per phase in both conventions, memory per group.
+
+``measure(config)`` builds ``config.model``, applies ``config.method`` (``validation.methods``),
+runs steps 1..k-1 untracked, then tracks the whole step k:
+
+    optimizer.zero_grad(set_to_none=True)         # tracked, no FLOPs
+    loss = criterion(model(images), labels)      # phase "forward"
+    loss.backward()                              # phase "backward"
+    optimizer.step()                             # phase "optimizer"
+
+FLOPs come from ``validation.flops`` (stock FlopCounterMode and the exact convention of
+``docs/flop-convention.md``), memory from ``validation.memory.GroupPeakMemTracker`` with the model,
+the optimizer, the images and the labels passed to ``track_external``, so that everything that
+exists before step k (parameters, buffers, gradients of step k-1, optimizer state, the batch) counts.
+The FLOP counters and the memory tracker observe the same step (nested dispatch modes; the counters
+allocate nothing that the tracker sees).
+
+With ``fake=True`` the model, the method's adapters and optimizer, and the batch are created inside
+one ``FakeTensorMode`` and every step runs there: no arithmetic is done, shapes and storages are the
+same, so every count is identical to the real run while large batches cost almost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from costmodel.config import StepConfig
+from costmodel.errors import CostModelError
+from costmodel.models import build_model, make_batch
+from costmodel.result import PHASES, StepCost, phase_flops
+from costmodel.validation.flops import PhaseFlops
+from costmodel.validation.memory import GroupPeakMemTracker
+from costmodel.validation.methods import AppliedMethod, apply_config
+
+SEED = 0
+
+
+def _forward_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    try:
+        return criterion(model(images), labels)
+    except ValueError as error:
+        if "Expected more than 1 value per channel" in str(error):
+            raise CostModelError(
+                f"batch norm in training mode needs more than one value per channel ({error}); "
+                f"use a larger --batch or --resolution") from error
+        raise
+
+
+def materialize_fake(model: nn.Module, mode: contextlib.AbstractContextManager) -> None:
+    """Replace every meta parameter and buffer by a CPU fake tensor of the same shape and dtype.
+
+    Tensors shared between modules stay shared; ``requires_grad`` is kept.
+    """
+    replaced: dict[int, torch.Tensor] = {}
+
+    def fake_like(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in replaced:
+            new = torch.zeros(tensor.shape, dtype=tensor.dtype, device="cpu")
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            replaced[id(tensor)] = new
+        return replaced[id(tensor)]
+
+    with mode:
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for name, tensor in tensors.items():
+                    if tensor is not None:
+                        tensors[name] = fake_like(tensor)
+
+
+def _untracked_step(applied: AppliedMethod, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    applied.optimizer.zero_grad(set_to_none=True)
+    _forward_loss(applied.model, criterion, images, labels).backward()
+    applied.optimizer.step()
+
+
+def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
+    """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it."""
+    started = time.perf_counter()
+    mode: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+        # peft moves new adapters with Module.to(), which must swap fake parameters and cannot
+        # (FakeTensorMode holds weak references to its tensors): prepare on meta, then materialise.
+        applied = apply_config(build_model(config.model, num_classes=config.classes, device="meta"), config,
+                               materialize=lambda model: materialize_fake(model, mode))
+    with mode:
+        torch.manual_seed(SEED)
+        if not fake:
+            applied = apply_config(build_model(config.model, num_classes=config.classes), config)
+        images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED)
+        criterion = nn.CrossEntropyLoss()
+        for _ in range(config.step - 1):
+            _untracked_step(applied, criterion, images, labels)
+
+        model, optimizer = applied.model, applied.optimizer
+        tracker = GroupPeakMemTracker()
+        tracker.track_external(model, optimizer, images, labels)
+        flops = PhaseFlops()
+        with tracker:
+            optimizer.zero_grad(set_to_none=True)
+            with flops.phase("forward"):
+                loss = _forward_loss(model, criterion, images, labels)
+            with flops.phase("backward"):
+                loss.backward()
+            with flops.phase("optimizer"):
+                optimizer.step()
+            del loss
+
+    if flops.uncovered:
+        ops = ", ".join(f"{op} (x{count})" for op, count in sorted(flops.uncovered.items()))
+        raise CostModelError(f"ops outside the exact FLOP convention (docs/flop-convention.md): {ops}")
+    return StepCost(
+        config=config,
+        source="measure",
+        flops={conv: phase_flops(*(flops.counts[conv].get(phase, 0) for phase in PHASES))
+               for conv in flops.conventions},
+        memory=tracker.memory(),
+        trainable_params=applied.trainable_params,
+        total_params=applied.total_params,
+        seconds=time.perf_counter() - started,
+        details={"fake": fake, "flops_by_op": flops.by_op, "frozen": applied.frozen, **applied.details},
+    )
