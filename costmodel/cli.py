@@ -27,11 +27,28 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+def _method_options(pairs: Sequence[str] | None) -> dict[str, object]:
+    """``--option KEY=VALUE`` pairs; a VALUE that parses as JSON is taken as such, else as a string."""
+    import json
+
+    options: dict[str, object] = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CostModelError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
 def _config(args: argparse.Namespace) -> StepConfig:
     return StepConfig(
         model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, batch=args.batch,
         resolution=args.resolution, classes=args.classes, step=args.step,
         galore_update_proj_gap=args.galore_update_proj_gap,
+        options=_method_options(getattr(args, "option", None)),
     )
 
 
@@ -154,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_options(predict)
     predict.add_argument("--flops", choices=FLOP_CONVENTIONS, default=None, help="show only this FLOP convention in the table")
     predict.add_argument("--allow-unknown", action="store_true", help="cost ops no plugin covers as a reported gap instead of failing")
+    predict.add_argument("--option", action="append", metavar="KEY=VALUE",
+                         help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
+                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
+                              "include_grouped=true, adapt_head=true")
     predict.set_defaults(run=_predict)
 
     measure = commands.add_parser("measure", help="run one step for real and measure it (FlopCounterMode, MemTracker)")
