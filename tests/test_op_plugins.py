@@ -709,3 +709,63 @@ def test_svd_outside_the_model_answers_none():
     assert plugin_cost(run_function(torch.linalg.svd, grad(4, 3), full_matrices=False).node) is None
     assert plugin_cost(run_function(torch.linalg.svdvals, nograd(6, 4)).node) is None
     assert svd.svd_flops(6, 4, compute_uv=False) == (12 * 6 * 16 - 4 * 64) // 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Every node of the paper's models, each observed on its own
+
+
+class EachNodeObserved(torch.fx.Interpreter):
+    """Runs a traced training step on real tiny tensors; before each op node runs, the same op is
+    observed in isolation (on copies of its real inputs, with their ``requires_grad``) and the
+    plugins' answer is checked against it."""
+
+    def __init__(self, module: torch.fx.GraphModule) -> None:
+        super().__init__(module)
+        self.checked: list[str] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op in ("call_module", "call_function", "call_method"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = tree_map(lambda x: x.detach().clone().requires_grad_(x.requires_grad)
+                                    if isinstance(x, torch.Tensor) else x, (args, kwargs))
+            if n.op == "call_module":
+                module = self.fetch_attr(n.target)
+                obs = observe(n.op, type(module), module, args, kwargs, module=module)
+            elif n.op == "call_function":
+                obs = observe(n.op, n.target, n.target, args, kwargs)
+            else:
+                obs = observe(n.op, n.target, lambda self_, *a, **k: getattr(self_, n.target)(*a, **k), args, kwargs)
+            check(obs)
+            target = type(self.fetch_attr(n.target)) if n.op == "call_module" else n.target
+            self.checked.append(f"{n.op}:{getattr(target, '__name__', target)}")
+        return super().run_node(n)
+
+
+def observe_every_node(model_name: str, method: str) -> list[str]:
+    from costmodel.models import build_model, head_name
+    from costmodel.trace import StepTracer, TrainingStep
+
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=10)
+    if method == "bn_head":
+        model.requires_grad_(False)
+        getattr(model, head_name(model)).requires_grad_(True)
+    step = TrainingStep(model, nn.CrossEntropyLoss())
+    graph_module = torch.fx.GraphModule(step, StepTracer().trace(step))
+    interpreter = EachNodeObserved(graph_module)
+    interpreter.run(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    return interpreter.checked
+
+
+@pytest.mark.parametrize("method", ["fft", "bn_head"])
+@pytest.mark.parametrize("model_name", ["mobilenet_v3_small", "resnet18",
+                                        pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+                                        pytest.param("mobilenet_v3_large", marks=pytest.mark.slow)])
+def test_every_node_of_the_paper_models(model_name, method):
+    checked = observe_every_node(model_name, method)
+    assert "call_module:CrossEntropyLoss" in checked
+    if model_name == "resnet18":
+        assert "call_function:iadd" in checked and "call_module:MaxPool2d" in checked
+    if model_name == "mobilenet_v3_small":
+        assert {"call_function:mul", "call_function:iadd", "call_module:Hardswish", "call_module:Dropout"} <= set(checked)
