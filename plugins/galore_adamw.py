@@ -30,8 +30,8 @@ Low-rank parameter, its gradient seen as the ``m x n`` matrix ``(shape[0], numel
   ``* scale`` (``m n``, a second ``m x n`` tensor; the ``mm`` result dies when ``project_back``
   returns); ``p.add_(..., alpha=-step_size)`` (``2 m n``).
 
-The SVD FLOPs follow ``costmodel.plugins.svd`` (thin SVD, Golub-Reinsch); the stock counter
-counts only the ``mm`` ops.
+The SVD's FLOPs and output shapes are the ``svd`` op plugin's (thin SVD, Golub-Reinsch); the stock
+counter counts only the ``mm`` ops.
 
 Memory (MemTracker's OPT group: everything allocated inside ``optimizer.step()``): the loop's
 Python locals (``grad``, ``denom``, ``norm_grad``) outlive their parameter - each is freed only
@@ -48,6 +48,7 @@ is freed when the new one is assigned.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,18 +57,9 @@ from costmodel.config import StepConfig
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
+from costmodel.plugins.svd import svd_flops, svd_output_shapes
 
 OPTIMIZER = "galore_adamw"
-
-
-def thin_svd_flops(m: int, n: int) -> int:
-    """Golub-Reinsch thin SVD (``U1, S, V``) of an ``m x n`` matrix: ``14 l k^2 + 8 k^3``."""
-    try:  # the op plugin's rule, when it is installed, is the one source of truth
-        from costmodel.plugins.svd import svd_flops
-    except ImportError:
-        longer, k = max(m, n), min(m, n)
-        return 14 * longer * k * k + 8 * k ** 3
-    return svd_flops(m, n, compute_uv=True, full_matrices=False)
 
 
 @dataclass
@@ -141,8 +133,8 @@ def low_rank_moment_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
 def projector_storage_numel(shape: tuple[int, ...]) -> int:
     """Elements of the storage a projector keeps alive: all of ``Vh`` (right) or ``U`` (left)."""
     m, n = _matrix_shape(shape)
-    k = min(m, n)
-    return k * n if m >= n else m * k
+    u_shape, _, vh_shape = svd_output_shapes(m, n, full_matrices=False)
+    return math.prod(vh_shape if m >= n else u_shape)
 
 
 def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any]], step: int) -> OptimizerCost:
@@ -178,10 +170,10 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
             right = m >= n
             refresh = first_step or (step - 1) % gap == 0
             if refresh:
-                k = min(m, n)
-                u = memory.alloc(m * k, f"{p.name}: svd U")
-                s = memory.alloc(k, f"{p.name}: svd S")
-                vh = memory.alloc(k * n, f"{p.name}: svd Vh")
+                u_shape, s_shape, vh_shape = svd_output_shapes(m, n, full_matrices=False)
+                u = memory.alloc(math.prod(u_shape), f"{p.name}: svd U")
+                s = memory.alloc(math.prod(s_shape), f"{p.name}: svd S")
+                vh = memory.alloc(math.prod(vh_shape), f"{p.name}: svd Vh")
                 diag = memory.alloc(r * r, f"{p.name}: diag(S[:r])")
                 unused = memory.alloc(m * r if right else r * n, f"{p.name}: unused svd factor")
                 memory.temporary(diag)
@@ -194,7 +186,7 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
                 if not first_step:  # assigning the new projector frees the old one
                     memory.events.append(MemEvent(-projector_storage_numel(p.shape) * itemsize, "OPT",
                                                   f"free {p.name}: old projector"))
-                svd = thin_svd_flops(m, n)
+                svd = svd_flops(m, n, full_matrices=False)  # GaLore's linalg.svd(G, full_matrices=False)
                 factor = 2 * m * r * r if right else 2 * r * r * n
                 flops_torch += factor
                 flops_exact += svd + factor
