@@ -79,12 +79,6 @@ def is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype CPU kernels use for per-channel statistics (batch norm's saved mean
-    and invstd are float32 for half and bfloat16 inputs)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def tensor_input(node: OpNode, index: int, name: str) -> TensorMeta | None:
     """The call argument at ``index``/``name`` if it is a tensor, else None."""
     value = node.arg(index, name)

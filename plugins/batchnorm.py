@@ -13,8 +13,8 @@ FLOPs, ``exact`` (docs/flop-convention.md; the derivation per element and per ch
   eval: ``3*C + g_i*(E + C*w) + 4*E*g_w + E*g_b``.
 
 Memory (torch 2.14.1, CPU): the forward allocates the output, then (train mode) ``save_mean`` and
-``save_invstd``, ``C`` elements each in the accumulation dtype (float32 for half inputs); in eval
-mode these are empty. When autograd records the op it keeps both statistics and saves the input
+``save_invstd``, ``C`` elements each; in eval mode these are empty. Their dtype is the parameters' (the weight's or the running mean's; the
+input's when the layer has neither): float32 for a half input into a float32 layer. When autograd records the op it keeps both statistics and saves the input
 (and weight and running statistics, which exist anyway), for the input, weight and bias
 gradients alike; otherwise the statistics die as the op returns. The backward allocates exactly the
 gradients in its ``output_mask``: a frozen affine (``requires_grad=False``) in train mode still
@@ -23,13 +23,14 @@ costs the batch-statistics backward for the input gradient, but no weight/bias g
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
 
-from ._handles import (HandleTable, acc_dtype, input_index, module_param, needs_grad, new_output, no_grads,
+from ._handles import (HandleTable, input_index, module_param, needs_grad, new_output, no_grads,
                        numel, saved_or_transient, tensor_input, trainable_param)
 
 TABLE = HandleTable()
@@ -54,13 +55,14 @@ def batch_norm_backward_flops(elements: int, channels: int, training: bool, affi
 
 
 def batch_norm_cost(node: OpNode, x: TensorMeta, training: bool, has_weight: bool, has_bias: bool,
-                    updates_running_stats: bool, needs: tuple[bool, bool, bool]) -> OpCost:
-    """One ``native_batch_norm`` over ``x``; ``needs`` = (input, weight, bias) gradients required."""
+                    updates_running_stats: bool, needs: tuple[bool, bool, bool], stats_dtype: torch.dtype) -> OpCost:
+    """One ``native_batch_norm`` over ``x``; ``needs`` = (input, weight, bias) gradients required;
+    ``stats_dtype``: the dtype of the saved statistics."""
     elements, channels = numel(x.shape), x.shape[1]
     forward = batch_norm_forward_flops(elements, channels, training, has_weight, has_bias, updates_running_stats)
     allocs = list(new_output(node))
     if training:
-        stat_bytes = channels * acc_dtype(x.dtype).itemsize
+        stat_bytes = channels * stats_dtype.itemsize
         allocs += [saved_or_transient(stat_bytes, node), saved_or_transient(stat_bytes, node)]
     cost = OpCost(forward=Flops(torch=0, exact=forward), forward_allocs=tuple(allocs),
                   note=f"batch norm ({'train' if training else 'eval'}): E={elements}, C={channels}")
@@ -85,9 +87,11 @@ def batch_norm_module(node: OpNode) -> OpCost | None:
     has_running = module_param(node, "running_mean") is not None
     training = bn.training or not has_running
     weight, bias = trainable_param(node, "weight"), trainable_param(node, "bias")
+    typed = module_param(node, "weight") or module_param(node, "running_mean")
     cost = batch_norm_cost(node, node.inputs[0], training, module_param(node, "weight") is not None,
                            module_param(node, "bias") is not None, updates_running_stats=training and has_running,
-                           needs=(node.needs_input_grad[0], weight is not None, bias is not None))
+                           needs=(node.needs_input_grad[0], weight is not None, bias is not None),
+                           stats_dtype=typed[1].dtype if typed else node.inputs[0].dtype)
     if node.records_autograd:
         cost.param_grads = {found[0]: found[1].nbytes for found in (weight, bias) if found is not None}
     return cost
@@ -106,8 +110,10 @@ def batch_norm_function(node: OpNode) -> OpCost | None:
     if not training and (running_mean is None or running_var is None):
         return None  # aten refuses eval mode without running statistics
     needs = (needs_grad(node, x), needs_grad(node, weight), needs_grad(node, bias))
+    typed = weight if weight is not None else running_mean
     cost = batch_norm_cost(node, x, training, weight is not None, bias is not None,
-                           updates_running_stats=training and running_mean is not None, needs=needs)
+                           updates_running_stats=training and running_mean is not None, needs=needs,
+                           stats_dtype=(typed or x).dtype)
     if node.records_autograd:
         cost.saved += tuple(SavedRef("input", input_index(node, t)) for t in (weight, running_mean, running_var)
                             if t is not None)

@@ -178,8 +178,8 @@ def _operands(node: OpNode) -> Operands | None:
         return None
     if not isinstance(left, TensorMeta) and not isinstance(right, TensorMeta):
         return None
-    alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-    if not isinstance(alpha, (int, float)):
+    alpha = node.kwargs.get("alpha", 1)  # keyword-only in torch.add/sub and Tensor.add/sub
+    if len(node.args) > 2 or not isinstance(alpha, (int, float)) or set(node.kwargs) - {"input", "other", "alpha"}:
         return None
     return Operands(left, right, alpha)
 

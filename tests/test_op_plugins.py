@@ -440,12 +440,21 @@ def test_batch_norm_variants(module, shape):
     check(run_module(module.train(), grad(*shape)))
 
 
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
+                                                     (torch.float64, torch.float64)])
+@pytest.mark.parametrize("affine,running", [(True, True), (False, True), (True, False), (False, False)])
+def test_batch_norm_statistics_take_the_layer_dtype(layer_dtype, input_dtype, affine, running):
+    m = nn.BatchNorm2d(3, affine=affine, track_running_stats=running).to(layer_dtype)
+    check(run_module(m, torch.randn(2, 3, 2, 2, dtype=input_dtype).requires_grad_()))
+
+
 def test_batch_norm_functional():
     rm, rv = torch.zeros(3), torch.ones(3)
     check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, grad(3), grad(3), True))
     check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, nograd(3), None, training=True))
     check(run_function(F.batch_norm, nograd(2, 3, 4), None, None, grad(3), grad(3), True))
     check(run_function(F.batch_norm, grad(2, 3, 4), rm, rv, grad(3), grad(3), False))
+    check(run_function(F.batch_norm, grad(2, 3, 4).half(), rm, rv, None, None, True))
 
 
 # ---------------------------------------------------------------------------------------------
