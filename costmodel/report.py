@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,7 @@ class Source:
         self.name = name
         self.costs: dict[str, StepCost] = {}
         self.missing: dict[str, tuple[StepConfig, str]] = {}
+        self.seconds = 0.0
         self._function: Predictor | None = None
         self._unavailable: str | None = None
         if load is None:
@@ -81,13 +84,20 @@ class Source:
         if self._function is None:
             self.missing[key] = (config, str(self._unavailable))
             return None
+        started = time.perf_counter()
         try:
             self.costs[key] = self._function(config)
         except Exception as error:  # recorded and shown in the report: a gap, not a number
             reason = str(error) if isinstance(error, CostModelError) else f"{type(error).__name__}: {error}"
             self.missing[key] = (config, reason.splitlines()[0] if reason else type(error).__name__)
             return None
+        finally:
+            self.seconds += time.perf_counter() - started
         return self.costs[key]
+
+    def summary(self) -> str:
+        return (f"{self.name}: {len(self.costs)} configurations in {self.seconds:.1f} s"
+                + (f", {len(self.missing)} missing" if self.missing else ""))
 
 
 def _key(config: StepConfig) -> str:
@@ -672,6 +682,8 @@ def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Seque
     figure_memory(data, out / figures["figure1"])
     figure_flops(data, out / figures["figure2"])
     figure_rank(data, out / figures["figure5"])
+    for source in data.sources.values():
+        print(source.summary(), file=sys.stderr)
     command = regenerate_command(out, models, ranks, measure_ranks, base, fake)
     (out / "README.md").write_text(markdown(data, claims, figures, command), encoding="utf-8")
     (out / "data.json").write_text(json.dumps(_data_json(data, claims), indent=1, allow_nan=True), encoding="utf-8")
