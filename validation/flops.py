@@ -367,9 +367,10 @@ def svd_flop_count(m: int, n: int, full_matrices: bool, compute_uv: bool) -> int
 
 
 @_register(aten._linalg_svd)
-def svd_flop(a: torch.Tensor, full_matrices: bool = True, compute_uv: bool = True, *, driver: Any = None,
+def svd_flop(a: torch.Tensor, full_matrices: bool = False, compute_uv: bool = True, *, driver: Any = None,
              out_val: Any = None) -> int:
-    """svd_flop_count per matrix, times the batch."""
+    """svd_flop_count per matrix, times the batch (defaults as in the op's schema: the dispatcher
+    drops arguments equal to their defaults)."""
     *batch, m, n = a.shape
     return math.prod(batch) * svd_flop_count(m, n, full_matrices, compute_uv)
 
