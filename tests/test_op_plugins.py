@@ -191,10 +191,10 @@ def observe(kind: str, target: Any, fn: Callable, args: tuple, kwargs: dict | No
         backward_torch = bcounter.get_total_flops()
         new_in_backward = {sid: nbytes for sid, nbytes, _ in blog.new}
         grad_storages = set()
-        for slot, grad in zip(wrt_inputs + list(trainable), grads):
-            if grad is None:
+        for slot, gradient in zip(wrt_inputs + list(trainable), grads):
+            if gradient is None:
                 continue
-            sid = storage_id(grad)
+            sid = storage_id(gradient)
             grad_storages.add(sid)
             nbytes = new_in_backward.get(sid, 0)
             assert nbytes or sid == storage_id(grad_out), "a gradient that is neither new nor the incoming one"
