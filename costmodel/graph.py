@@ -203,8 +203,9 @@ def _liveness(traced: TracedStep, records: list[NodeRecord], position: dict[fx.N
     """When the forward code drops its last reference to each produced value.
 
     A value dies after its last user has run, like fx's own liveness, except that the arguments of
-    a traced-through module call live until that call returns (the caller holds them), and the
-    loss lives to the end of the step (the training loop holds it).
+    a traced-through module call live until that call returns (the caller holds them), a value bound
+    to a local variable of model code lives until the variable is rebound or its function returns,
+    and the loss lives to the end of the step (the training loop holds it).
     """
     last: dict[fx.Node, int] = {}
     for record in records:
@@ -218,6 +219,13 @@ def _liveness(traced: TracedStep, records: list[NodeRecord], position: dict[fx.N
         for argument in call.arguments:
             if argument in position and argument in last:
                 last[argument] = max(last[argument], end)
+    for node, after in traced.local_releases.items():
+        if node not in position:
+            continue
+        while after is not None and after not in position and after.op != "root":
+            after = after.prev  # a get_attr or placeholder node: the costed node before it
+        if after in position:
+            last[node] = max(last.get(node, position[node]), position[after])
     released: dict[int, list[Value]] = {}
     for node, index in position.items():
         if node is loss[0]:

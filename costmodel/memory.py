@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
-from costmodel.costs import OpCost, OptimizerCost
+from costmodel.costs import OpCost, OptimizerCost, TensorMeta
 from costmodel.graph import NodeRecord, StepGraph, Value
 from costmodel.result import MEMORY_GROUPS
 
@@ -63,6 +63,9 @@ class MemoryResult:
     timeline: list[Snapshot] = field(default_factory=list)
     # Indices of the records whose backward ran (autograd recorded them and a gradient reached them).
     ran_backward: set[int] = field(default_factory=set)
+    # Record index -> elements of the gradients its backward accumulated into an existing one
+    # (autograd's ``old + new``: one add per element in the exact FLOP convention).
+    accumulated: dict[int, int] = field(default_factory=dict)
 
     def fields(self) -> dict[str, int]:
         """The result schema's memory fields."""
@@ -130,8 +133,9 @@ class _Storages:
         if self.timeline is not None:
             self.timeline.append(Snapshot(phase, node, label, tuple(current)))
 
-    def result(self, ran_backward: set[int]) -> MemoryResult:
-        return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward)
+    def result(self, ran_backward: set[int], accumulated: dict[int, int]) -> MemoryResult:
+        return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward,
+                            accumulated)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
     param_of_value = graph.param_values
     param_grads: dict[str, object] = {}
     ran_backward: set[int] = set()
+    accumulated: dict[int, int] = {}
     for record in reversed(graph.records):
         cost = costs[record.index]
         if cost is None or not record.op.records_autograd:
@@ -185,8 +190,10 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
         if not incoming:
             continue
         ran_backward.add(record.index)
-        _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads, param_of_value,
-                       param_grads)
+        elements = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
+                                  graph.metas, param_of_value, param_grads)
+        if elements:
+            accumulated[record.index] = elements
     for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
         for key in keys:
             mem.release(key)
@@ -200,7 +207,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
             mem.add(GROUP_INDEX[event.group], event.nbytes)
             if event.nbytes > 0:
                 mem.snapshot("optimizer", step.label, event.label or "step")
-    return mem.result(ran_backward)
+    return mem.result(ran_backward, accumulated)
 
 
 def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
@@ -251,8 +258,9 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
 
 
 def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
-                   node_saved: list[object], grads: dict[Value, object], param_of_value: dict[Value, str],
-                   param_grads: dict[str, object]) -> None:
+                   node_saved: list[object], grads: dict[Value, object], metas: dict[Value, TensorMeta],
+                   param_of_value: dict[Value, str], param_grads: dict[str, object]) -> int:
+    """One node's backward; returns the number of gradient elements it accumulated."""
     op = record.op
     name = record.name
     transients = [mem.anonymous(alloc.nbytes, TEMP) for alloc in cost.backward_allocs]
@@ -266,11 +274,11 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
         else:
             key = mem.anonymous(nbytes, TEMP)
         produced.append((record.input_values[i], key))
-    new_param_grads: list[tuple[str, object]] = []
+    new_param_grads: list[tuple[str, object, int]] = []  # (qualified name, storage, elements)
     for local, nbytes in cost.param_grads.items():
         meta = op.params.get(local)
         qualified = meta.name if meta is not None else f"{record.label}.{local}"
-        new_param_grads.append((qualified, mem.anonymous(nbytes, TEMP)))
+        new_param_grads.append((qualified, mem.anonymous(nbytes, TEMP), meta.numel if meta is not None else 0))
     mem.snapshot("backward", name, "backward")
 
     for key in transients:
@@ -279,29 +287,34 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
         mem.release(key)
     for key in node_saved:
         mem.release(key)
+    accumulated = 0
     for value, key in produced:
         parameter = param_of_value.get(value)
         if parameter is not None:  # a parameter used as a plain input (get_attr): AccumulateGrad
-            new_param_grads.append((parameter, key))
+            new_param_grads.append((parameter, key, metas[value].numel))
             continue
         waiting = grads.get(value)
         if waiting is None:
             grads[value] = key
             continue
-        total = mem.anonymous(mem.nbytes[key], TEMP)  # InputBuffer: old + new, out of place
+        meta = metas[value]
+        total = mem.anonymous(meta.nbytes, TEMP)  # InputBuffer: old + new, out of place
+        accumulated += meta.numel
         mem.snapshot("backward", name, "accumulate")
         mem.release(waiting)
         mem.release(key)
         grads[value] = total
     if new_param_grads:
-        for qualified, key in new_param_grads:
+        for qualified, key, elements in new_param_grads:
             existing = param_grads.get(qualified)
             if existing is None:
                 mem.retag(key, GRAD)
                 param_grads[qualified] = key
             else:  # a parameter used twice: AccumulateGrad adds in place into .grad
                 mem.release(key)
+                accumulated += elements
         mem.snapshot("backward", name, "grad")
+    return accumulated
 
 
 def parameter_gradient_bytes(graph: StepGraph, costs: list[OpCost | None]) -> int:

@@ -166,8 +166,9 @@ def _node_costs(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResu
                                   0, False, "not covered by any plugin"))
             continue
         allocated = sum(a.nbytes for a in cost.forward_allocs)
+        backward = cost.backward + Flops(0, memory.accumulated.get(record.index, 0)) if ran else Flops()
         nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward,
-                              cost.backward if ran else Flops(), ran, allocated, True, cost.note))
+                              backward, ran, allocated, True, cost.note))
     return nodes
 
 
@@ -200,6 +201,9 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
         forward = forward + cost.forward
         if record.index in memory.ran_backward:
             backward = backward + cost.backward
+    # Autograd adds the gradients of a value used twice (one add per element; the stock counter
+    # counts no adds).
+    backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
     optimizer = Flops()
     for step in steps:
         optimizer = optimizer + step.cost.flops

@@ -23,9 +23,14 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 BUILTIN_DISTRIBUTION = "costmodel"
 
 
+def _discover() -> list[importlib.metadata.EntryPoint]:
+    """Every installed entry point of the ``costmodel`` group."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
     """The group's entry points, built-ins first, each part in name order (a stable registration order)."""
-    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    found = _discover()
 
     def is_builtin(entry: importlib.metadata.EntryPoint) -> bool:
         return entry.dist is not None and entry.dist.name == BUILTIN_DISTRIBUTION
@@ -64,7 +69,8 @@ def create_plugin_manager(extra_plugins: Iterable[object] = (), *, entry_points:
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as error:
-        raise CostModelError(f"plugin {error.plugin_name!r} implements an unknown hook: {error}") from None
+        name = manager.get_name(error.plugin) or repr(error.plugin)
+        raise CostModelError(f"plugin {name!r} implements a hook that does not exist: {error}") from None
     return manager
 
 

@@ -10,7 +10,11 @@ PyTorch would give them, without any arithmetic.
 from __future__ import annotations
 
 import copy
+import os
 import operator
+import sys
+import sysconfig
+import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +117,92 @@ def _last_node(graph: fx.Graph) -> fx.Node | None:
     return next(iter(reversed(graph.nodes)), None)
 
 
+# Code that is not the model's own: PyTorch (fx's machinery, Module.__call__, functionals), the
+# standard library (imports, weak-reference callbacks that run while tracing) and frozen modules.
+# Only frames of model code called from the traced forward are watched; others are never touched.
+_TORCH_CODE = os.path.dirname(torch.__file__) + os.sep
+_STDLIB_CODE = sysconfig.get_paths()["stdlib"] + os.sep
+_INSTALLED_CODE = tuple({sysconfig.get_paths()[key] + os.sep for key in ("purelib", "platlib")})
+
+
+def _is_model_code(filename: str) -> bool:
+    if filename.startswith(("<", _TORCH_CODE)):
+        return False
+    return not filename.startswith(_STDLIB_CODE) or filename.startswith(_INSTALLED_CODE)
+
+
+def _proxy_nodes(values: Iterable[Any]) -> set[fx.Node]:
+    """The graph nodes behind the proxies among ``values`` (and one level into lists, tuples, dicts)."""
+    nodes: set[fx.Node] = set()
+    for value in values:
+        if isinstance(value, fx.Proxy):
+            nodes.add(value.node)
+        elif isinstance(value, (list, tuple)):
+            nodes.update(item.node for item in value if isinstance(item, fx.Proxy))
+        elif isinstance(value, dict):
+            nodes.update(item.node for item in value.values() if isinstance(item, fx.Proxy))
+    return nodes
+
+
+class _LocalsWatcher:
+    """Which traced values the model's own Python frames keep in local variables, and until when.
+
+    Eager PyTorch frees a tensor when its last reference goes; a local variable holds its value
+    until it is rebound or its function returns (``y = f(x); return g(h(y))`` keeps ``y`` alive
+    through ``g``), which the graph alone does not tell. While tracing, a ``sys.settrace`` hook looks
+    at the locals of every frame of model code before each line and when the frame returns: a value
+    that is no longer held was released after the last node created so far.
+    """
+
+    def __init__(self, tracer: "StepTracer") -> None:
+        self.tracer = tracer
+        self.held: dict[types.FrameType, set[fx.Node]] = {}
+        # value node -> the last node created before a frame let go of it
+        self.released_after: dict[fx.Node, fx.Node] = {}
+        self._own_code = {f.__code__ for cls in (StepTracer, _InPlaceProxy, _LocalsWatcher)
+                          for f in vars(cls).values() if isinstance(f, types.FunctionType)}
+
+    def _called_from_model(self, frame: types.FrameType) -> bool:
+        if frame.f_code is TrainingStep.forward.__code__:
+            return True
+        caller = frame.f_back
+        while caller is not None:
+            if caller in self.held:
+                return True
+            caller = caller.f_back
+        return False
+
+    def on_call(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        if (event != "call" or code in self._own_code or not _is_model_code(code.co_filename)
+                or not self._called_from_model(frame)):
+            return None
+        self.held[frame] = set()
+        return self.on_line
+
+    def on_line(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        if event not in ("line", "return"):
+            return self.on_line
+        now = _proxy_nodes(frame.f_locals.values())
+        before = self.held.get(frame, set())
+        last = _last_node(self.tracer.graph)
+        for node in (before - now) if event == "line" else (before | now):
+            self.released_after[node] = last
+        if event == "return":
+            self.held.pop(frame, None)
+        else:
+            self.held[frame] = now
+        return self.on_line
+
+    def __enter__(self) -> "_LocalsWatcher":
+        self._previous = sys.gettrace()
+        sys.settrace(self.on_call)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.settrace(self._previous)
+
+
 @dataclass
 class TracedStep:
     """The prepared meta-device model and its traced training step (shape-independent)."""
@@ -122,6 +212,8 @@ class TracedStep:
     graph_module: fx.GraphModule
     prepared: PreparedMethod
     module_calls: list[ModuleCall] = field(default_factory=list)
+    # Value node -> the last node after which no local variable of model code holds it.
+    local_releases: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
@@ -157,8 +249,10 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> T
     """Trace ``criterion(model(images), labels)`` for a prepared meta-device model."""
     step_module = TrainingStep(model, nn.CrossEntropyLoss())
     tracer = StepTracer(tuple(prepared.leaf_modules))
+    watcher = _LocalsWatcher(tracer)
     try:
-        graph = tracer.trace(step_module)
+        with watcher:
+            graph = tracer.trace(step_module)
     except CostModelError:
         raise
     except Exception as error:
@@ -168,7 +262,7 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> T
             f"can keep the offending module whole by listing its type in PreparedMethod.leaf_modules"
         ) from None
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
-    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls)
+    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after)
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:

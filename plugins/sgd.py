@@ -10,7 +10,7 @@ Per parameter with ``n`` elements (``torch/optim/sgd.py``, ``_single_tensor_sgd`
 
 State: the momentum buffer (``n`` elements), none without momentum. The temporaries are OPT while
 they live: the weight-decayed gradient until ``grad`` is rebound, the Nesterov sum until the next
-parameter rebinds ``grad``.
+parameter rebinds ``grad`` at the top of its loop iteration.
 """
 
 from __future__ import annotations
@@ -67,26 +67,26 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
     params = [p for p in group.params if p.trainable]
     momentum, nesterov = options["momentum"] != 0, options["nesterov"]
     events: list[MemEvent] = []
-    carried = 0  # a Nesterov sum still bound to ``grad`` from the previous parameter
+    carried = 0  # a temporary still bound to ``grad`` from the previous parameter
     flops = 0
     for p in params:
+        if carried:  # ``grad = grads[i]`` rebinds: the previous parameter's temporary is freed
+            events.append(MemEvent(-carried, "OPT", "previous gradient freed"))
+            carried = 0
         decayed = 0
         if options["weight_decay"] != 0:
             decayed = p.nbytes
             events.append(MemEvent(decayed, "OPT", f"{p.name}: grad + wd * p"))
-        if carried:  # ``grad = grads[i]`` rebinds: the previous Nesterov sum is freed
-            events.append(MemEvent(-carried, "OPT", "previous gradient freed"))
-            carried = 0
         if momentum:
             if step == 1:
                 events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: momentum_buffer"))
             if nesterov:
                 events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: grad + momentum * buf"))
-                carried = p.nbytes
-            if decayed:
+            if decayed:  # ``grad`` is rebound to the Nesterov sum or to ``buf``
                 events.append(MemEvent(-decayed, "OPT", "decayed gradient freed"))
-                decayed = 0
-        carried += decayed
+            carried = p.nbytes if nesterov else 0
+        else:
+            carried = decayed
         flops += step_flops(p.numel, step, options)
     if carried:
         events.append(MemEvent(-carried, "OPT", "last gradient freed"))
