@@ -282,8 +282,10 @@ class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module, garbage_collect_values=False)
         self.results: dict[fx.Node, Any] = {}
+        self.current: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        self.current = n
         result = super().run_node(n)
         self.results[n] = result
         return result
@@ -298,11 +300,12 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> dict[fx.Node, 
         with torch.enable_grad():
             recorder.run(images, labels)
     except Exception as error:
-        node = next(reversed(recorder.results), None)
-        where = f" after node {node.name!r}" if node is not None else ""
+        node = recorder.current
+        where = f" at node {node.name!r}" if node is not None else ""
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""  # fx appends the graph
         raise CostModelError(
             f"shape propagation failed{where} for batch={batch}, resolution={resolution}: "
-            f"{type(error).__name__}: {error}"
+            f"{type(error).__name__}: {message}"
         ) from None
     return recorder.results
 
