@@ -106,3 +106,33 @@ def test_projected_shapes() -> None:
     assert low_rank_moment_shape((16, 1, 3, 3), 64) == (16, 9)  # the rank is capped at min(m, n)
     assert projector_storage_numel((48, 12, 1, 1)) == 12 * 12  # the projector keeps all of Vh
     assert projector_storage_numel((16, 8, 3, 3)) == 16 * 16  # ... or all of U
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: the prediction against the live measurement
+
+FAST = [("mobilenet_v2", 4, 2, 200),  # a step between refreshes
+        ("resnet18", 1, 2, 1),  # T = 1: an SVD on every step
+        ("mobilenet_v2", 1, 1, 200)]  # the first step: state and projectors created
+FULL = [(model_name, rank, step, gap) for model_name, rank, step, gap in itertools.product(
+    ("mobilenet_v2", "resnet18"), (1, 4), (1, 2), (200, 1)) if (model_name, rank, step, gap) not in FAST]
+
+
+@pytest.mark.parametrize("model_name,rank,step,gap", FAST)
+def test_prediction_equals_measurement(model_name: str, rank: int, step: int, gap: int) -> None:
+    from engine_live import assert_matches
+
+    from costmodel.predict import predict_config
+    from costmodel.validation.measure import measure
+
+    config = StepConfig(model=model_name, method="galore", rank=rank, batch=8, resolution=32, step=step,
+                        galore_update_proj_gap=gap)
+    predicted, measured = predict_config(config), measure(config, fake=True)
+    assert_matches(predicted, measured)
+    assert predicted.trainable_params == measured.trainable_params == measured.total_params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,rank,step,gap", FULL)
+def test_prediction_equals_measurement_full(model_name: str, rank: int, step: int, gap: int) -> None:
+    test_prediction_equals_measurement(model_name, rank, step, gap)

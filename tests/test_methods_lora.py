@@ -58,9 +58,8 @@ def mirrored(model_name: str, method: str, rank: int, **options: object) -> nn.M
 # Parameters: the reference targets and the options
 
 
-@pytest.mark.parametrize("model_name", ["mobilenet_v3_small", "resnet18"])
-@pytest.mark.parametrize("method", ["lora", "dora"])
-@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("model_name,method,rank", [
+    ("mobilenet_v3_small", "lora", 1), ("mobilenet_v3_small", "dora", 4), ("resnet18", "lora", 4), ("resnet18", "dora", 1)])
 def test_parameters_equal_the_reference(model_name: str, method: str, rank: int) -> None:
     reference = apply_method(build_model(model_name, device="meta"), method, rank=rank)
     ours = mirrored(model_name, method, rank)
@@ -180,9 +179,8 @@ LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 
 @pytest.mark.parametrize("layer,rank,method,input_grad", [
-    (layer, rank, method, input_grad)
-    for layer, rank, method, input_grad in itertools.product(LAYERS, (1, 4), ("lora", "dora"), (False, True))
-    if layer != "grouped" or rank == 4])
+    (layer, 4, method, True) for layer, method in itertools.product(LAYERS, ("lora", "dora"))] + [
+    ("conv3x3-stride2", 1, "dora", False), ("linear", 1, "lora", False)])  # a first layer: no input gradient
 def test_one_layer_runs_the_same_ops_and_memory_as_peft(layer: str, rank: int, method: str, input_grad: bool) -> None:
     make, shape = LAYERS[layer]
     runs = []
@@ -200,3 +198,87 @@ def test_one_layer_runs_the_same_ops_and_memory_as_peft(layer: str, rank: int, m
     (peft_memory, peft_ops), (our_memory, our_ops) = runs
     assert our_ops == peft_ops
     assert our_memory == peft_memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: the prediction against the live measurement
+
+
+def live(model_name: str, method: str, rank: int, step: int, **options: object) -> tuple[object, object]:
+    from costmodel.predict import predict_config
+    from costmodel.validation.measure import measure
+
+    config = StepConfig(model=model_name, method=method, rank=rank, batch=8, resolution=32, step=step,
+                        options=options)
+    return predict_config(config), measure(config, fake=True)
+
+
+FAST = [("mobilenet_v2", "lora", 1, 2), ("resnet18", "lora", 4, 1),
+        ("mobilenet_v2", "dora", 4, 1), ("resnet18", "dora", 1, 2)]
+FULL = [(model_name, method, rank, step) for model_name, method, rank, step in itertools.product(
+    ("mobilenet_v2", "resnet18"), ("lora", "dora"), (1, 4), (1, 2)) if (model_name, method, rank, step) not in FAST]
+
+
+@pytest.mark.parametrize("model_name,method,rank,step", FAST)
+def test_prediction_equals_measurement(model_name: str, method: str, rank: int, step: int) -> None:
+    from engine_live import assert_matches
+
+    predicted, measured = live(model_name, method, rank, step)
+    assert_matches(predicted, measured)
+    assert predicted.trainable_params == measured.trainable_params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,method,rank,step", FULL)
+def test_prediction_equals_measurement_full(model_name: str, method: str, rank: int, step: int) -> None:
+    test_prediction_equals_measurement(model_name, method, rank, step)
+
+
+def peft_reference(model_name: str, use_dora: bool, extra_targets: Callable[[nn.Module], list[str]],
+                   **lora: object) -> Callable[[], nn.Module]:
+    """A builder of ``model_name`` with peft adapters on the reference targets plus ``extra_targets``."""
+    def build() -> nn.Module:
+        model = build_model(model_name)
+        return peft_model(model, adapter_targets(model) + extra_targets(model), use_dora, **lora)
+
+    return build
+
+
+@pytest.mark.parametrize("case", ["grouped-convolutions", "rank-and-alpha-patterns"])
+def test_options_prediction_equals_measurement(case: str) -> None:
+    """Options the runtime reference does not offer: peft applied here with the same settings."""
+    from engine_live import assert_matches, measure_module
+
+    from costmodel.predict import predict_config
+
+    if case == "grouped-convolutions":  # mobilenet_v3_small's first depthwise conv has 16 groups
+        model_name, method, rank, step, options = "mobilenet_v3_small", "lora", 16, 1, {"include_grouped": True}
+        build = peft_reference(model_name, False, lambda m: [
+            n for n, x in m.named_modules() if isinstance(x, nn.Conv2d) and x.groups > 1 and 16 % x.groups == 0], r=16)
+    else:
+        pattern, alphas = {"layer4.*": 8, "conv1": 2}, {"layer3.*": 2}
+        model_name, method, rank, step = "resnet18", "dora", 4, 1
+        options = {"rank_pattern": pattern, "alpha_pattern": alphas}
+        build = peft_reference(model_name, True, lambda m: [], r=4, rank_pattern=pattern, alpha_pattern=alphas)
+    head = "classifier" if model_name.startswith("mobilenet") else "fc"
+    measured = measure_module(build, lambda name: ".lora_" in name or name.startswith(head + "."),
+                              batch=2, resolution=32, step=step, fake=False)  # peft cannot inject under fake
+    predicted = predict_config(StepConfig(model=model_name, method=method, rank=rank, batch=2, resolution=32,
+                                          step=step, options=options))
+    assert_matches(predicted, measured)
+
+
+def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from costmodel.cli import main
+
+    assert main(["predict", "--model", "resnet18", "--method", "dora", "--rank", "7", "--batch", "2",
+                 "--resolution", "32", "--option", 'rank_pattern={"layer4.*": 3}', "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["options"] == {"rank_pattern": {"layer4.*": 3}}
+    assert printed["trainable_params"] == sum(
+        p.numel() for p in mirrored("resnet18", "dora", 7, rank_pattern={"layer4.*": 3}).parameters() if p.requires_grad)
+    assert main(["predict", "--model", "mobilenet_v2", "--method", "lora", "--rank", "4",
+                 "--option", 'target_modules=["features.1.conv.0.0"]']) == 2
+    assert "features.1.conv.0.0" in capsys.readouterr().err
