@@ -36,9 +36,11 @@ for a conv, ``(out,)`` for a Linear) and, after the base layer (whose result it 
 dropout is the identity), runs in ``DoraConv2dLayer.forward``:
 
 1. ``lora_weight = mm(lora_B.weight.view(-1, r), lora_A.weight.view(r, -1))`` reshaped to the base
-   weight's shape: ``2 * (C_out*r/g... )`` FLOPs as an ``mm`` (both conventions count it). Its
-   result only ever feeds ``detach()``, so its backward never runs; but the Python local
-   ``lora_weight`` keeps this weight-sized tensor alive until the DoRA forward returns;
+   weight's shape: an ``mm`` of ``(C_out/g) x r`` by ``r x (C_in*kh*kw)``, ``2 (C_out/g) r C_in kh kw``
+   FLOPs in both conventions (for ``g > 1`` peft's view pairs rows and columns oddly, but the
+   shapes are what they are). Its result only ever feeds ``detach()``, so its backward never runs;
+   but the Python local ``lora_weight`` keeps this weight-sized tensor alive until the DoRA forward
+   returns;
 2. ``weight_norm = (W + scaling * lora_weight.detach()).norm(p=2, dim=(1, 2, 3), keepdim=True)
    .transpose(1, 0)`` then ``.detach()``: a ``mul`` and an ``add`` of weight size (the sum lives
    until the norm is taken), ``linalg_vector_norm`` to ``(C_out, 1, 1, 1)``;
@@ -61,8 +63,6 @@ the Linear's ``eye`` products) die exactly where peft's locals do.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -220,9 +220,3 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
         param_groups=[group],
         note=f"{name}: {len(targets)} adapted layers (rank {', '.join(map(str, ranks))}); "
              f"AdamW over {sum(p.numel for p in group.params):,} trainable parameters")
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """Trainable-parameter count and the adapted layers, for messages and tests."""
-    adapted = [name for name, m in model.named_modules() if isinstance(m, (LoraConv2d, LoraLinear))]
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "adapted": adapted}
