@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx
+from torch.utils._pytree import tree_flatten
 
 from costmodel.costs import OpNode, ParamMeta, TensorMeta
-from costmodel.trace import MODEL_PREFIX, TracedStep, flatten_tensors, iter_params
+from costmodel.shapes import Propagation, TensorFacts
+from costmodel.trace import MODEL_PREFIX, TracedStep, iter_params
 
 Value = tuple[fx.Node, int]
 COSTED_OPCODES = ("call_module", "call_function", "call_method")
@@ -64,23 +65,12 @@ class StepGraph:
         return iter(self.records)
 
 
-class _StorageIds:
-    """Small integer ids for storages (``untyped_storage()._cdata``), in order of first sight."""
-
-    def __init__(self) -> None:
-        self.ids: dict[int, int] = {}
-
-    def __call__(self, tensor: torch.Tensor) -> tuple[int, bool]:
-        key = tensor.untyped_storage()._cdata
-        known = key in self.ids
-        if not known:
-            self.ids[key] = len(self.ids)
-        return self.ids[key], not known
+def _tensor_meta(facts: TensorFacts) -> TensorMeta:
+    return TensorMeta(facts.shape, facts.dtype, facts.requires_grad, facts.storage, facts.storage_nbytes)
 
 
-def _tensor_meta(tensor: torch.Tensor, storage: int) -> TensorMeta:
-    return TensorMeta(tuple(int(s) for s in tensor.shape), tensor.dtype, bool(tensor.requires_grad),
-                      storage, int(tensor.untyped_storage().nbytes()))
+def _flatten_facts(value: Any) -> list[TensorFacts]:
+    return [leaf for leaf in tree_flatten(value)[0] if isinstance(leaf, TensorFacts)]
 
 
 def _param_name(qualified: str) -> str:
@@ -95,21 +85,22 @@ def _label(traced: TracedStep, node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or str(node.target)
 
 
-def build_step_graph(traced: TracedStep, results: dict[fx.Node, Any]) -> StepGraph:
+def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     """Turn a propagated trace into records (shapes, aliasing, gradients needed) and liveness."""
-    storage_of = _StorageIds()
     gm = traced.graph_module
+    results = propagation.results
+    seen: set[int] = set()
 
     params: list[ParamMeta] = []
     buffers: list[ParamMeta] = []
     param_storages: dict[int, int] = {}
     buffer_storages: dict[int, int] = {}
-    for qualified, tensor, is_buffer in iter_params(traced.step_module):
-        sid, _ = storage_of(tensor)
-        meta = ParamMeta(_param_name(qualified), tuple(tensor.shape), tensor.dtype,
-                         bool(tensor.requires_grad) and not is_buffer, is_buffer)
+    for qualified, facts, is_buffer in propagation.params:
+        seen.add(facts.storage)
+        meta = ParamMeta(_param_name(qualified), facts.shape, facts.dtype, facts.requires_grad and not is_buffer,
+                         is_buffer)
         (buffers if is_buffer else params).append(meta)
-        (buffer_storages if is_buffer else param_storages)[sid] = int(tensor.untyped_storage().nbytes())
+        (buffer_storages if is_buffer else param_storages)[facts.storage] = facts.storage_nbytes
 
     metas: dict[Value, TensorMeta] = {}
     records: list[NodeRecord] = []
@@ -124,21 +115,21 @@ def build_step_graph(traced: TracedStep, results: dict[fx.Node, Any]) -> StepGra
             loss = (loss_node, 0)
             continue
         result = results[node]
-        tensors = flatten_tensors(result)
+        tensors = _flatten_facts(result)
         outputs: list[TensorMeta] = []
         fresh: list[int] = []
-        for k, tensor in enumerate(tensors):
-            sid, new = storage_of(tensor)
-            meta = _tensor_meta(tensor, sid)
+        for k, facts in enumerate(tensors):
+            meta = _tensor_meta(facts)
             metas[(node, k)] = meta
             outputs.append(meta)
-            if new:
+            if facts.storage not in seen:
+                seen.add(facts.storage)
                 fresh.append(k)
         if node.op == "placeholder":
             placeholders.append(outputs[0])
             continue
         if node.op == "get_attr":  # a parameter or buffer used directly
-            if isinstance(result, torch.Tensor) and result.requires_grad and result.is_leaf:
+            if isinstance(result, TensorFacts) and result.requires_grad and result.is_leaf:
                 param_values[(node, 0)] = _param_name(str(node.target))
             continue
 
@@ -148,14 +139,14 @@ def build_step_graph(traced: TracedStep, results: dict[fx.Node, Any]) -> StepGra
             if not isinstance(arg, fx.Node):
                 return arg
             value = results[arg]
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, TensorFacts):
                 input_values.append((arg, 0))
                 return metas[(arg, 0)]
-            if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            if isinstance(value, (tuple, list)) and any(isinstance(v, TensorFacts) for v in value):
                 replaced = []
                 k = 0
                 for item in value:
-                    if isinstance(item, torch.Tensor):
+                    if isinstance(item, TensorFacts):
                         input_values.append((arg, k))
                         replaced.append(metas[(arg, k)])
                         k += 1

@@ -23,7 +23,8 @@ from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import MemoryResult, OptimizerStep, Snapshot, parameter_gradient_bytes, simulate
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
-from costmodel.trace import TracedStep, propagate, trace_config
+from costmodel.shapes import shape_facts
+from costmodel.trace import TracedStep, trace_config
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
     started = time.perf_counter()
     manager = manager or default_plugin_manager()
     traced = trace_config(config, manager, model) if model is not None else traced_step(config, manager)
-    graph = build_step_graph(traced, propagate(traced, config.batch, config.resolution))
+    graph = build_step_graph(traced, shape_facts(traced, config.batch, config.resolution))
     costs, unknown = cost_nodes(graph, manager, config, allow_unknown)
 
     groups = traced.prepared.param_groups

@@ -15,6 +15,7 @@ import operator
 import sys
 import sysconfig
 import types
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,11 @@ class TracedStep:
     module_calls: list[ModuleCall] = field(default_factory=list)
     # Value node -> the last node after which no local variable of model code holds it.
     local_releases: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    # Shape propagation results and templates, filled by costmodel.shapes.
+    shape_cache: OrderedDict[tuple[int, int], Any] = field(default_factory=OrderedDict)
+    shape_templates: list[Any] = field(default_factory=list)
+    template_attempts: int = 0
+    concrete_shapes: int = 0
 
     @property
     def graph(self) -> fx.Graph:

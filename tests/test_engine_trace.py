@@ -14,12 +14,13 @@ from costmodel.costs import PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.graph import build_step_graph
 from costmodel.registry import default_plugin_manager
+from costmodel.shapes import concrete
 from costmodel.trace import meta_copy, propagate, trace_config, trace_model
 
 
 def step_graph(config: StepConfig):
     traced = trace_config(config, default_plugin_manager())
-    return build_step_graph(traced, propagate(traced, config.batch, config.resolution))
+    return build_step_graph(traced, concrete(traced, config.batch, config.resolution))
 
 
 def test_augmented_assignment_is_traced_in_place():
@@ -75,7 +76,7 @@ class Net(nn.Module):
 
 def test_a_module_call_keeps_its_arguments_alive_until_it_returns():
     traced = trace_model(meta_copy(Net()), PreparedMethod([]))
-    graph = build_step_graph(traced, propagate(traced, 2, 8))
+    graph = build_step_graph(traced, concrete(traced, 2, 8))
     index = {r.label: r.index for r in graph}
     stem_output = graph.records[index["stem"]].output_values[0]
     released = [i for i, values in graph.released_after.items() if stem_output in values]

@@ -1,0 +1,262 @@
+"""The facts shape propagation gives about every traced value, computed once per structure.
+
+Propagating a graph on meta tensors costs the same whatever the batch and resolution, but it runs
+PyTorch's meta kernels in Python (batch norm's is a decomposition): a few hundred milliseconds for a
+MobileNet. Everything else a prediction does is cheaper. So the facts are cached on the traced step:
+
+- per ``(batch, resolution)`` (an exact repeat costs nothing);
+- as a *shape template*: once a structure has been propagated at ``TEMPLATE_AFTER`` shapes and is
+  asked for another, it is propagated once more with a symbolic batch and resolution
+  (``FakeTensorMode`` with a ``ShapeEnv``; a few seconds, about ten concrete propagations). Every size and storage size becomes a formula in the two, compiled to one
+  Python function; every decision the kernels took on a size became a guard. A template serves
+  any batch and resolution its guards accept (e.g. "the last stage is larger than 1x1"), in
+  microseconds; shapes outside them get another template or, failing that, a concrete propagation.
+  Templates never approximate: a guard that does not hold means the template is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+from torch import fx
+from torch.utils._pytree import tree_map
+
+from costmodel.trace import IMAGE_CHANNELS, TracedStep, _Recorder, iter_params, propagate
+
+TEMPLATE_AFTER = 3  # distinct shapes propagated concretely before a template is worth its cost
+MAX_TEMPLATES = 4  # per traced structure: batch 1 vs larger, a last stage of 1x1 vs larger...
+CACHED_SHAPES = 16  # per traced structure
+
+
+@dataclass(frozen=True)
+class TensorFacts:
+    """What propagation tells about one tensor. ``storage`` is a small integer that identifies
+    its storage within one propagation: equal ids alias."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    is_leaf: bool
+    storage: int
+    storage_nbytes: int
+
+
+@dataclass
+class Propagation:
+    """Every node's result with tensors replaced by :class:`TensorFacts`, and the step module's
+    parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order."""
+
+    results: dict[fx.Node, Any]
+    params: list[tuple[str, TensorFacts, bool]]
+
+
+class _StorageIds:
+    """Small integer ids for storages, in order of first sight."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, int] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> int:
+        return self.ids.setdefault(tensor.untyped_storage()._cdata, len(self.ids))
+
+
+def _params(traced: TracedStep, storage_of: _StorageIds) -> list[tuple[str, TensorFacts, bool]]:
+    return [(name, TensorFacts(tuple(t.shape), t.dtype, bool(t.requires_grad), t.is_leaf, storage_of(t),
+                               int(t.untyped_storage().nbytes())), is_buffer)
+            for name, t, is_buffer in iter_params(traced.step_module)]
+
+
+def concrete(traced: TracedStep, batch: int, resolution: int) -> Propagation:
+    """Propagate on meta tensors at this batch and resolution."""
+    results = propagate(traced, batch, resolution)
+    storage_of = _StorageIds()
+    params = _params(traced, storage_of)
+
+    def facts(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        return TensorFacts(tuple(int(s) for s in value.shape), value.dtype, bool(value.requires_grad),
+                           value.is_leaf, storage_of(value), int(value.untyped_storage().nbytes()))
+
+    return Propagation({node: tree_map(facts, result) for node, result in results.items()}, params)
+
+
+# -- shape templates
+
+@dataclass(frozen=True)
+class _Slot:
+    """A size computed by the template's function: ``values[index]``."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class _TensorTemplate:
+    shape: tuple[int | _Slot, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+    is_leaf: bool
+    storage: int
+    storage_nbytes: int | _Slot
+
+
+BATCH, RESOLUTION = sympy.symbols("batch resolution", integer=True, positive=True)
+
+
+class _UnsupportedTemplate(Exception):
+    """The symbolic run produced something a template cannot express (left to concrete propagation)."""
+
+
+class ShapeTemplate:
+    """Formulas for every size of one traced structure, valid where ``applies`` says so."""
+
+    def __init__(self, applies: Callable[[int, int], bool], values: Callable[[int, int], tuple[int, ...]],
+                 results: dict[fx.Node, Any], params: list[tuple[str, TensorFacts, bool]], source: str) -> None:
+        self._applies = applies
+        self._values = values
+        self._results = results
+        self._params = params
+        self.source = source  # the generated code, for inspection
+
+    def applies(self, batch: int, resolution: int) -> bool:
+        try:
+            return bool(self._applies(batch, resolution))
+        except (ArithmeticError, ValueError):
+            return False
+
+    def evaluate(self, batch: int, resolution: int) -> Propagation:
+        values = self._values(batch, resolution)
+
+        def fill(leaf: Any) -> Any:
+            if isinstance(leaf, _Slot):
+                return values[leaf.index]
+            if isinstance(leaf, _TensorTemplate):
+                return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
+                                   leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
+                                   values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
+                                   else leaf.storage_nbytes)
+            return leaf
+
+        return Propagation({node: tree_map(fill, result) for node, result in self._results.items()}, self._params)
+
+    @classmethod
+    def build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate | None":
+        """Propagate once with a symbolic batch and resolution (hinted by these values); None if
+        the run cannot be expressed as a template."""
+        try:
+            return cls._build(traced, batch, resolution)
+        except Exception:  # a kernel without symbolic support, a data-dependent size...: stay concrete
+            return None
+
+    @classmethod
+    def _build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate":
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        env = ShapeEnv()
+        inputs = []
+        for name, hint in (("batch", batch), ("resolution", resolution)):
+            symbol = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+            inputs.append(env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint)
+        b, r = inputs
+        recorder = _Recorder(traced.graph_module)
+        with FakeTensorMode(shape_env=env, allow_non_fake_inputs=True), torch.enable_grad():
+            images = torch.empty(b, IMAGE_CHANNELS, r, r, device="meta")
+            labels = torch.empty(b, dtype=torch.long, device="meta")
+            recorder.run(images, labels)
+
+        rename: dict[sympy.Symbol, sympy.Symbol] = {}
+        conditions: list[sympy.Basic] = []
+        for value, hint, name in ((b, batch, BATCH), (r, resolution, RESOLUTION)):
+            if isinstance(value, torch.SymInt):
+                symbol = value.node.expr
+                rename[symbol] = name
+                bounds = env.var_to_range.get(symbol)
+                if bounds is not None:
+                    if isinstance(bounds.lower, sympy.Integer):  # not int_oo
+                        conditions.append(sympy.Ge(name, int(bounds.lower)))
+                    if isinstance(bounds.upper, sympy.Integer):
+                        conditions.append(sympy.Le(name, int(bounds.upper)))
+            else:  # specialised (a size of 1): the template holds for this value only
+                conditions.append(sympy.Eq(name, hint))
+
+        def canonical(expr: sympy.Basic) -> sympy.Basic:
+            expr = env.replace(expr).xreplace(rename)
+            if not expr.free_symbols <= {BATCH, RESOLUTION}:
+                raise _UnsupportedTemplate(f"size {expr} depends on more than batch and resolution")
+            return expr
+
+        conditions += [canonical(guard.expr) for guard in env.guards]
+        expressions: list[sympy.Basic] = []
+        slots: dict[sympy.Basic, _Slot] = {}
+
+        def size(value: Any) -> int | _Slot:
+            if isinstance(value, torch.SymInt):
+                expr = canonical(value.node.expr)
+                if expr.is_Integer:
+                    return int(expr)
+                if expr not in slots:
+                    slots[expr] = _Slot(len(expressions))
+                    expressions.append(expr)
+                return slots[expr]
+            if isinstance(value, (torch.SymFloat, torch.SymBool)):
+                raise _UnsupportedTemplate("a symbolic float or boolean result")
+            return value
+
+        storage_of = _StorageIds()
+        params = _params(traced, storage_of)
+
+        def template(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return _TensorTemplate(tuple(size(s) for s in value.shape), value.dtype, bool(value.requires_grad),
+                                       value.is_leaf, storage_of(value), size(value.untyped_storage().nbytes()))
+            return size(value)
+
+        results = {node: tree_map(template, result) for node, result in recorder.results.items()}
+
+        from torch.utils._sympy.printers import PythonPrinter
+
+        printer = PythonPrinter()
+        condition = " and ".join(f"({printer.doprint(c)})" for c in conditions) or "True"
+        values = ", ".join(printer.doprint(e) for e in expressions)
+        source = (f"def applies(batch, resolution):\n    return {condition}\n\n"
+                  f"def values(batch, resolution):\n    return ({values}{',' if expressions else ''})\n")
+        namespace: dict[str, Any] = {"math": math}
+        exec(compile(source, f"<shape template of {traced.step_module.model.__class__.__name__}>", "exec"), namespace)
+        return cls(namespace["applies"], namespace["values"], results, params, source)
+
+
+def shape_facts(traced: TracedStep, batch: int, resolution: int) -> Propagation:
+    """The propagation facts of ``traced`` at this batch and resolution, from the cheapest source:
+    the cache, a template whose guards hold, a new template (when this structure has already been
+    propagated concretely at ``TEMPLATE_AFTER`` other shapes), or a concrete propagation."""
+    cache: OrderedDict[tuple[int, int], Propagation] = traced.shape_cache
+    key = (batch, resolution)
+    found = cache.get(key)
+    if found is None:
+        for template in traced.shape_templates:
+            if template.applies(batch, resolution):
+                found = template.evaluate(batch, resolution)
+                break
+    if found is None and traced.concrete_shapes >= TEMPLATE_AFTER and traced.template_attempts < MAX_TEMPLATES:
+        traced.template_attempts += 1
+        template = ShapeTemplate.build(traced, batch, resolution)
+        if template is not None:
+            traced.shape_templates.append(template)
+            if template.applies(batch, resolution):
+                found = template.evaluate(batch, resolution)
+    if found is None:
+        found = concrete(traced, batch, resolution)
+        traced.concrete_shapes += 1
+    cache[key] = found
+    cache.move_to_end(key)
+    while len(cache) > CACHED_SHAPES:
+        cache.popitem(last=False)
+    return found
