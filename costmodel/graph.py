@@ -85,11 +85,24 @@ def _label(traced: TracedStep, node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or str(node.target)
 
 
+def _static(traced: TracedStep, node: fx.Node) -> tuple[Any, ...]:
+    """What does not depend on shapes: (module, its parameters as ParamMeta, target, label)."""
+    if node.op != "call_module":
+        return None, {}, node.target, _label(traced, node)
+    module = traced.graph_module.get_submodule(str(node.target))
+    prefix = str(node.target) + "."
+    params = {local: ParamMeta(_param_name(prefix + local), tuple(tensor.shape), tensor.dtype,
+                               bool(tensor.requires_grad) and not is_buffer, is_buffer)
+              for local, tensor, is_buffer in iter_params(module)}
+    return module, params, type(module), _label(traced, node)
+
+
 def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     """Turn a propagated trace into records (shapes, aliasing, gradients needed) and liveness."""
     gm = traced.graph_module
     results = propagation.results
     seen: set[int] = set()
+    static: dict[fx.Node, tuple[Any, ...]] = traced.graph_cache.setdefault("static", {})
 
     params: list[ParamMeta] = []
     buffers: list[ParamMeta] = []
@@ -159,18 +172,7 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
         kwargs = fx.node.map_aggregate(node.kwargs, replace)
         inputs = tuple(metas[v] for v in input_values)
 
-        module = None
-        node_params: dict[str, ParamMeta] = {}
-        if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            prefix = str(node.target) + "."
-            for local, tensor, is_buffer in iter_params(module):
-                node_params[local] = ParamMeta(_param_name(prefix + local), tuple(tensor.shape), tensor.dtype,
-                                               bool(tensor.requires_grad) and not is_buffer, is_buffer)
-            target: Any = type(module)
-        else:
-            target = node.target
-
+        module, node_params, target, label = static.get(node) or static.setdefault(node, _static(traced, node))
         op = OpNode(
             name=node.name, kind=node.op, target=target, args=tuple(args), kwargs=dict(kwargs),
             inputs=inputs, outputs=tuple(outputs), needs_input_grad=tuple(t.requires_grad for t in inputs),
@@ -178,13 +180,14 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
         )
         position[node] = len(records)
         records.append(NodeRecord(len(records), op, tuple(input_values),
-                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh),
-                                  _label(traced, node)))
+                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh), label))
 
     if loss is None or len(placeholders) != 2:
         raise AssertionError("a traced training step has two placeholders and one output")
 
-    released_after = _liveness(traced, records, position, loss)
+    released_after = traced.graph_cache.get("released_after")
+    if released_after is None:  # it depends on the graph's structure only
+        released_after = traced.graph_cache["released_after"] = _liveness(traced, records, position, loss)
     return StepGraph(records, placeholders[0], placeholders[1], loss, metas[loss], params, buffers,
                      param_storages, buffer_storages, released_after, metas, param_values)
 

@@ -220,6 +220,8 @@ class TracedStep:
     shape_templates: list[Any] = field(default_factory=list)
     template_attempts: int = 0
     concrete_shapes: int = 0
+    # What costmodel.graph derives from the structure alone (module parameters, liveness).
+    graph_cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:
