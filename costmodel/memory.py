@@ -146,8 +146,8 @@ class OptimizerStep:
     cost: OptimizerCost
 
 
-def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list[OptimizerStep], state_before: int, grads_before: int,
-             record_timeline: bool = True) -> MemoryResult:
+def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list[OptimizerStep],
+             state_before: int, grads_before: int, record_timeline: bool = True) -> MemoryResult:
     """Simulate the step's memory; ``costs[i]`` is record ``i``'s cost (None: an uncovered node,
     counted as allocating its fresh outputs only). ``state_before`` / ``grads_before`` are the
     optimizer state and parameter gradients that exist when the step starts."""

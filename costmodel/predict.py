@@ -103,7 +103,7 @@ _TRACE_CACHE_SIZE = 32
 
 def _trace_key(config: StepConfig, manager: pluggy.PluginManager) -> tuple[Any, ...]:
     shape_free = {k: v for k, v in config.to_dict().items() if k not in ("batch", "resolution", "step")}
-    return (id(manager), json.dumps(shape_free, sort_keys=True, default=repr))
+    return (manager, json.dumps(shape_free, sort_keys=True, default=repr))
 
 
 def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep:

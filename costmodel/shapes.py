@@ -7,11 +7,13 @@ MobileNet. Everything else a prediction does is cheaper. So the facts are cached
 - per ``(batch, resolution)`` (an exact repeat costs nothing);
 - as a *shape template*: once a structure has been propagated at ``TEMPLATE_AFTER`` shapes and is
   asked for another, it is propagated once more with a symbolic batch and resolution
-  (``FakeTensorMode`` with a ``ShapeEnv``; a few seconds, about ten concrete propagations). Every size and storage size becomes a formula in the two, compiled to one
+  (``FakeTensorMode`` with a ``ShapeEnv``; a few seconds, the price of about ten concrete
+  propagations). Every size and storage size becomes a formula in the two, compiled to one
   Python function; every decision the kernels took on a size became a guard. A template serves
-  any batch and resolution its guards accept (e.g. "the last stage is larger than 1x1"), in
-  microseconds; shapes outside them get another template or, failing that, a concrete propagation.
-  Templates never approximate: a guard that does not hold means the template is not used.
+  any batch and resolution its guards accept (e.g. "the last stage is larger than 1x1") in about
+  a millisecond; shapes outside them get another template or, failing that, a concrete
+  propagation. Templates never approximate: a guard that does not hold means the template is not
+  used.
 """
 
 from __future__ import annotations
