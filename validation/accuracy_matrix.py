@@ -84,8 +84,9 @@ def render(rows: list[dict]) -> str:
         worst = max(rows, key=lambda row: row["errors"][field])
         c = worst["config"]
         bound = TOLERANCE.get(field, 0.0)
-        lines.append(f"  {field:<12}{_cell(worst['errors'][field]):>10}   (bound {bound:.0%})"
-                     f"   at {c['model']} {c['method']} B={c['batch']} R={c['resolution']} step={c['step']}")
+        where = (f"at {c['model']} {c['method']} B={c['batch']} R={c['resolution']} step={c['step']}"
+                 if worst["errors"][field] else "in every configuration")
+        lines.append(f"  {field:<12}{_cell(worst['errors'][field]):>10}   (bound {bound:.0%})   {where}")
     speed = sorted(row["measure_seconds"] / max(row["predict_seconds"], 1e-9) for row in rows)
     lines.append(f"\nmeasure/predict time ratio: median {speed[len(speed) // 2]:.0f}x, min {speed[0]:.0f}x")
     failing = [row for row in rows if not within_bounds(row["errors"])]
