@@ -406,7 +406,7 @@ def figure_memory(data: ReportData, path: Path) -> None:
     fig.suptitle(f"Figure 1: peak memory per group (stacked = the paper's total) - B={b.batch}, "
                  f"{b.resolution}x{b.resolution}, r={b.rank}, step {b.step}")
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
     plt.close(fig)
 
 
@@ -434,7 +434,7 @@ def figure_flops(data: ReportData, path: Path) -> None:
     fig.suptitle(f"Figure 2: FLOPs per phase - B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, step {b.step}\n"
                  "top: stock FlopCounterMode (counts a grouped conv's weight gradient 'groups' times); bottom: exact")
     fig.tight_layout(rect=(0, 0.04, 1, 0.94))
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
     plt.close(fig)
 
 
@@ -477,7 +477,7 @@ def figure_rank(data: ReportData, path: Path) -> None:
     fig.suptitle(f"Figure 5: cost against rank - dots predicted, dashed the fitted law, circles measured - "
                  f"B={b.batch}, {b.resolution}x{b.resolution}, step {b.step}")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70, pil_kwargs={"optimize": True})
     plt.close(fig)
 
 
@@ -597,7 +597,9 @@ def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, st
         "(step 1 creates the optimizer state). Models: torchvision, weights=None.",
         "",
         "- *predicted*: `costmodel predict` (analytic, nothing runs); *measured*: `costmodel measure` "
-        "(the runtime reference: peft / galore-torch applied for real, FlopCounterMode and MemTracker).",
+        "(the runtime reference: peft / galore-torch applied for real, FlopCounterMode and MemTracker"
+        + (", here under FakeTensorMode: `--fake`, the same numbers as a real run, faster)." if "--fake" in command
+           else ")."),
         "- Memory: the paper's \"total peak memory\" is the **sum of group peaks** (each MemTracker group's "
         "maximum, whenever it occurs); the **peak** is the true simultaneous maximum. Both are shown.",
         "- FLOPs: **stock** is what torch's FlopCounterMode counts (only matmul/conv; it counts the weight "
@@ -625,9 +627,9 @@ def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, st
     return "\n".join(lines)
 
 
-def _data_json(data: ReportData, claims: Sequence[ClaimRow]) -> dict[str, Any]:
-    """Every number of the report; the predicted rank sweeps only as the metrics Figure 5 draws
-    (all of them would be most of a megabyte)."""
+def _data_json(data: ReportData) -> dict[str, Any]:
+    """The raw numbers behind the report (the laws and claims are in README.md); the predicted
+    rank sweeps only as the metrics Figure 5 draws (all of them would be most of a megabyte)."""
     def costs(source: str) -> list[dict[str, Any]]:
         kept = data.sources[source].costs.values()
         if source == "predicted":
@@ -650,9 +652,6 @@ def _data_json(data: ReportData, claims: Sequence[ClaimRow]) -> dict[str, Any]:
              **{metric: series.values(metric) for metric, _ in FIGURE5_METRICS}}
             for (source, model, method), series in data.rank_series.items() if source == "predicted"],
         "missing": {source: missing(source) for source in SOURCES},
-        "laws": [{"source": source, "model": model, "method": method, **law.to_dict()}
-                 for (source, model, method), series in data.rank_series.items() for law in series.laws.values()],
-        "claims": [vars(row) for row in claims],
     }
 
 
@@ -686,5 +685,5 @@ def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Seque
         print(source.summary(), file=sys.stderr)
     command = regenerate_command(out, models, ranks, measure_ranks, base, fake)
     (out / "README.md").write_text(markdown(data, claims, figures, command), encoding="utf-8")
-    (out / "data.json").write_text(json.dumps(_data_json(data, claims), indent=1, allow_nan=True), encoding="utf-8")
+    (out / "data.json").write_text(json.dumps(_data_json(data), separators=(",", ":"), allow_nan=True), encoding="utf-8")
     return [out / name for name in (*figures.values(), "README.md", "data.json")]
