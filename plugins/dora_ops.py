@@ -3,14 +3,6 @@
 Checked on this machine against peft 0.21.2's DoRA layers (aten ops under a logging dispatch mode,
 ``saved_tensors_hooks``, MemTracker; see ``method_lora``) and against docs/flop-convention.md:
 
-``release(result, *locals_)``
-    The end of a Python scope. peft's DoRA forward keeps ``lora_weight`` (a weight-sized tensor;
-    for a Linear also ``eye(in)`` and its ``(in, r)`` product, held by ``lora_weight``'s autograd
-    graph) in local variables until the function returns, long after their last use as data. A
-    torch.fx graph frees a value after its last use, so the mirror passes those locals to
-    ``release`` where peft's function returns: it runs no aten op (0 FLOPs), allocates nothing and
-    returns ``result`` itself, so its only effect is to end the locals' lifetimes at that node. The
-    gradient of ``result`` passes through untouched.
 ``Tensor.detach()``
     A view that autograd does not record: 0 FLOPs, nothing allocated, no gradient flows back.
 ``Tensor.norm(p=2, dim, keepdim)``, ``torch.linalg.norm(x, dim=...)`` (``aten.linalg_vector_norm``,
@@ -34,7 +26,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx
 
 from costmodel.config import StepConfig
 from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, TensorMeta
@@ -43,21 +34,6 @@ from costmodel.hookspecs import hookimpl
 from ._handles import HandleTable, broadcast_reduced, input_index, is_float, new_output, no_grads, numel
 
 TABLE = HandleTable()
-
-
-@torch.fx.wrap
-def release(result: torch.Tensor, *locals_: torch.Tensor) -> torch.Tensor:
-    """Return ``result``; ``locals_`` are the Python locals that die here (see the module doc)."""
-    return result
-
-
-@TABLE.register("call_function", release)
-def release_cost(node: OpNode) -> OpCost:
-    """End of peft's DoRA forward scope: its locals die here; no op, no bytes."""
-    cost = OpCost(forward=Flops(), note="end of peft's DoRA forward scope: frees its locals, no op")
-    if node.records_autograd:
-        cost.input_grads = (0,) + (None,) * (len(node.inputs) - 1)
-    return cost
 
 
 @TABLE.register("call_method", "detach")

@@ -5,7 +5,7 @@ ops, in the same order, with the same tensors kept alive, as peft's ``lora.Conv2
 ``lora.Linear`` in training mode with ``lora_dropout=0`` (the reference configuration). The
 adapters are *not* tracer leaves: torch.fx traces through them, so every op is costed by the
 ordinary op plugins (conv, linear, element-wise, shape) exactly as in the base model; the few ops
-only DoRA issues are costed in ``dora_ops``.
+only DoRA issues (detach, the 2-norm, division by the norm, ``eye``) are costed in ``dora_ops``.
 
 What peft 0.21.2 runs (``tuners/lora/layer.py``, ``variants.py``, ``dora.py``), checked on this
 machine with a logging ``TorchDispatchMode``, ``saved_tensors_hooks`` and ``FlopCounterMode`` on
@@ -58,8 +58,10 @@ scale is viewed as ``(1, out)``.
 
 The mirror computes step 1 (and the Linear's ``eye`` products) from detached weights: the same
 ops, FLOPs and bytes, and - as in peft, where the result is detached before use - no backward.
-``dora_ops.release`` marks the end of the DoRA forward's Python scope, so that ``lora_weight`` (and
-the Linear's ``eye`` products) die exactly where peft's locals do.
+Its ``dora`` method has the scope of peft's DoRA layer ``forward``: the engine follows the
+Python locals of traced model code, so ``lora_weight`` (and the Linear's ``eye`` products, which
+peft's autograd graph of ``lora_weight`` holds) die exactly where peft's do, when ``dora``
+returns and before ``result + result_dora``.
 """
 
 from __future__ import annotations
@@ -72,7 +74,6 @@ from costmodel.config import StepConfig
 from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
-from costmodel.plugins import dora_ops
 from costmodel.plugins.method_targets import (Target, check_options, head_module_names, replace_module,
                                               select_targets)
 
@@ -129,7 +130,7 @@ class LoraConv2d(nn.Module):
         if self.has_bias:
             base_result = base_result - self.base_layer.bias.view(1, -1, 1, 1)
         result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_B(lora_A(x)) * self.scaling
-        return dora_ops.release(result_dora, lora_weight)
+        return result_dora
 
 
 class LoraLinear(nn.Module):
@@ -149,9 +150,7 @@ class LoraLinear(nn.Module):
         self.rank = rank
         self.scaling = alpha / rank
         self.use_dora = use_dora
-        self.in_features = base_layer.in_features
         self.has_bias = base_layer.bias is not None
-        self.factory = {"device": device, "dtype": dtype}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -162,7 +161,9 @@ class LoraLinear(nn.Module):
     def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``DoraLinearLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
         lora_A, lora_B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
-        x_eye = torch.eye(self.in_features, **self.factory)
+        # As peft writes it: the size, device and dtype read off the weight make fx record the call
+        # (a call without traced arguments would be folded into a constant).
+        x_eye = torch.eye(lora_A.weight.shape[1], device=lora_A.weight.device, dtype=lora_A.weight.dtype)
         eye_a = F.linear(x_eye, lora_A.weight.detach())
         lora_weight = F.linear(eye_a, lora_B.weight.detach()).t()
         weight = self.base_layer.weight
@@ -174,7 +175,7 @@ class LoraLinear(nn.Module):
         if self.has_bias:
             base_result = base_result - self.base_layer.bias
         result_dora = (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * self.scaling
-        return dora_ops.release(result_dora, lora_weight, eye_a, x_eye)
+        return result_dora
 
 
 def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list[Target]:
