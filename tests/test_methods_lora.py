@@ -59,7 +59,8 @@ def mirrored(model_name: str, method: str, rank: int, **options: object) -> nn.M
 
 
 @pytest.mark.parametrize("model_name,method,rank", [
-    ("mobilenet_v3_small", "lora", 1), ("mobilenet_v3_small", "dora", 4), ("resnet18", "lora", 4), ("resnet18", "dora", 1)])
+    ("mobilenet_v3_small", "lora", 1), ("mobilenet_v3_small", "dora", 4),
+    ("resnet18", "lora", 4), ("resnet18", "dora", 1)])
 def test_parameters_equal_the_reference(model_name: str, method: str, rank: int) -> None:
     reference = apply_method(build_model(model_name, device="meta"), method, rank=rank)
     ours = mirrored(model_name, method, rank)
@@ -277,8 +278,8 @@ def test_command_line(capsys: pytest.CaptureFixture[str]) -> None:
                  "--resolution", "32", "--option", 'rank_pattern={"layer4.*": 3}', "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["options"] == {"rank_pattern": {"layer4.*": 3}}
-    assert printed["trainable_params"] == sum(
-        p.numel() for p in mirrored("resnet18", "dora", 7, rank_pattern={"layer4.*": 3}).parameters() if p.requires_grad)
+    expected = mirrored("resnet18", "dora", 7, rank_pattern={"layer4.*": 3})
+    assert printed["trainable_params"] == sum(p.numel() for p in expected.parameters() if p.requires_grad)
     assert main(["predict", "--model", "mobilenet_v2", "--method", "lora", "--rank", "4",
                  "--option", 'target_modules=["features.1.conv.0.0"]']) == 2
     assert "features.1.conv.0.0" in capsys.readouterr().err

@@ -56,7 +56,8 @@ def errors(predicted: StepCost, measured: StepCost) -> Errors:
 
 
 def configurations(models: Sequence[str], methods: Sequence[str], ranks: Sequence[int],
-                   shapes: Sequence[tuple[int, int]], steps: Sequence[int], gaps: Sequence[int]) -> Iterator[StepConfig]:
+                   shapes: Sequence[tuple[int, int]], steps: Sequence[int],
+                   gaps: Sequence[int]) -> Iterator[StepConfig]:
     for model, method, rank, (batch, resolution), step in itertools.product(models, methods, ranks, shapes, steps):
         for gap in (gaps if method == "galore" else (StepConfig().galore_update_proj_gap,)):
             yield StepConfig(model=model, method=method, rank=rank, batch=batch, resolution=resolution, step=step,
