@@ -169,8 +169,10 @@ def supported_methods(predictor: Predictor, base: StepConfig,
     for method in registered_methods() if candidates is None else candidates:
         try:
             predictor(base.replace(method=method))
-        except (CostModelError, ImportError, NotImplementedError) as error:
-            refused[method] = f"{type(error).__name__}: {error}" if not isinstance(error, CostModelError) else str(error)
+        except CostModelError as error:
+            refused[method] = str(error)
+        except (ImportError, NotImplementedError) as error:  # a predictor not built that far yet
+            refused[method] = f"{type(error).__name__}: {error}"
         else:
             supported.append(method)
     return tuple(supported), refused

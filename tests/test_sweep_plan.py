@@ -330,6 +330,7 @@ def test_report_says_what_is_missing_instead_of_inventing_it(tmp_path) -> None:
                                          "README.md", "data.json"}
     assert all(p.stat().st_size > 0 for p in written)
     text = (tmp_path / "README.md").read_text()
+    assert f"`costmodel report --out {tmp_path} --models resnet18 --ranks 1-4 --measure-ranks 1,4`" in text
     assert "method 'dora' is not predicted yet" in text and "No module named" in text
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| LoRA peak-memory")}
     lora_row = next(iter(rows.values()))
