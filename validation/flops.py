@@ -79,7 +79,7 @@ ZERO_FLOP_OPS: tuple[Any, ...] = (
     aten.clone, aten.copy_, aten._to_copy, aten.cat, aten.stack, aten.split, aten.split_with_sizes,
     aten.unbind, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
     aten.new_empty_strided, aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like,
-    aten.new_ones, aten.full, aten.full_like, aten.fill_, aten.zero_, aten.scalar_tensor,
+    aten.new_ones, aten.eye, aten.full, aten.full_like, aten.fill_, aten.zero_, aten.scalar_tensor,
     aten.lift_fresh, aten.lift_fresh_copy, aten._local_scalar_dense, aten.diag_embed, aten.diag,
     aten.bernoulli_, torch.ops.prim.device, torch.ops.profiler._record_function_enter_new,
     torch.ops.profiler._record_function_exit,
