@@ -302,35 +302,15 @@ class Perceptron(nn.Module):
 @pytest.mark.filterwarnings("ignore:Module is None")  # MemTracker on a model that peft rewired
 @pytest.mark.parametrize("method,adapt_head", [("lora", True), ("dora", False), ("dora", True)])
 def test_linear_adapters_prediction_equals_measurement(method: str, adapt_head: bool) -> None:
-    """DoRA on a Linear runs ``eye``, which the exact convention does not list yet: the measurement
-    here counts it as 0 FLOPs (no arithmetic) instead of refusing it; all else as ``measure``."""
-    from engine_live import assert_matches
+    """Linear adapters, DoRA's ``eye`` included (a zero-FLOP op of the exact convention)."""
+    from engine_live import assert_matches, measure_module
 
-    from costmodel.models import make_batch
     from costmodel.predict import predict_config
-    from costmodel.result import PHASES, phase_flops
-    from costmodel.validation.flops import PhaseFlops
 
-    torch.manual_seed(0)
     targets = ["hidden", "fc"] if adapt_head else ["hidden"]
-    model = peft_model(Perceptron(), targets, method == "dora", r=4)
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name or (not adapt_head and name.startswith("fc.")))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    images, labels = make_batch(4, 8, 10)
-    tracker, flops = GroupPeakMemTracker(), PhaseFlops()
-    tracker.track_external(model, optimizer, images, labels)
-    with tracker:
-        with flops.phase("forward"):
-            loss = nn.CrossEntropyLoss()(model(images), labels)
-        with flops.phase("backward"):
-            loss.backward()
-        with flops.phase("optimizer"):
-            optimizer.step()
-        del loss
-    assert set(flops.uncovered) <= {"aten.eye"}
-    measured = {"flops": {c: phase_flops(*(flops.counts[c].get(p, 0) for p in PHASES)) for c in flops.conventions},
-                "memory": tracker.memory()}
+    measured = measure_module(lambda: peft_model(Perceptron(), targets, method == "dora", r=4),
+                              lambda name: ".lora_" in name or (not adapt_head and name.startswith("fc.")),
+                              batch=4, resolution=8, step=1, fake=False)  # peft cannot inject under fake
     config = StepConfig(model="Perceptron", method=method, rank=4, batch=4, resolution=8, step=1,
                         options={"adapt_head": adapt_head})
     assert_matches(predict_config(config, model=Perceptron()), measured)
