@@ -24,6 +24,10 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=defaults.galore_update_proj_gap, help="GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: %(default)s)")
+    parser.add_argument("--option", action="append", metavar="KEY=VALUE",
+                        help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
+                             "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
+                             "include_grouped=true, adapt_head=true")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -48,7 +52,7 @@ def _config(args: argparse.Namespace) -> StepConfig:
         model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, batch=args.batch,
         resolution=args.resolution, classes=args.classes, step=args.step,
         galore_update_proj_gap=args.galore_update_proj_gap,
-        options=_method_options(getattr(args, "option", None)),
+        options=_method_options(args.option),
     )
 
 
@@ -171,10 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_options(predict)
     predict.add_argument("--flops", choices=FLOP_CONVENTIONS, default=None, help="show only this FLOP convention in the table")
     predict.add_argument("--allow-unknown", action="store_true", help="cost ops no plugin covers as a reported gap instead of failing")
-    predict.add_argument("--option", action="append", metavar="KEY=VALUE",
-                         help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
-                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
-                              "include_grouped=true, adapt_head=true")
     predict.set_defaults(run=_predict)
 
     measure = commands.add_parser("measure", help="run one step for real and measure it (FlopCounterMode, MemTracker)")

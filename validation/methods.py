@@ -22,11 +22,26 @@ The methods, as the runtime-reference issue defines them:
   (rank, update_proj_gap, scale, proj_type="std"), all other parameters in a plain group. A 4-D conv
   gradient is projected as the matrix (C_out, C_in/groups * kh * kw) and reshaped back after
   ``project_back`` (galore-torch 1.0 only handles matrices); see :class:`MatrixGaLoreProjector`.
+
+Method options (``StepConfig.options``; ``apply_method(..., options=...)``), the ones the
+predictor's method plugins accept, with the same meaning; any other is a CostModelError:
+
+- lora/dora: ``rank_pattern``, ``alpha_pattern``, ``target_modules``, ``exclude_modules`` are
+  handed to peft's ``LoraConfig`` as they are (peft matches names and picks per-layer ranks);
+  without ``target_modules`` peft gets the default targets as exact names; ``include_grouped``
+  adds the grouped convolutions whose rank (after ``rank_pattern``) is a multiple of ``groups``,
+  or that ``rank_pattern`` names exactly (peft then refuses a rank they cannot take);
+  ``adapt_head`` puts the head's layers among the default targets and stops training the head in
+  full.
+- galore: ``rank_pattern`` (a per-layer projection rank, keys matched as peft's
+  ``get_pattern_key`` does), ``target_modules``, ``exclude_modules`` (matched by peft's own
+  ``check_target_module_exists``, as for LoRA), ``adapt_head`` (the head's weights projected too).
+- fft, bn_head: none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,29 +88,113 @@ class MethodOptions:
     lr: float = 1e-3
     update_proj_gap: int = 200
     scale: float = 0.25
+    # StepConfig.options: which layers, at which rank (and alpha); checked by check_layer_options.
+    layer_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _in_head(name: str, head: str) -> bool:
-    return name == head or name.startswith(head + ".")
+LORA_OPTIONS: frozenset[str] = frozenset({
+    "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "include_grouped", "adapt_head"})
+GALORE_OPTIONS: frozenset[str] = frozenset({"rank_pattern", "target_modules", "exclude_modules", "adapt_head"})
+OPTIONS_BY_METHOD: dict[str, frozenset[str]] = {
+    "fft": frozenset(), "bn_head": frozenset(), "lora": LORA_OPTIONS, "dora": LORA_OPTIONS, "galore": GALORE_OPTIONS,
+}
 
 
-def adapter_targets(model: nn.Module) -> list[str]:
-    """Qualified names of the LoRA/DoRA targets: Conv2d with groups == 1, Linear outside the head."""
-    head = head_name(model)
-    return [
-        name for name, module in model.named_modules()
-        if not _in_head(name, head)
-        and ((isinstance(module, nn.Conv2d) and module.groups == 1) or isinstance(module, nn.Linear))
-    ]
+def _is_name_spec(value: Any) -> bool:
+    """A LoraConfig target/exclude spec: a regular expression, or a list of names."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
 
 
-def low_rank_weights(model: nn.Module) -> list[str]:
-    """GaLore's low-rank group: the weight of every Conv2d (grouped too) and Linear outside the head."""
-    head = head_name(model)
-    return [
-        f"{name}.weight" for name, module in model.named_modules()
-        if not _in_head(name, head) and isinstance(module, (nn.Conv2d, nn.Linear))
-    ]
+def check_layer_options(method: str, options: Mapping[str, Any]) -> None:
+    """Refuse an option ``method`` does not take, or a value of the wrong kind, in one line."""
+    known = OPTIONS_BY_METHOD.get(method, frozenset())
+    unknown = sorted(set(options) - known)
+    if unknown and not known:
+        raise CostModelError(f"method {method!r} takes no options, got {', '.join(unknown)}")
+    if unknown:
+        raise CostModelError(f"method {method!r} does not know the option(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(sorted(known))}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = options.get(key, {})
+        if not isinstance(pattern, Mapping) or not all(isinstance(k, str) for k in pattern):
+            raise CostModelError(f"option {key} must map layer-name patterns to values, got {pattern!r}")
+    for key, rank in options.get("rank_pattern", {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise CostModelError(f"option rank_pattern: the rank for {key!r} must be an integer >= 1, got {rank!r}")
+    for key, alpha in options.get("alpha_pattern", {}).items():
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise CostModelError(f"option alpha_pattern: the alpha for {key!r} must be a number, got {alpha!r}")
+    for key in ("target_modules", "exclude_modules"):
+        if key in options and not _is_name_spec(options[key]):
+            raise CostModelError(f"option {key} must be a regular expression or a list of names, got {options[key]!r}")
+    for key in ("include_grouped", "adapt_head"):
+        if key in options and not isinstance(options[key], bool):
+            raise CostModelError(f"option {key} must be true or false, got {options[key]!r}")
+
+
+def _in_head(name: str, head: str | None) -> bool:
+    """Whether ``name`` is the head or inside it; nothing is when ``head`` is None (``adapt_head``)."""
+    return head is not None and (name == head or name.startswith(head + "."))
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """The value peft's ``get_pattern_key`` picks for layer ``name`` from a rank/alpha pattern."""
+    from peft.utils.other import get_pattern_key
+
+    return pattern.get(get_pattern_key(list(pattern), name), default)
+
+
+def adapter_targets(model: nn.Module, rank: int = 4, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Qualified names of the default LoRA/DoRA targets: Conv2d with groups == 1, Linear outside the head.
+
+    ``adapt_head`` drops the "outside the head"; ``include_grouped`` adds the grouped convolutions
+    whose rank (``rank``, or ``rank_pattern``'s) is a multiple of ``groups``, and those that
+    ``rank_pattern`` names exactly (peft then refuses the rank if they cannot take it).
+    """
+    options = options or {}
+    head = None if options.get("adapt_head") else head_name(model)
+    rank_pattern: Mapping[str, int] = options.get("rank_pattern", {})
+    targets = []
+    for name, module in model.named_modules():
+        if _in_head(name, head):
+            continue
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            targets.append(name)
+        elif isinstance(module, nn.Conv2d) and options.get("include_grouped"):
+            if _pattern_value(rank_pattern, name, rank) % module.groups == 0 or name in rank_pattern:
+                targets.append(name)
+    return targets
+
+
+def low_rank_weights(model: nn.Module, rank: int = 4, options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """GaLore's low-rank group, each weight's qualified name with its projection rank.
+
+    By default the weight of every Conv2d (grouped too) and Linear outside the head, at ``rank``;
+    ``adapt_head`` includes the head; ``target_modules`` / ``exclude_modules`` select layers as
+    peft's ``LoraConfig`` does (a matched layer that is not a Conv2d or Linear is an error, as in
+    peft); ``rank_pattern`` gives a layer its own rank.
+    """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    options = options or {}
+    head = None if options.get("adapt_head") else head_name(model)
+    layers = (nn.Conv2d, nn.Linear)
+    default = [name for name, module in model.named_modules()
+               if isinstance(module, layers) and not _in_head(name, head)]
+    selection = LoraConfig(target_modules=options.get("target_modules", default),
+                           exclude_modules=options.get("exclude_modules"))
+    chosen = {}
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(selection, name):
+            continue
+        if not isinstance(module, layers):
+            raise CostModelError(f"GaLore: option target_modules matches layer {name!r} "
+                                 f"({type(module).__name__}), which is neither an nn.Conv2d nor an nn.Linear")
+        chosen[f"{name}.weight"] = _pattern_value(options.get("rank_pattern", {}), name, rank)
+    if "target_modules" in options and not chosen:
+        raise CostModelError(f"GaLore: option target_modules={options['target_modules']!r} matches no layer")
+    return chosen
 
 
 def _adamw_on_trainable(model: nn.Module, lr: float) -> Callable[[], torch.optim.Optimizer]:
@@ -117,8 +216,11 @@ def prepare_bn_head(model: nn.Module, options: MethodOptions) -> PreparedModel:
     return PreparedModel(model.train(), _adamw_on_trainable(model, options.lr))
 
 
-def inject_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float, use_dora: bool) -> nn.Module:
-    """peft LoRA/DoRA adapters on exactly ``targets``; peft's refusals become CostModelError."""
+def inject_lora(model: nn.Module, targets: str | list[str], *, rank: int, alpha: float, use_dora: bool,
+                **lora: Any) -> nn.Module:
+    """peft LoRA/DoRA adapters on ``targets`` (``LoraConfig.target_modules``: exact or suffix names,
+    or a regular expression), with further ``LoraConfig`` fields in ``lora`` (``rank_pattern``,
+    ``alpha_pattern``, ``exclude_modules``); peft's refusals become CostModelError."""
     import warnings
 
     from peft import LoraConfig, inject_adapter_in_model
@@ -127,7 +229,8 @@ def inject_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float
     if not targets:
         raise CostModelError(f"{kind}: the model has no Conv2d with groups == 1 or Linear outside its head to adapt")
     try:
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, use_dora=use_dora, target_modules=targets)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, use_dora=use_dora, target_modules=targets,
+                            **lora)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on merging grouped convs
             return inject_adapter_in_model(config, model)
@@ -137,14 +240,20 @@ def inject_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float
 
 
 def _prepare_lora_family(model: nn.Module, options: MethodOptions, *, use_dora: bool) -> PreparedModel:
-    head = head_name(model)
-    targets = adapter_targets(model)
+    from peft.tuners.lora import LoraLayer
+
+    layer_options = options.layer_options
+    head = None if layer_options.get("adapt_head") else head_name(model)
+    targets = layer_options.get("target_modules") or adapter_targets(model, options.rank, layer_options)
     alpha = float(options.rank if options.alpha is None else options.alpha)
-    model = inject_lora(model, targets, rank=options.rank, alpha=alpha, use_dora=use_dora)
+    lora = {key: layer_options[key] for key in ("rank_pattern", "alpha_pattern", "exclude_modules")
+            if key in layer_options}
+    model = inject_lora(model, targets, rank=options.rank, alpha=alpha, use_dora=use_dora, **lora)
     for name, parameter in model.named_parameters():
         # peft freezes everything but its adapters; the head is trained in full on top of them.
         parameter.requires_grad_(".lora_" in name or _in_head(name, head))
-    return PreparedModel(model, _adamw_on_trainable(model, options.lr), {"targets": targets})
+    adapted = {name: module.r["default"] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    return PreparedModel(model, _adamw_on_trainable(model, options.lr), {"targets": adapted})
 
 
 def prepare_lora(model: nn.Module, options: MethodOptions) -> PreparedModel:
@@ -181,7 +290,7 @@ def prepare_galore(model: nn.Module, options: MethodOptions) -> PreparedModel:
     """GaLore: all trainable; conv/linear weights outside the head projected to ``rank``."""
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    low_rank_names = low_rank_weights(model)
+    low_rank_names = low_rank_weights(model, options.rank, options.layer_options)
 
     def make_optimizer() -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW
@@ -196,11 +305,12 @@ def prepare_galore(model: nn.Module, options: MethodOptions) -> PreparedModel:
             lr=options.lr, no_deprecation_warning=True,
         )
         # GaLoreAdamW creates state["projector"] only when missing, so a projector placed in the
-        # state beforehand is used instead of the stock one: no patching of galore_torch.
+        # state beforehand is used instead of the stock one: no patching of galore_torch. It also
+        # carries each weight's own rank (rank_pattern); the group's "rank" only marks it low-rank.
         projector = _galore_projector_class()
-        for parameter in low_rank:
+        for name, parameter in zip(low_rank_names, low_rank):
             optimizer.state[parameter]["projector"] = projector(
-                options.rank, update_proj_gap=options.update_proj_gap, scale=options.scale, proj_type="std")
+                low_rank_names[name], update_proj_gap=options.update_proj_gap, scale=options.scale, proj_type="std")
         return optimizer
 
     return PreparedModel(model, make_optimizer, {"low_rank": low_rank_names})
@@ -218,10 +328,11 @@ METHODS: dict[str, MethodPreparer] = {
 
 
 def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float | None = None, lr: float = 1e-3,
-                 update_proj_gap: int = 200, scale: float = 0.25,
+                 update_proj_gap: int = 200, scale: float = 0.25, options: Mapping[str, Any] | None = None,
                  materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
     """Prepare ``model`` (in place) for ``method`` and build its optimizer.
 
+    ``options`` are the method's layer options (``StepConfig.options``, see the module docstring).
     ``materialize``, if given, runs between the preparation and the optimizer's creation; it may
     replace the model's tensors (``measure(fake=True)`` turns meta tensors into fake ones there).
     """
@@ -229,8 +340,10 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
         raise CostModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise CostModelError(f"--rank must be an integer >= 1, got {rank!r}")
-    options = MethodOptions(rank=rank, alpha=alpha, lr=lr, update_proj_gap=update_proj_gap, scale=scale)
-    prepared = METHODS[method](model, options)
+    check_layer_options(method, options or {})
+    settings = MethodOptions(rank=rank, alpha=alpha, lr=lr, update_proj_gap=update_proj_gap, scale=scale,
+                             layer_options=dict(options or {}))
+    prepared = METHODS[method](model, settings)
     if materialize is not None:
         materialize(prepared.model)
     named = list(prepared.model.named_parameters())
@@ -247,7 +360,7 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
 
 def apply_config(model: nn.Module, config: StepConfig,
                  materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
-    """``apply_method`` with the method, rank and hyper-parameters of ``config``."""
+    """``apply_method`` with the method, rank, hyper-parameters and options of ``config``."""
     return apply_method(model, config.method, rank=config.rank, alpha=config.alpha, lr=config.lr,
                         update_proj_gap=config.galore_update_proj_gap, scale=config.galore_scale,
-                        materialize=materialize)
+                        options=config.options, materialize=materialize)
