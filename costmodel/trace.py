@@ -91,6 +91,25 @@ class StepTracer(fx.Tracer):
         super().__init__()
         self.leaf_modules = leaf_modules
         self.module_calls: list[ModuleCall] = []
+        self._parameter_names: tuple[nn.Module, dict[int, str]] | None = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
+        """fx's own lookup, with the parameter's name found in a dict: fx walks ``named_parameters()``
+        on every parameter attribute read, quadratic in the model's size (DoRA reads the adapter
+        weights in its forward: most of a trace's time otherwise). Same names, same proxies."""
+        if isinstance(attr_val, nn.Parameter):
+            names = self._parameter_names
+            if names is None or names[0] is not self.root:
+                index: dict[int, str] = {}
+                for name, param in self.root.named_parameters():
+                    index.setdefault(id(param), name)
+                names = self._parameter_names = (self.root, index)
+            name = names[1].get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_modules and isinstance(m, self.leaf_modules):
