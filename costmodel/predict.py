@@ -7,6 +7,7 @@ byte comes from a plugin rule (``costmodel.hookspecs``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import OrderedDict
@@ -24,7 +25,8 @@ from costmodel.memory import MemoryResult, OptimizerStep, Snapshot, parameter_gr
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
 from costmodel.shapes import shape_facts
-from costmodel.trace import TracedStep, trace_config
+from costmodel.models import build_model
+from costmodel.trace import TracedStep, prepare_method, structure_key, trace_config, trace_model
 
 
 @dataclass(frozen=True)
@@ -106,15 +108,36 @@ def _trace_key(config: StepConfig, manager: pluggy.PluginManager) -> tuple[Any, 
     return (manager, json.dumps(shape_free, sort_keys=True, default=repr))
 
 
+# Structure fingerprint (costmodel.trace.structure_key) -> a traced step of that structure: configs
+# that prepare the same module tree (e.g. GaLore at any rank: only its optimizer groups change)
+# share one trace, its shape templates and its structure-only caches.
+_STRUCTURE_CACHE: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()
+
+
+def _remember(cache: OrderedDict[Any, TracedStep], key: Any, traced: TracedStep) -> None:
+    cache[key] = traced
+    cache.move_to_end(key)
+    while len(cache) > _TRACE_CACHE_SIZE:
+        cache.popitem(last=False)
+
+
 def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep:
-    """The prepared, traced step of ``config`` (cached: it does not depend on batch, resolution or step)."""
+    """The prepared, traced step of ``config`` (cached: it does not depend on batch, resolution or
+    step; a configuration whose prepared model has the structure of one traced before reuses that
+    trace with its own parameter groups)."""
     key = _trace_key(config, manager)
     traced = _TRACE_CACHE.get(key)
     if traced is None:
-        traced = trace_config(config, manager)
-        _TRACE_CACHE[key] = traced
-        while len(_TRACE_CACHE) > _TRACE_CACHE_SIZE:
-            _TRACE_CACHE.popitem(last=False)
+        model = build_model(config.model, config.classes, device="meta")
+        prepared = prepare_method(manager, model, config)
+        structure = (manager, structure_key(model, prepared))
+        same = _STRUCTURE_CACHE.get(structure)
+        if same is None:
+            traced = trace_model(model, prepared, config.model)
+            _remember(_STRUCTURE_CACHE, structure, traced)
+        else:
+            traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
+        _remember(_TRACE_CACHE, key, traced)
     else:
         _TRACE_CACHE.move_to_end(key)
     return traced
@@ -122,6 +145,7 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
 
 def clear_cache() -> None:
     _TRACE_CACHE.clear()
+    _STRUCTURE_CACHE.clear()
 
 
 # -- costing

@@ -272,6 +272,41 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+# A module's own containers, fingerprinted separately (parameters, buffers) or through the walk
+# (submodules).
+_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _state_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type, bool(value.requires_grad))
+    if isinstance(value, (dict, OrderedDict)):
+        return tuple((repr(k), _state_key(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_state_key(v) for v in value]
+        return (type(value).__name__, tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items))
+    # Anything else by its repr: an object without a value-like repr shows its address, so two
+    # different objects never look alike (no reuse rather than a wrong one).
+    return repr(value)
+
+
+def structure_key(model: nn.Module, prepared: PreparedMethod) -> tuple[Any, ...]:
+    """Everything tracing and shape propagation can see of a prepared model: every module's class
+    and attributes, every parameter's and buffer's name, shape, dtype and ``requires_grad``, and
+    the leaf module types. Two models with equal keys trace to the same graph with the same facts,
+    so they can share one trace (only ``prepared.param_groups`` may differ)."""
+    modules = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        state = tuple((attr, _state_key(value)) for attr, value in sorted(vars(module).items())
+                      if attr not in _CONTAINERS)
+        tensors = tuple((local, _state_key(t)) for local, t in
+                        (*module._parameters.items(), *module._buffers.items()))
+        modules.append((name, type(module), state, tensors))
+    # Shared parameters: which names point at one tensor.
+    shared = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
+    return (tuple(modules), shared, tuple(prepared.leaf_modules))
+
+
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> TracedStep:
     """Trace ``criterion(model(images), labels)`` for a prepared meta-device model."""
     step_module = TrainingStep(model, nn.CrossEntropyLoss())
