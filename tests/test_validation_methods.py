@@ -144,3 +144,71 @@ def test_peft_refusal_is_one_clear_error() -> None:
 def test_bad_method_or_rank(method: str, rank: int, message: str) -> None:
     with pytest.raises(CostModelError, match=message):
         apply_method(build_model("resnet18"), method, rank=rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method options (StepConfig.options): the predictor's options, with peft's semantics
+
+
+def test_the_reference_takes_exactly_the_predictors_options() -> None:
+    from costmodel.plugins.method_galore import GALORE_OPTIONS as PREDICTED_GALORE
+    from costmodel.plugins.method_targets import KNOWN_OPTIONS
+    from costmodel.validation.methods import OPTIONS_BY_METHOD
+
+    assert OPTIONS_BY_METHOD["lora"] == OPTIONS_BY_METHOD["dora"] == KNOWN_OPTIONS
+    assert OPTIONS_BY_METHOD["galore"] == PREDICTED_GALORE
+    assert OPTIONS_BY_METHOD["fft"] == OPTIONS_BY_METHOD["bn_head"] == frozenset()
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("lora", {"rank_patern": {"conv1": 2}}, "does not know the option.*'rank_patern'"),
+    ("galore", {"include_grouped": True}, "does not know the option.*'include_grouped'"),
+    ("fft", {"adapt_head": True}, "'fft' takes no options"),
+    ("dora", {"rank_pattern": {"conv1": 0}}, "rank for 'conv1' must be an integer >= 1"),
+    ("lora", {"adapt_head": "yes"}, "adapt_head must be true or false"),
+    ("lora", {"target_modules": "nothing.*"}, "peft refuses LoRA.*not found"),
+    ("galore", {"target_modules": ["bn1"]}, "'bn1' \\(BatchNorm2d\\).*neither"),
+])
+def test_bad_options_are_one_clear_error(method: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(CostModelError, match=message) as error:
+        apply_method(build_model("resnet18", device="meta"), method, rank=4, options=options)
+    assert "\n" not in str(error.value)
+
+
+def test_lora_options_reach_peft() -> None:
+    options = {"rank_pattern": {"layer4.*": 8, "conv1": 2}, "alpha_pattern": {"layer3.*": 2},
+               "exclude_modules": ["downsample.0"]}
+    applied = apply_method(build_model("resnet18", device="meta"), "lora", rank=4, options=options)
+    targets, model = applied.details["targets"], applied.model
+    # keys match as suffixes, the first matching key wins
+    assert targets["conv1"] == targets["layer2.0.conv1"] == 2 and targets["layer2.0.conv2"] == 4
+    assert targets["layer4.1.conv2"] == targets["layer4.0.conv1"] == 8
+    assert not any(name.endswith("downsample.0") for name in targets)
+    assert model.get_submodule("layer3.0.conv2").scaling["default"] == 2 / 4
+    assert model.get_submodule("layer4.0.conv1").scaling["default"] == 4 / 8  # alpha stays the rank
+
+
+def test_adapt_head_adapts_the_head_instead_of_training_it() -> None:
+    applied = apply_method(build_model("mobilenet_v3_small", device="meta"), "dora", rank=4,
+                           options={"adapt_head": True})
+    assert {"classifier.0", "classifier.3"} <= set(applied.details["targets"])
+    trainable = [name for name, p in applied.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in name for name in trainable)
+
+
+def test_include_grouped_adds_the_grouped_convolutions_the_rank_divides() -> None:
+    base = build_model("mobilenet_v2", device="meta")
+    divisible = {name for name, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and 32 % m.groups == 0}
+    applied = apply_method(build_model("mobilenet_v2", device="meta"), "lora", rank=32, options={"include_grouped": True})
+    assert divisible and set(applied.details["targets"]) == set(adapter_targets(base)) | divisible
+
+
+def test_galore_rank_pattern_gives_each_projector_its_rank() -> None:
+    applied = apply_method(build_model("resnet18", device="meta"), "galore", rank=4,
+                           options={"rank_pattern": {"layer4.*": 8}, "exclude_modules": ["conv1"], "adapt_head": True})
+    low_rank = applied.details["low_rank"]
+    assert not any(name.endswith("conv1.weight") for name in low_rank)  # a listed name matches as a suffix
+    assert "layer1.0.conv2.weight" in low_rank and low_rank["fc.weight"] == 4
+    assert low_rank["layer4.0.downsample.0.weight"] == 8 and low_rank["layer3.1.conv2.weight"] == 4
+    parameters = dict(applied.model.named_parameters())
+    assert {name: applied.optimizer.state[parameters[name]]["projector"].rank for name in low_rank} == low_rank
