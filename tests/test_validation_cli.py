@@ -49,3 +49,27 @@ def test_bad_input_is_one_line_and_exit_2(arguments: list[str], message: str,
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("costmodel: error:") and message in lines[0]
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("command", ["measure", "compare"])
+@pytest.mark.parametrize("option, message", [
+    ("rank_patern={\"layer4.*\": 8}", "does not know the option(s) 'rank_patern'"),
+    ("adapt_head", "--option expects KEY=VALUE"),
+])
+def test_bad_option_is_one_line_and_exit_2(command: str, option: str, message: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([command, "--model", "resnet18", "--method", "lora", "--batch", "2", "--resolution", "32", "--fake",
+                 "--option", option])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("costmodel: error:") and message in lines[0]
+
+
+def test_measure_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--option`` parses as predict's does (JSON values) and reaches the measured step."""
+    assert main(["measure", "--model", "resnet18", "--method", "lora", "--batch", "2", "--resolution", "32", "--fake",
+                 "--json", "--option", 'target_modules=["fc"]', "--option", "adapt_head=true"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"]["options"] == {"target_modules": ["fc"], "adapt_head": True}
+    assert result["trainable_params"] == 4 * 512 + 10 * 4  # only fc's adapters: lora_A 4 x 512, lora_B 10 x 4

@@ -108,3 +108,44 @@ def test_lora_measures_adapters_and_head_as_trainable() -> None:
     adapters = lora.total_params - sum(p.numel() for p in base.parameters())
     assert adapters > 0
     assert lora.trainable_params == adapters + sum(p.numel() for p in base.fc.parameters())
+
+
+# Method options measured live (B=8, R=32, fake) against the prediction, at the method issue's bars.
+OPTION_CASES = {
+    "lora-rank-alpha-patterns-exclude": ("resnet18", "lora", 4, 1, {
+        "rank_pattern": {"layer4.*": 8, "conv1": 2}, "alpha_pattern": {"layer3.*": 2},
+        "exclude_modules": ["downsample.0"]}),
+    "dora-adapted-head-regex-targets": ("resnet18", "dora", 4, 2, {  # DoRA on a Linear: eye
+        "adapt_head": True, "target_modules": r"layer4\..*conv\d|fc"}),
+    "galore-rank-pattern-refresh": ("resnet18", "galore", 4, 2, {
+        "rank_pattern": {"layer4.*": 8}, "exclude_modules": ["conv1"], "adapt_head": True}),
+}
+SLOW_OPTION_CASES = {
+    "lora-grouped-convolutions": ("mobilenet_v3_small", "lora", 16, 2, {"include_grouped": True}),  # groups=16
+    "dora-adapted-head": ("mobilenet_v3_small", "dora", 4, 1, {"adapt_head": True}),
+    "galore-rank-pattern": ("mobilenet_v3_small", "galore", 2, 2, {"rank_pattern": {"features.1.*": 1}}),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Module is None")  # MemTracker on a model that peft rewired
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_prediction_equals_measurement(case: str) -> None:
+    from engine_live import assert_matches
+
+    from costmodel.predict import predict_config
+
+    model, method, rank, step, options = {**OPTION_CASES, **SLOW_OPTION_CASES}[case]
+    config = StepConfig(model=model, method=method, rank=rank, batch=8, resolution=32, step=step,
+                        galore_update_proj_gap=1, options=options)
+    predicted, measured_cost = predict_config(config), measure(config, fake=True)
+    assert_matches(predicted, measured_cost)
+    assert predicted.trainable_params == measured_cost.trainable_params
+    default = measure(config.replace(options={}), fake=True)
+    assert measured_cost.flops != default.flops  # the options reached the measured step
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Module is None")
+@pytest.mark.parametrize("case", list(SLOW_OPTION_CASES))
+def test_options_prediction_equals_measurement_more(case: str) -> None:
+    test_options_prediction_equals_measurement(case)

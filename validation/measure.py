@@ -1,7 +1,7 @@
 """Measure one fine-tuning step for real: FLOPs per phase in both conventions, memory per group.
 
-``measure(config)`` builds ``config.model``, applies ``config.method`` (``validation.methods``),
-runs steps 1..k-1 untracked, then tracks the whole step k:
+``measure(config)`` builds ``config.model``, applies ``config.method`` with ``config.options``
+(``validation.methods``), runs steps 1..k-1 untracked, then tracks the whole step k:
 
     optimizer.zero_grad(set_to_none=True)         # tracked, no FLOPs
     loss = criterion(model(images), labels)      # phase "forward"
