@@ -247,7 +247,8 @@ def peft_reference(model_name: str, use_dora: bool, extra_targets: Callable[[nn.
 
 @pytest.mark.parametrize("case", ["grouped-convolutions", "rank-and-alpha-patterns"])
 def test_options_prediction_equals_measurement(case: str) -> None:
-    """Options the runtime reference does not offer: peft applied here with the same settings."""
+    """Options with peft applied here by hand (a cross-check independent of the runtime reference's
+    own option handling, which tests/test_validation_measure.py holds against the prediction)."""
     from engine_live import assert_matches, measure_module
 
     from costmodel.predict import predict_config
