@@ -198,8 +198,10 @@ def test_adapt_head_adapts_the_head_instead_of_training_it() -> None:
 
 def test_include_grouped_adds_the_grouped_convolutions_the_rank_divides() -> None:
     base = build_model("mobilenet_v2", device="meta")
-    divisible = {name for name, m in base.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and 32 % m.groups == 0}
-    applied = apply_method(build_model("mobilenet_v2", device="meta"), "lora", rank=32, options={"include_grouped": True})
+    divisible = {name for name, m in base.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.groups > 1 and 32 % m.groups == 0}
+    applied = apply_method(build_model("mobilenet_v2", device="meta"), "lora", rank=32,
+                           options={"include_grouped": True})
     assert divisible and set(applied.details["targets"]) == set(adapter_targets(base)) | divisible
 
 
