@@ -119,8 +119,8 @@ def select_targets(
     targets: list[Target] = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            if target_spec is not None and name and _matches(target_spec, name) and not any(
-                    isinstance(child, (nn.Conv2d, nn.Linear)) for child in module.modules()):
+            # peft refuses any matched module it cannot adapt, a container of layers included.
+            if target_spec is not None and name and _matches(target_spec, name):
                 raise CostModelError(
                     f"layer {name!r} ({type(module).__name__}) matches target_modules but is neither "
                     f"an nn.Conv2d nor an nn.Linear")

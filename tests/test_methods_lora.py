@@ -315,3 +315,19 @@ def test_linear_adapters_prediction_equals_measurement(method: str, adapt_head: 
     config = StepConfig(model="Perceptron", method=method, rank=4, batch=4, resolution=8, step=1,
                         options={"adapt_head": adapt_head})
     assert_matches(predict_config(config, model=Perceptron()), measured)
+
+
+def test_a_target_that_matches_a_container_is_refused_like_peft() -> None:
+    """peft refuses a target_modules match it cannot adapt, even one that contains adaptable layers."""
+    import peft
+
+    from costmodel.models import build_model
+    from costmodel.predict import predict_config
+
+    config = StepConfig(model="resnet18", method="lora", batch=8, resolution=32,
+                        options={"target_modules": ["layer4"]})
+    with pytest.raises(CostModelError, match="layer4"):
+        predict_config(config)
+    model = build_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="not supported"):
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=["layer4"]), model)
