@@ -41,6 +41,8 @@ predictor's method plugins accept, with the same meaning; any other is a CostMod
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,6 +238,8 @@ def inject_lora(model: nn.Module, targets: str | list[str], *, rank: int, alpha:
             return inject_adapter_in_model(config, model)
     except (ValueError, TypeError, NotImplementedError) as error:
         message = " ".join(str(error).split())
+        # peft quotes a refused module's whole repr: name it by its class instead, on one short line.
+        message = re.sub(r"Target module (\w+)\(.*\) is not supported", r"Target module \1 is not supported", message)
         raise CostModelError(f"peft refuses {kind} with rank {rank}: {message}") from error
 
 
