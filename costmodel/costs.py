@@ -8,6 +8,7 @@ timeline that mirrors what ``MemTracker`` would see at each op boundary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,23 @@ class Flops:
         return Flops(count, count)
 
 
+class _Sized:
+    """Element count and bytes of anything with a ``shape`` and a ``dtype``."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
 @dataclass(frozen=True)
-class TensorMeta:
+class TensorMeta(_Sized):
     """A tensor as shape propagation saw it. ``storage`` identifies the storage it lives in:
     two metas with the same ``storage`` alias (views, in-place results)."""
 
@@ -44,20 +60,9 @@ class TensorMeta:
     storage: int
     storage_nbytes: int
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
 
 @dataclass(frozen=True)
-class ParamMeta:
+class ParamMeta(_Sized):
     """A parameter or buffer of a module: its qualified name, shape, dtype and whether it trains."""
 
     name: str
@@ -65,17 +70,6 @@ class ParamMeta:
     dtype: torch.dtype
     trainable: bool
     is_buffer: bool = False
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 @dataclass
