@@ -11,8 +11,9 @@ For each model it times, at the given configuration:
 - ``predict warm``: a prediction once the structure's shape template exists (what every later
   prediction of the model costs, at any batch and resolution the template accepts).
 
-Then it shows that a warm prediction does not grow with batch or resolution, and that a cold one
-does not grow with the LoRA rank. Timings are wall-clock and include Python's noise; the machine's
+Then it shows that a warm prediction does not grow with batch or resolution, and what each new
+rank of a low-rank method costs, in the order a sweep asks for them (GaLore's ranks share one
+trace; a LoRA/DoRA rank is still a new structure: traced and propagated again). Timings are wall-clock and include Python's noise; the machine's
 other load shows up as spread between runs.
 """
 
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--no-real", action="store_true", help="skip the (slow) real measurement")
+    parser.add_argument("--rank-methods", nargs="+", default=["lora", "dora", "galore"])
     args = parser.parse_args(argv)
 
     from costmodel.validation.measure import measure
@@ -90,15 +92,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for b, r in shapes]
         print(f"{model:<20}" + "".join(f"{seconds * 1e3:>14.1f}" for seconds in cells))
 
-    print("\ncold prediction against the LoRA rank (ms; each rank is a new structure):")
-    ranks = [1, 4, 16, 64]
-    print(f"{'model':<20}" + "".join(f"{f'r={rank}':>10}" for rank in ranks))
+    print("\nprediction against the rank, as a sweep meets it (ms per new rank, in rank order;"
+          " 'fake' is one measurement under FakeTensorMode at r=4):")
+    ranks = [1, 2, 4, 16, 64]
+    print(f"{'model':<20}{'method':<8}" + "".join(f"{f'r={rank}':>10}" for rank in ranks)
+          + f"{'fake':>10}{'fake/r=64':>11}")
     for model in args.models:
-        cells = []
-        for rank in ranks:
-            config = StepConfig(model=model, method="lora", rank=rank, batch=args.batch, resolution=args.resolution)
-            cells.append(timed(lambda: predict_config(config)))
-        print(f"{model:<20}" + "".join(f"{seconds * 1e3:>10.1f}" for seconds in cells))
+        for method in args.rank_methods:
+            clear_cache()
+            cells = []
+            for rank in ranks:
+                config = StepConfig(model=model, method=method, rank=rank, batch=args.batch,
+                                    resolution=args.resolution)
+                cells.append(timed(lambda: predict_config(config)))
+            fake = timed(lambda: measure(StepConfig(model=model, method=method, rank=4, batch=args.batch,
+                                                    resolution=args.resolution), fake=True))
+            print(f"{model:<20}{method:<8}" + "".join(f"{seconds * 1e3:>10.1f}" for seconds in cells)
+                  + f"{fake * 1e3:>9.0f}ms{fake / cells[-1]:>10.0f}x")
     return 0
 
 
