@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from costmodel.models import make_batch
-from costmodel.result import PHASES, StepCost, phase_flops
-from costmodel.validation.flops import PhaseFlops
-from costmodel.validation.memory import GroupPeakMemTracker
+from costmodel.result import StepCost
+from costmodel.validation.measure import measure_step
 
 TOLERANCE = {"ACT": 0.01, "peak": 0.01, "TEMP": 0.05}
 EXACT_GROUPS = ("PARAM", "BUFFER", "GRAD", "OPT", "OTH")
@@ -40,26 +39,8 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
         images, labels = make_batch(batch, resolution, classes)
-        criterion = nn.CrossEntropyLoss()
-        for _ in range(step - 1):
-            opt.zero_grad(set_to_none=True)
-            criterion(model(images), labels).backward()
-            opt.step()
-        tracker = GroupPeakMemTracker()
-        tracker.track_external(model, opt, images, labels)
-        flops = PhaseFlops()
-        with tracker:
-            opt.zero_grad(set_to_none=True)
-            with flops.phase("forward"):
-                loss = criterion(model(images), labels)
-            with flops.phase("backward"):
-                loss.backward()
-            with flops.phase("optimizer"):
-                opt.step()
-            del loss
-    assert not flops.uncovered, flops.uncovered
-    return {"flops": {conv: phase_flops(*(flops.counts[conv].get(p, 0) for p in PHASES)) for conv in flops.conventions},
-            "memory": tracker.memory()}
+        measured = measure_step(model, opt, images, labels, step)
+    return {"flops": measured.flops, "memory": measured.memory}
 
 
 def assert_matches(predicted: StepCost, measured: StepCost | dict[str, Any]) -> None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +36,7 @@ from costmodel.models import build_model, make_batch
 from costmodel.result import PHASES, StepCost, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
-from costmodel.validation.methods import AppliedMethod, apply_config
+from costmodel.validation.methods import apply_config
 
 SEED = 0
 
@@ -73,10 +75,48 @@ def materialize_fake(model: nn.Module, mode: contextlib.AbstractContextManager) 
                         tensors[name] = fake_like(tensor)
 
 
-def _untracked_step(applied: AppliedMethod, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
-    applied.optimizer.zero_grad(set_to_none=True)
-    _forward_loss(applied.model, criterion, images, labels).backward()
-    applied.optimizer.step()
+@dataclass
+class MeasuredStep:
+    """What one tracked step measured: FLOPs per convention and phase, memory per group, FLOPs per op."""
+
+    flops: dict[str, dict[str, int]]
+    memory: dict[str, int]
+    flops_by_op: dict[str, Any]
+
+
+def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                 step: int) -> MeasuredStep:
+    """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
+    on ``images``/``labels`` with ``nn.CrossEntropyLoss``: any module, any optimizer (call it inside
+    the FakeTensorMode that made them, if any)."""
+    criterion = nn.CrossEntropyLoss()
+    for _ in range(step - 1):
+        optimizer.zero_grad(set_to_none=True)
+        _forward_loss(model, criterion, images, labels).backward()
+        optimizer.step()
+
+    tracker = GroupPeakMemTracker()
+    tracker.track_external(model, optimizer, images, labels)
+    flops = PhaseFlops()
+    with tracker:
+        optimizer.zero_grad(set_to_none=True)
+        with flops.phase("forward"):
+            loss = _forward_loss(model, criterion, images, labels)
+        with flops.phase("backward"):
+            loss.backward()
+        with flops.phase("optimizer"):
+            optimizer.step()
+        del loss
+
+    if flops.uncovered:
+        ops = ", ".join(f"{op} (x{count})" for op, count in sorted(flops.uncovered.items()))
+        raise CostModelError(f"ops outside the exact FLOP convention (docs/flop-convention.md): {ops}")
+    return MeasuredStep(
+        flops={conv: phase_flops(*(flops.counts[conv].get(phase, 0) for phase in PHASES))
+               for conv in flops.conventions},
+        memory=tracker.memory(),
+        flops_by_op=flops.by_op,
+    )
 
 
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
@@ -96,35 +136,15 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         if not fake:
             applied = apply_config(build_model(config.model, num_classes=config.classes), config)
         images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED)
-        criterion = nn.CrossEntropyLoss()
-        for _ in range(config.step - 1):
-            _untracked_step(applied, criterion, images, labels)
+        measured = measure_step(applied.model, applied.optimizer, images, labels, config.step)
 
-        model, optimizer = applied.model, applied.optimizer
-        tracker = GroupPeakMemTracker()
-        tracker.track_external(model, optimizer, images, labels)
-        flops = PhaseFlops()
-        with tracker:
-            optimizer.zero_grad(set_to_none=True)
-            with flops.phase("forward"):
-                loss = _forward_loss(model, criterion, images, labels)
-            with flops.phase("backward"):
-                loss.backward()
-            with flops.phase("optimizer"):
-                optimizer.step()
-            del loss
-
-    if flops.uncovered:
-        ops = ", ".join(f"{op} (x{count})" for op, count in sorted(flops.uncovered.items()))
-        raise CostModelError(f"ops outside the exact FLOP convention (docs/flop-convention.md): {ops}")
     return StepCost(
         config=config,
         source="measure",
-        flops={conv: phase_flops(*(flops.counts[conv].get(phase, 0) for phase in PHASES))
-               for conv in flops.conventions},
-        memory=tracker.memory(),
+        flops=measured.flops,
+        memory=measured.memory,
         trainable_params=applied.trainable_params,
         total_params=applied.total_params,
         seconds=time.perf_counter() - started,
-        details={"fake": fake, "flops_by_op": flops.by_op, "frozen": applied.frozen, **applied.details},
+        details={"fake": fake, "flops_by_op": measured.flops_by_op, "frozen": applied.frozen, **applied.details},
     )
