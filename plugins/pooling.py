@@ -9,10 +9,9 @@ FLOPs: 0 in the ``torch`` convention. ``exact`` (docs/flop-convention.md):
   (a sum and a divide per output); backward ``expand`` (0) and a divide per input element:
   ``numel(x)``.
 - average pool (``avg_pool2d``) and adaptive average pool to other sizes
-  (``_adaptive_avg_pool2d``) are not yet in docs/flop-convention.md. Proposed, as a mean per
-  window: ``numel(out) * (prod(kernel) + 1)``, resp. the sum of all window sizes plus
-  ``numel(out)`` (adaptive windows ``[floor(i*H/h), ceil((i+1)*H/h))`` may overlap); backward the
-  same count (a divide per output gradient, an add per window element).
+  (``_adaptive_avg_pool2d``): a mean per window, ``numel(out) * (prod(kernel) + 1)``, resp. the
+  sum of all window sizes plus ``numel(out)`` (adaptive windows ``[floor(i*H/h), ceil((i+1)*H/h))``
+  may overlap); backward the same count (a divide per output gradient, an add per window element).
 
 Memory (torch 2.14.1, CPU): max pool always allocates the output and int64 indices of the same
 shape (also without autograd, when the indices die at once); with autograd it saves the input and
@@ -91,7 +90,7 @@ def avg_pool2d_cost(node: OpNode, kernel_size: int | tuple[int, int]) -> OpCost 
     out = node.outputs[0]
     per_window = math.prod(kernel) + 1
     cost = OpCost(forward=Flops(torch=0, exact=numel(out.shape) * per_window), forward_allocs=new_output(node),
-                  note=f"avg pool {kernel}: a mean per window (proposed; not in the convention doc)")
+                  note=f"avg pool {kernel}: a mean per window")
     return _with_backward(node, cost, numel(out.shape) * per_window, saves_input=True)
 
 
@@ -124,7 +123,7 @@ def adaptive_avg_pool2d_cost(node: OpNode) -> OpCost | None:
     window_elements = planes * adaptive_window_total(in_h, out_h) * adaptive_window_total(in_w, out_w)
     flops = window_elements + numel(out.shape)
     cost = OpCost(forward=Flops(torch=0, exact=flops), forward_allocs=new_output(node),
-                  note="adaptive avg pool: a mean per window (proposed; not in the convention doc)")
+                  note="adaptive avg pool: a mean per window")
     return _with_backward(node, cost, flops, saves_input=True)
 
 

@@ -579,15 +579,15 @@ def test_global_average_pool_is_a_mean(input_grad):
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_average_pools_outside_the_convention(input_grad):
+def test_average_pools_are_means_per_window(input_grad):
     x = grad(2, 3, 7, 5) if input_grad else nograd(2, 3, 7, 5)
-    cost = check(run_module(nn.AdaptiveAvgPool2d((3, 2)), x), in_convention=False)
+    cost = check(run_module(nn.AdaptiveAvgPool2d((3, 2)), x))
     # windows along 7 -> 3: [0,3) [2,5) [4,7): 9 elements; along 5 -> 2: [0,3) [2,5): 6 elements
     assert cost.forward.exact == 6 * 9 * 6 + 6 * 3 * 2
-    cost = check(run_module(nn.AvgPool2d(2), x), in_convention=False)
+    cost = check(run_module(nn.AvgPool2d(2), x))
     assert cost.forward.exact == 2 * 3 * 3 * 2 * 5
-    check(run_function(F.avg_pool2d, x, (3, 2), 1, 1), in_convention=False)
-    check(run_module(nn.AdaptiveAvgPool2d(7), grad(1, 2, 7, 7)), in_convention=False)
+    check(run_function(F.avg_pool2d, x, (3, 2), 1, 1))
+    check(run_module(nn.AdaptiveAvgPool2d(7), grad(1, 2, 7, 7)))
 
 
 def test_pools_outside_the_model_answer_none():

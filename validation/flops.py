@@ -312,6 +312,55 @@ def max_pool2d_backward_flop(grad_out: torch.Tensor, *args: Any, out_val: Any = 
     return grad_out.numel()
 
 
+def _adaptive_windows(in_size: int, out_size: int) -> int:
+    """Total length of an adaptive pool's windows along one dimension: output ``i`` averages
+    input ``start(i) .. end(i) - 1`` with ``start = floor(i*in/out)``, ``end = ceil((i+1)*in/out)``
+    (windows may overlap, so the total can exceed ``in_size``)."""
+    total = 0
+    for i in range(out_size):
+        start = math.floor(i * in_size / out_size)
+        end = math.ceil((i + 1) * in_size / out_size)
+        total += end - start
+    return total
+
+
+def _adaptive_avg_pool2d_count(x: torch.Tensor, out: torch.Tensor) -> int:
+    planes = math.prod(x.shape[:-2])
+    windows = _adaptive_windows(x.shape[-2], out.shape[-2]) * _adaptive_windows(x.shape[-1], out.shape[-1])
+    return planes * windows + out.numel()
+
+
+@_register(aten._adaptive_avg_pool2d)
+def adaptive_avg_pool2d_flop(x: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """A mean per output element over its window: every window element accumulated, one divide
+    per output: sum of the window sizes + numel(out)."""
+    return _adaptive_avg_pool2d_count(x, _first(out_val))
+
+
+@_register(aten._adaptive_avg_pool2d_backward)
+def adaptive_avg_pool2d_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, *args: Any, out_val: Any = None,
+                                      **kwargs: Any) -> int:
+    """Each output gradient divided by its window size (numel(grad_out)) and added into every
+    element of its window: the forward's count."""
+    return _adaptive_avg_pool2d_count(x, grad_out)
+
+
+@_register(aten.avg_pool2d)
+def avg_pool2d_flop(x: torch.Tensor, kernel_size: Sequence[int], *args: Any, out_val: Any = None,
+                    **kwargs: Any) -> int:
+    """A mean per window, windows counted as full: numel(out) * (kh * kw + 1)."""
+    kernel = list(kernel_size) * (2 if len(kernel_size) == 1 else 1)
+    return _first(out_val).numel() * (math.prod(kernel) + 1)
+
+
+@_register(aten.avg_pool2d_backward)
+def avg_pool2d_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, kernel_size: Sequence[int], *args: Any,
+                             out_val: Any = None, **kwargs: Any) -> int:
+    """A divide per output gradient and an add per window element: numel(grad_out) * (kh * kw + 1)."""
+    kernel = list(kernel_size) * (2 if len(kernel_size) == 1 else 1)
+    return grad_out.numel() * (math.prod(kernel) + 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss: nn.CrossEntropyLoss = _log_softmax + nll_loss_forward
 # ---------------------------------------------------------------------------------------------
