@@ -161,7 +161,11 @@ class OpCost:
 @dataclass
 class ParamGroup:
     """Parameters that one optimizer rule updates, with that rule's name and options
-    (``optimizer="adamw"``, ``options={"lr": 1e-3, ...}``, or a method's own optimizer)."""
+    (``optimizer="adamw"``, ``options={"lr": 1e-3, ...}``, or a method's own optimizer).
+
+    A method plugin lists every parameter it trains; the optimizer plugin is given only those that
+    receive a gradient in the step (torch's optimizers skip a parameter whose ``.grad`` is None:
+    no state, no FLOPs), and no group left empty."""
 
     optimizer: str
     params: list[ParamMeta]

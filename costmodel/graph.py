@@ -27,7 +27,8 @@ class NodeRecord:
 
     index: int
     op: OpNode
-    # The value behind ``op.inputs[i]`` and ``op.outputs[k]``.
+    # The value behind ``op.inputs[i]`` and ``op.outputs[k]``; an input that is an earlier value's
+    # very tensor (``Propagation.same_tensor``) is that earlier value.
     input_values: tuple[Value, ...]
     output_values: tuple[Value, ...]
     # Output indices whose storage this node allocates (not an alias of an existing storage).
@@ -122,10 +123,14 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     param_values: dict[Value, str] = {}
     loss: Value | None = None
 
+    # A result that is an earlier value's very tensor (no autograd node of its own) is that value
+    # for its consumers: autograd sends their gradients straight to it.
+    same_tensor = propagation.same_tensor
+
     for node in gm.graph.nodes:
         if node.op == "output":
             loss_node = node.args[0]
-            loss = (loss_node, 0)
+            loss = same_tensor.get((loss_node, 0), (loss_node, 0))
             continue
         result = results[node]
         tensors = _flatten_facts(result)
@@ -153,14 +158,14 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
                 return arg
             value = results[arg]
             if isinstance(value, TensorFacts):
-                input_values.append((arg, 0))
+                input_values.append(same_tensor.get((arg, 0), (arg, 0)))
                 return metas[(arg, 0)]
             if isinstance(value, (tuple, list)) and any(isinstance(v, TensorFacts) for v in value):
                 replaced = []
                 k = 0
                 for item in value:
                     if isinstance(item, TensorFacts):
-                        input_values.append((arg, k))
+                        input_values.append(same_tensor.get((arg, k), (arg, k)))
                         replaced.append(metas[(arg, k)])
                         k += 1
                     else:

@@ -47,6 +47,10 @@ def costmodel_op_cost(node: "OpNode", config: "StepConfig") -> "OpCost | None":
 def costmodel_optimizer_cost(group: "ParamGroup", step: int, config: "StepConfig") -> "OptimizerCost | None":
     """Cost ``optimizer.step()`` over one parameter group on step number ``step`` (1-based;
     step 1 creates the optimizer state), or None if this plugin does not know ``group.optimizer``.
+
+    ``group.params`` holds only the parameters that receive a gradient in the step (a trainable
+    parameter the forward never uses has ``.grad`` None, and torch's optimizers skip it); it is
+    never empty.
     """
 
 

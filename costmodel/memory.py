@@ -17,8 +17,14 @@ The simulation mirrors the runtime reference (``validation/memory.py``) rule for
   number, and every consumer of a value was created after it). For each node: its backward
   allocates its transients and the gradients it computes (snapshot); the engine then drops the
   incoming gradients, releases the saved tensors, and hands each input gradient to its producer,
-  accumulating out of place (``old + new``, one more snapshot) when one is already waiting;
-  finally autograd accumulates the parameter gradients (TEMP -> GRAD, one more snapshot).
+  accumulating out of place (``old + new``, one more snapshot) when one is already waiting.
+  A parameter's gradients wait the same way, in the input buffer of the parameter's one
+  ``AccumulateGrad`` node (a parameter used twice: ``old + new`` out of place, one more snapshot);
+  that node runs once, right after the last backward node that produces a gradient for the
+  parameter (it becomes ready then and is first in the ready queue), and moves the buffer into
+  ``.grad`` (TEMP -> GRAD, one more snapshot).
+- A result that is an earlier value's very tensor (``nn.Identity``: no autograd node) is that value
+  for its consumers (``graph.build_step_graph``), so their gradients meet at the earlier value.
 - The gradient of the loss (``ones_like``) is created before autograd's engine starts (ACT) and held
   by ``backward()`` until it returns.
 - Optimizer: each parameter group's plugin gives its memory events in order.
@@ -139,6 +145,57 @@ class _Storages:
 
 
 @dataclass(frozen=True)
+class GradientFlow:
+    """Where the step's gradients go, decided before simulating: the records whose backward runs
+    (autograd reaches them from the loss), and for each parameter that receives a gradient, how many
+    gradients its ``AccumulateGrad`` node waits for and the bytes of its ``.grad``. A trainable
+    parameter not listed gets no gradient: its ``.grad`` stays None and optimizers skip it."""
+
+    runs: frozenset[int]
+    producers: dict[str, int]
+    gradient_bytes: dict[str, int]
+
+    @property
+    def parameters(self) -> frozenset[str]:
+        """The qualified names of the parameters that receive a gradient in this step."""
+        return frozenset(self.producers)
+
+
+def _param_grad_name(record: NodeRecord, local: str) -> str:
+    meta = record.op.params.get(local)
+    return meta.name if meta is not None else f"{record.label}.{local}"
+
+
+def gradient_flow(graph: StepGraph, costs: list[OpCost | None]) -> GradientFlow:
+    """Follow the gradient from the loss through the records in autograd's order (reversed)."""
+    reached: set[Value] = {graph.loss}
+    runs: set[int] = set()
+    producers: dict[str, int] = {}
+    gradient_bytes: dict[str, int] = {}
+    for record in reversed(graph.records):
+        cost = costs[record.index]
+        op = record.op
+        if cost is None or not op.records_autograd or not any(v in reached for v in record.output_values):
+            continue
+        runs.add(record.index)
+        produced = [(_param_grad_name(record, local), nbytes) for local, nbytes in cost.param_grads.items()]
+        for i, nbytes in enumerate(cost.input_grads):
+            if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
+                continue
+            value = record.input_values[i]
+            parameter = graph.param_values.get(value)
+            if parameter is None:
+                reached.add(value)
+            else:
+                produced.append((parameter, nbytes))
+        for parameter, nbytes in produced:
+            producers[parameter] = producers.get(parameter, 0) + 1
+            if nbytes:
+                gradient_bytes[parameter] = nbytes
+    return GradientFlow(frozenset(runs), producers, gradient_bytes)
+
+
+@dataclass(frozen=True)
 class OptimizerStep:
     """One parameter group's optimizer cost, labelled for the timeline."""
 
@@ -146,11 +203,12 @@ class OptimizerStep:
     cost: OptimizerCost
 
 
-def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list[OptimizerStep],
+def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, optimizer_steps: list[OptimizerStep],
              state_before: int, grads_before: int, record_timeline: bool = True) -> MemoryResult:
     """Simulate the step's memory; ``costs[i]`` is record ``i``'s cost (None: an uncovered node,
-    counted as allocating its fresh outputs only). ``state_before`` / ``grads_before`` are the
-    optimizer state and parameter gradients that exist when the step starts."""
+    counted as allocating its fresh outputs only), ``flow`` is ``gradient_flow(graph, costs)``.
+    ``state_before`` / ``grads_before`` are the optimizer state and parameter gradients that exist
+    when the step starts."""
     mem = _Storages(record_timeline)
 
     # -- entry: what exists before the first op
@@ -179,7 +237,8 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
     grads: dict[Value, object] = {graph.loss: ones_like}
     mem.hold(ones_like)  # held by backward() until it returns, besides the engine's buffer
     param_of_value = graph.param_values
-    param_grads: dict[str, object] = {}
+    pending = dict(flow.producers)  # parameter -> gradients its AccumulateGrad still waits for
+    param_buffers: dict[str, object] = {}  # parameter -> its AccumulateGrad's input buffer
     ran_backward: set[int] = set()
     accumulated: dict[int, int] = {}
     for record in reversed(graph.records):
@@ -191,7 +250,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
             continue
         ran_backward.add(record.index)
         elements = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
-                                  graph.metas, param_of_value, param_grads)
+                                  graph.metas, param_of_value, pending, param_buffers)
         if elements:
             accumulated[record.index] = elements
     for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
@@ -199,6 +258,8 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], optimizer_steps: list
             mem.release(key)
     for key in grads.values():  # gradients that reached a value nothing consumes (a leaf input)
         mem.release(key)
+    assert not param_buffers, f"AccumulateGrad never ran for {sorted(param_buffers)}"
+    assert ran_backward == flow.runs
     mem.release(ones_like)
 
     # -- optimizer
@@ -259,7 +320,8 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
 
 def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
                    node_saved: list[object], grads: dict[Value, object], metas: dict[Value, TensorMeta],
-                   param_of_value: dict[Value, str], param_grads: dict[str, object]) -> int:
+                   param_of_value: dict[Value, str], pending: dict[str, int],
+                   param_buffers: dict[str, object]) -> int:
     """One node's backward; returns the number of gradient elements it accumulated."""
     op = record.op
     name = record.name
@@ -277,8 +339,8 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
     new_param_grads: list[tuple[str, object, int]] = []  # (qualified name, storage, elements)
     for local, nbytes in cost.param_grads.items():
         meta = op.params.get(local)
-        qualified = meta.name if meta is not None else f"{record.label}.{local}"
-        new_param_grads.append((qualified, mem.anonymous(nbytes, TEMP), meta.numel if meta is not None else 0))
+        new_param_grads.append((_param_grad_name(record, local), mem.anonymous(nbytes, TEMP),
+                                meta.numel if meta is not None else 0))
     mem.snapshot("backward", name, "backward")
 
     for key in transients:
@@ -304,30 +366,23 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
         mem.release(waiting)
         mem.release(key)
         grads[value] = total
-    if new_param_grads:
-        for qualified, key, elements in new_param_grads:
-            existing = param_grads.get(qualified)
-            if existing is None:
-                mem.retag(key, GRAD)
-                param_grads[qualified] = key
-            else:  # a parameter used twice: AccumulateGrad adds in place into .grad
-                mem.release(key)
-                accumulated += elements
+    ready: list[object] = []
+    for qualified, key, elements in new_param_grads:
+        waiting = param_buffers.pop(qualified, None)
+        if waiting is not None:  # a parameter used twice: AccumulateGrad's InputBuffer, old + new
+            total = mem.anonymous(mem.nbytes[key], TEMP)
+            accumulated += elements
+            mem.snapshot("backward", name, "accumulate")
+            mem.release(waiting)
+            mem.release(key)
+            key = total
+        pending[qualified] -= 1
+        if pending[qualified]:
+            param_buffers[qualified] = key
+        else:  # the last gradient arrived: AccumulateGrad moves the buffer into .grad
+            ready.append(key)
+    if ready:
+        for key in ready:
+            mem.retag(key, GRAD)
         mem.snapshot("backward", name, "grad")
     return accumulated
-
-
-def parameter_gradient_bytes(graph: StepGraph, costs: list[OpCost | None]) -> int:
-    """Bytes of the parameter gradients one backward produces (what exists after a previous step)."""
-    seen: dict[str, int] = {}
-    for record, cost in zip(graph.records, costs):
-        if cost is None or not record.op.records_autograd:
-            continue
-        for local, nbytes in cost.param_grads.items():
-            meta = record.op.params.get(local)
-            seen[meta.name if meta is not None else f"{record.label}.{local}"] = nbytes
-        for i, nbytes in enumerate(cost.input_grads):
-            parameter = graph.param_values.get(record.input_values[i]) if i < len(record.input_values) else None
-            if parameter is not None and nbytes:
-                seen[parameter] = nbytes
-    return sum(seen.values())

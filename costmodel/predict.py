@@ -21,7 +21,7 @@ from costmodel.config import StepConfig
 from costmodel.costs import Flops, OpCost, OpNode, ParamGroup
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
-from costmodel.memory import MemoryResult, OptimizerStep, Snapshot, parameter_gradient_bytes, simulate
+from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
 from costmodel.shapes import shape_facts
@@ -169,6 +169,15 @@ def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, config: StepConf
     return costs, unknown
 
 
+def updated_groups(groups: list[ParamGroup], flow: GradientFlow) -> list[ParamGroup]:
+    """The method's parameter groups as the optimizer steps them: only parameters that receive a
+    gradient (torch's optimizers skip a parameter whose ``.grad`` is None: no state, no update), and
+    no group left empty."""
+    trained = flow.parameters
+    kept = [dataclasses.replace(group, params=[p for p in group.params if p.name in trained]) for group in groups]
+    return [group for group in kept if group.params]
+
+
 def optimizer_steps(groups: list[ParamGroup], manager: pluggy.PluginManager, config: StepConfig,
                     step: int) -> list[OptimizerStep]:
     ask = manager.hook.costmodel_optimizer_cost
@@ -211,13 +220,14 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
     graph = build_step_graph(traced, shape_facts(traced, config.batch, config.resolution))
     costs, unknown = cost_nodes(graph, manager, config, allow_unknown)
 
-    groups = traced.prepared.param_groups
+    flow = gradient_flow(graph, costs)
+    groups = updated_groups(traced.prepared.param_groups, flow)
     steps = optimizer_steps(groups, manager, config, config.step)
     state_before = 0
     if config.step > 1:
         state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, config.step - 1))
-    grads_before = parameter_gradient_bytes(graph, costs) if config.step > 1 else 0
-    memory = simulate(graph, costs, steps, state_before, grads_before)
+    grads_before = sum(flow.gradient_bytes.values()) if config.step > 1 else 0
+    memory = simulate(graph, costs, flow, steps, state_before, grads_before)
 
     forward, backward = Flops(), Flops()
     for record, cost in zip(graph.records, costs):

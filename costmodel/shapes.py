@@ -51,11 +51,13 @@ class TensorFacts:
 
 @dataclass
 class Propagation:
-    """Every node's result with tensors replaced by :class:`TensorFacts`, and the step module's
-    parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order."""
+    """Every node's result with tensors replaced by :class:`TensorFacts`, the step module's
+    parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order, and the
+    results that are an earlier value's very tensor (``_Recorder.same_tensor``; structural)."""
 
     results: dict[fx.Node, Any]
     params: list[tuple[str, TensorFacts, bool]]
+    same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]]
 
 
 class _StorageIds:
@@ -76,7 +78,8 @@ def _params(traced: TracedStep, storage_of: _StorageIds) -> list[tuple[str, Tens
 
 def concrete(traced: TracedStep, batch: int, resolution: int) -> Propagation:
     """Propagate on meta tensors at this batch and resolution."""
-    results = propagate(traced, batch, resolution)
+    recorder = propagate(traced, batch, resolution)
+    results = recorder.results
     storage_of = _StorageIds()
     params = _params(traced, storage_of)
 
@@ -86,7 +89,8 @@ def concrete(traced: TracedStep, batch: int, resolution: int) -> Propagation:
         return TensorFacts(tuple(int(s) for s in value.shape), value.dtype, bool(value.requires_grad),
                            value.is_leaf, storage_of(value), int(value.untyped_storage().nbytes()))
 
-    return Propagation({node: tree_map(facts, result) for node, result in results.items()}, params)
+    return Propagation({node: tree_map(facts, result) for node, result in results.items()}, params,
+                       recorder.same_tensor)
 
 
 # -- shape templates
@@ -119,8 +123,10 @@ class ShapeTemplate:
     """Formulas for every size of one traced structure, valid where ``applies`` says so."""
 
     def __init__(self, applies: Callable[[int, int], bool], values: Callable[[int, int], tuple[int, ...]],
-                 results: dict[fx.Node, Any], params: list[tuple[str, TensorFacts, bool]], source: str) -> None:
+                 results: dict[fx.Node, Any], params: list[tuple[str, TensorFacts, bool]],
+                 same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]], source: str) -> None:
         self._applies = applies
+        self._same_tensor = same_tensor
         self._values = values
         self._results = results
         self._params = params
@@ -145,7 +151,8 @@ class ShapeTemplate:
                                    else leaf.storage_nbytes)
             return leaf
 
-        return Propagation({node: tree_map(fill, result) for node, result in self._results.items()}, self._params)
+        return Propagation({node: tree_map(fill, result) for node, result in self._results.items()}, self._params,
+                           self._same_tensor)
 
     @classmethod
     def build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate | None":
@@ -232,7 +239,7 @@ class ShapeTemplate:
                   f"def values(batch, resolution):\n    return ({values}{',' if expressions else ''})\n")
         namespace: dict[str, Any] = {"math": math}
         exec(compile(source, f"<shape template of {traced.step_module.model.__class__.__name__}>", "exec"), namespace)
-        return cls(namespace["applies"], namespace["values"], results, params, source)
+        return cls(namespace["applies"], namespace["values"], results, params, recorder.same_tensor, source)
 
 
 def shape_facts(traced: TracedStep, batch: int, resolution: int) -> Propagation:

@@ -339,22 +339,41 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
 
 class _Recorder(fx.Interpreter):
     """Runs the graph on meta tensors and keeps every node's result (never freed during the run,
-    so that storage identities stay unique)."""
+    so that storage identities stay unique).
+
+    ``same_tensor`` maps ``(node, k)``, the ``k``-th tensor of a node's result, to the earlier value
+    it *is*: the very tensor object, with the same autograd history (``grad_fn``) and no in-place
+    change since (``_version``). Such a node (``nn.Identity``, ``x.contiguous()`` on a contiguous
+    tensor, a cast to the tensor's own dtype) makes no autograd node, so autograd sends the
+    gradients of its consumers straight to the earlier value. An in-place op returns the same object
+    too, but with a new ``grad_fn`` and version: it is a value of its own.
+    """
 
     def __init__(self, module: fx.GraphModule) -> None:
         super().__init__(module, garbage_collect_values=False)
         self.results: dict[fx.Node, Any] = {}
         self.current: fx.Node | None = None
+        self.same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]] = {}
+        # id(tensor) -> (the value that produced it, its grad_fn and version then); results are
+        # never freed during the run, so ids are not reused.
+        self._history: dict[int, tuple[tuple[fx.Node, int], Any, int]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
         result = super().run_node(n)
         self.results[n] = result
+        for k, tensor in enumerate(flatten_tensors(result)):
+            seen = self._history.get(id(tensor))
+            if seen is not None and seen[1] is tensor.grad_fn and seen[2] == tensor._version:
+                self.same_tensor[(n, k)] = seen[0]
+            else:
+                self._history[id(tensor)] = ((n, k), tensor.grad_fn, tensor._version)
         return result
 
 
-def propagate(traced: TracedStep, batch: int, resolution: int) -> dict[fx.Node, Any]:
-    """Every node's result for a batch of ``batch`` images of ``resolution`` pixels, on meta tensors."""
+def propagate(traced: TracedStep, batch: int, resolution: int) -> _Recorder:
+    """Run the graph on a batch of ``batch`` images of ``resolution`` pixels, on meta tensors: the
+    recorder holds every node's result and which results are an earlier value itself."""
     images = torch.empty(batch, IMAGE_CHANNELS, resolution, resolution, device="meta")
     labels = torch.empty(batch, dtype=torch.long, device="meta")
     recorder = _Recorder(traced.graph_module)
@@ -369,7 +388,7 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> dict[fx.Node, 
             f"shape propagation failed{where} for batch={batch}, resolution={resolution}: "
             f"{type(error).__name__}: {message}"
         ) from None
-    return recorder.results
+    return recorder
 
 
 def flatten_tensors(value: Any) -> list[torch.Tensor]:

@@ -95,3 +95,68 @@ def test_sgd_plugin_matches_the_live_measurement(options, step):
                               optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-3, **options))
     assert predicted.flops == measured["flops"]
     assert predicted.memory == measured["memory"]
+
+
+class IdentityBeforeBranch(nn.Module):
+    """``nn.Identity`` returns its input itself (no autograd node): the gradient the residual add
+    sends to ``identity`` goes straight to ``y``, where the branch's gradient meets it while the
+    branch's weight gradient is still TEMP (findings F2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2, 1, stride=2, bias=False)
+        self.identity = nn.Identity()
+        self.branch = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.fc = nn.Linear(2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        identity = self.identity(y)
+        out = self.branch(y.contiguous()) + identity  # contiguous() on a contiguous tensor is y itself too
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class SharedWeights(nn.Module):
+    """One module applied twice and one parameter used twice by a functional convolution: each
+    parameter's gradients meet in its AccumulateGrad's input buffer (``old + new``, TEMP) and reach
+    ``.grad`` once, after the last of them (findings F4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2, 1, stride=2, bias=False)
+        self.block = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.mix = nn.Parameter(torch.randn(2, 2, 3, 3) * 0.1)
+        self.fc = nn.Linear(2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        y = self.block(y) + self.block(y)
+        z = F.conv2d(F.relu(y), self.mix, padding=1)
+        z = F.conv2d(F.relu(z), self.mix, padding=1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+class IdleParameters(nn.Module):
+    """A trainable module never called and one whose output is dropped: no gradient reaches their
+    parameters, so ``.grad`` stays None, AdamW keeps no state for them and does no work (F3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 2, 1, stride=2, bias=False)
+        self.unused = nn.Linear(3, 3)
+        self.dropped = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.stem(x))
+        self.dropped(y)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("build", [IdentityBeforeBranch, SharedWeights, IdleParameters])
+@pytest.mark.parametrize("step", [1, 2])
+def test_gradient_routing_matches_the_live_measurement(build, step):
+    predicted = predict(build(), "fft", batch=2, resolution=8, step=step)
+    measured = measure_module(build, batch=2, resolution=8, step=step)
+    assert predicted.flops == measured["flops"]
+    assert predicted.memory == measured["memory"]
