@@ -252,9 +252,9 @@ def pool_specs(draw, size: int) -> tuple[PoolSpec, int]:
         if size + 2 * padding < kernel:
             return PoolSpec("adaptive", 1, 1, 0), 1
         return PoolSpec("max", kernel, stride, padding), conv_out(size, kernel, stride, padding)
-    # Only the global 1 x 1 pool: the reference's exact convention does not define
-    # aten._adaptive_avg_pool2d, so it refuses any other output size (property_findings.md, F1).
-    return PoolSpec("adaptive", 1, 1, 0), 1
+    # 1 x 1 runs as a mean; larger outputs run aten._adaptive_avg_pool2d with overlapping windows.
+    out = draw(st.integers(1, min(3, size)))
+    return PoolSpec("adaptive", out, 1, 0), out
 
 
 def ends_in_relu(blocks: list) -> bool:
@@ -292,7 +292,7 @@ def networks(draw) -> tuple[NetSpec, int, int]:
                 block = DropoutSpec(block.p, inplace=False)
         blocks.append(block)
     name = draw(st.sampled_from(("fc", "classifier")))
-    pool = 1  # the global pool only; see pool_specs (property_findings.md, F1)
+    pool = draw(st.sampled_from((1, 2))) if size >= 2 else 1
     head = HeadSpec(name, pool, draw(st.sampled_from(("torch.flatten", "method", "module", "view"))),
                     draw(st.none() | dropouts), draw(st.none() | st.sampled_from((4, 8))) if name == "classifier" else None,
                     channels * pool * pool, draw(st.integers(2, 10)))
