@@ -103,6 +103,16 @@ def needs_grad(node: OpNode, meta: TensorMeta | None) -> bool:
     return index is not None and node.needs_input_grad[index]
 
 
+def add_tensor_argument_grads(node: OpNode, cost: OpCost, *metas: TensorMeta | None) -> None:
+    """A functional form takes its weight and bias as node inputs: each one that needs a gradient
+    gets a new tensor of its own size as its input gradient."""
+    grads = list(cost.input_grads)
+    for meta in metas:
+        if needs_grad(node, meta):
+            grads[input_index(node, meta)] = meta.nbytes
+    cost.input_grads = tuple(grads)
+
+
 def output_aliases_input(node: OpNode, index: int = 0) -> bool:
     """Whether output 0 lives in the storage of input ``index`` (a view or an in-place result)."""
     return bool(node.outputs) and len(node.inputs) > index and node.outputs[0].storage == node.inputs[index].storage

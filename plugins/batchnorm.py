@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
 
-from ._handles import (HandleTable, input_index, module_param, needs_grad, new_output, no_grads,
-                       numel, saved_or_transient, tensor_input, trainable_param)
+from ._handles import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad, new_output,
+                       no_grads, numel, saved_or_transient, tensor_input, trainable_param)
 
 TABLE = HandleTable()
 
@@ -117,11 +117,7 @@ def batch_norm_function(node: OpNode) -> OpCost | None:
     if node.records_autograd:
         cost.saved += tuple(SavedRef("input", input_index(node, t)) for t in (weight, running_mean, running_var)
                             if t is not None)
-        grads = list(cost.input_grads)
-        for meta, needed in ((weight, needs[1]), (bias, needs[2])):
-            if needed:
-                grads[input_index(node, meta)] = meta.nbytes
-        cost.input_grads = tuple(grads)
+        add_tensor_argument_grads(node, cost, weight, bias)
     return cost
 
 

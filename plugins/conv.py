@@ -28,8 +28,8 @@ from torch.nn import functional as F
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
 
-from ._handles import (HandleTable, input_index, module_param, needs_grad, new_output, no_grads, numel,
-                       tensor_input, trainable_param)
+from ._handles import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad, new_output,
+                       no_grads, numel, tensor_input, trainable_param)
 
 TABLE = HandleTable()
 
@@ -104,11 +104,7 @@ def conv_function(node: OpNode) -> OpCost | None:
                      needs=(needs_grad(node, x), needs_grad(node, weight), needs_grad(node, bias)),
                      weight_saved=SavedRef("input", input_index(node, weight)))
     if node.records_autograd:
-        grads = list(cost.input_grads)
-        for meta in (weight, bias):
-            if needs_grad(node, meta):
-                grads[input_index(node, meta)] = meta.nbytes
-        cost.input_grads = tuple(grads)
+        add_tensor_argument_grads(node, cost, weight, bias)
     return cost
 
 

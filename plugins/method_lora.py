@@ -89,25 +89,24 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
 
 
-class LoraConv2d(nn.Module):
-    """peft 0.21.2 ``lora.Conv2d`` (and its DoRA variant) in training mode, dropout 0."""
+class _LoraLayer(nn.Module):
+    """What peft 0.21.2's ``lora.Conv2d`` and ``lora.Linear`` share in training mode with dropout 0:
+    the frozen base layer, ``lora_B(lora_A(x)) * alpha / rank`` added to its result, and, for DoRA,
+    the magnitude vector. Modules register in peft's order, so parameters come in peft's order."""
 
-    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, use_dora: bool) -> None:
+    def __init__(self, base_layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module,
+                 magnitude_shape: tuple[int, ...], rank: int, alpha: float, use_dora: bool) -> None:
         super().__init__()
-        device, dtype = base_layer.weight.device, base_layer.weight.dtype
         self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict({ADAPTER: nn.Conv2d(
-            base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride, base_layer.padding,
-            bias=False, device=device, dtype=dtype)})
-        self.lora_B = nn.ModuleDict({ADAPTER: nn.Conv2d(
-            rank, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False, device=device, dtype=dtype)})
+        self.lora_A = nn.ModuleDict({ADAPTER: lora_A})
+        self.lora_B = nn.ModuleDict({ADAPTER: lora_B})
         self.lora_magnitude_vector = nn.ModuleDict()
         if use_dora:
-            self.lora_magnitude_vector[ADAPTER] = DoraMagnitude((1, base_layer.out_channels, 1, 1), device, dtype)
+            weight = base_layer.weight
+            self.lora_magnitude_vector[ADAPTER] = DoraMagnitude(magnitude_shape, weight.device, weight.dtype)
         self.rank = rank
         self.scaling = alpha / rank
         self.use_dora = use_dora
-        self.weight_shape = tuple(base_layer.weight.shape)
         self.has_bias = base_layer.bias is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +114,22 @@ class LoraConv2d(nn.Module):
         if not self.use_dora:
             return result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
         return result + self.dora(x, result)
+
+    def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoraConv2d(_LoraLayer):
+    """peft 0.21.2 ``lora.Conv2d`` (and its DoRA variant) in training mode, dropout 0."""
+
+    def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, use_dora: bool) -> None:
+        device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        lora_A = nn.Conv2d(base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride,
+                           base_layer.padding, bias=False, device=device, dtype=dtype)
+        lora_B = nn.Conv2d(rank, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False,
+                           device=device, dtype=dtype)
+        super().__init__(base_layer, lora_A, lora_B, (1, base_layer.out_channels, 1, 1), rank, alpha, use_dora)
+        self.weight_shape = tuple(base_layer.weight.shape)
 
     def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``_DoraConvNdLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
@@ -133,30 +148,14 @@ class LoraConv2d(nn.Module):
         return result_dora
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(_LoraLayer):
     """peft 0.21.2 ``lora.Linear`` (and its DoRA variant) in training mode, dropout 0."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, use_dora: bool) -> None:
-        super().__init__()
         device, dtype = base_layer.weight.device, base_layer.weight.dtype
-        self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict({ADAPTER: nn.Linear(
-            base_layer.in_features, rank, bias=False, device=device, dtype=dtype)})
-        self.lora_B = nn.ModuleDict({ADAPTER: nn.Linear(
-            rank, base_layer.out_features, bias=False, device=device, dtype=dtype)})
-        self.lora_magnitude_vector = nn.ModuleDict()
-        if use_dora:
-            self.lora_magnitude_vector[ADAPTER] = DoraMagnitude((base_layer.out_features,), device, dtype)
-        self.rank = rank
-        self.scaling = alpha / rank
-        self.use_dora = use_dora
-        self.has_bias = base_layer.bias is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if not self.use_dora:
-            return result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
-        return result + self.dora(x, result)
+        lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
+        lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        super().__init__(base_layer, lora_A, lora_B, (base_layer.out_features,), rank, alpha, use_dora)
 
     def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``DoraLinearLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
