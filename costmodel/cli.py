@@ -236,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`costmodel predict | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:  # a bug, not bad input: still one line unless asked for more
         if os.environ.get("COSTMODEL_DEBUG"):
             traceback.print_exc()

@@ -120,3 +120,11 @@ def test_the_installed_command_exits_2_on_bad_input():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "unknown model 'nope'" in result.stderr
+
+
+def test_a_closed_pipe_is_no_error() -> None:
+    """`costmodel predict ... | true`: a reader that leaves before the output is written is not
+    reported as an error (the write meets a closed pipe)."""
+    result = subprocess.run(["sh", "-c", "costmodel predict --model resnet18 --batch 2 --resolution 32 | true"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.stderr == ""
