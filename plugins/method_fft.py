@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from costmodel.config import StepConfig
@@ -23,16 +25,23 @@ def costmodel_method_names() -> list[str]:
     return [NAME]
 
 
+def prepare_adamw_method(name: str, model: nn.Module, config: StepConfig, trains: Callable[[str], bool],
+                         what: str) -> PreparedMethod:
+    """A method that only chooses which parameters train (``trains(qualified_name)``) and gives them
+    all to one ``AdamW(lr)`` group; it takes no options."""
+    if config.options:
+        raise CostModelError(f"method {name!r} takes no options, got {', '.join(sorted(config.options))}")
+    for qualified, parameter in model.named_parameters():
+        parameter.requires_grad_(trains(qualified))
+    params = trainable_metas(model)
+    return PreparedMethod(
+        param_groups=[ParamGroup("adamw", params, {"lr": config.lr})],
+        note=f"{name}: {what} ({sum(p.numel for p in params):,} parameters trainable); AdamW",
+    )
+
+
 @hookimpl
 def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
     if name != NAME:
         return None
-    if config.options:
-        raise CostModelError(f"method 'fft' takes no options, got {', '.join(sorted(config.options))}")
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    params = trainable_metas(model)
-    return PreparedMethod(
-        param_groups=[ParamGroup("adamw", params, {"lr": config.lr})],
-        note=f"fft: all {sum(p.numel for p in params):,} parameters trainable; AdamW",
-    )
+    return prepare_adamw_method(NAME, model, config, lambda qualified: True, "every parameter")
