@@ -205,3 +205,9 @@ class PreparedMethod:
     param_groups: list[ParamGroup]
     leaf_modules: tuple[type[nn.Module], ...] = ()
     note: str = ""
+    # The method's promise that lets the engine predict many ranks from one trace
+    # (``costmodel.ranks``): preparing the model at any other rank >= 1 succeeds and changes only
+    # integer sizes - parameter dimensions, integer attributes of modules the tracer keeps whole,
+    # integer optimizer options - each an affine function of the rank. The engine checks it at
+    # three ranks and predicts rank by rank wherever it does not hold.
+    affine_in_rank: bool = False

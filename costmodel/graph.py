@@ -6,7 +6,7 @@ Several values may share a storage (views, in-place results); memory is counted 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,46 @@ def _static(traced: TracedStep, node: fx.Node) -> tuple[Any, ...]:
     return module, params, type(module), _label(traced, node)
 
 
+def node_op(node: fx.Node, results: Mapping[fx.Node, Any], metas: Mapping[Value, TensorMeta],
+            same_tensor: Mapping[Value, Value], outputs: tuple[TensorMeta, ...],
+            static: tuple[Any, ...]) -> tuple[OpNode, tuple[Value, ...]]:
+    """The :class:`OpNode` plugins are asked about for ``node``, and the values behind its inputs:
+    tensors in the arguments replaced by their metas (``results`` and ``metas`` as propagated,
+    ``static`` as :func:`_static` gives it)."""
+    input_values: list[Value] = []
+
+    def replace(arg: Any) -> Any:
+        if not isinstance(arg, fx.Node):
+            return arg
+        value = results[arg]
+        if isinstance(value, TensorFacts):
+            input_values.append(same_tensor.get((arg, 0), (arg, 0)))
+            return metas[(arg, 0)]
+        if isinstance(value, (tuple, list)) and any(isinstance(v, TensorFacts) for v in value):
+            replaced = []
+            k = 0
+            for item in value:
+                if isinstance(item, TensorFacts):
+                    input_values.append(same_tensor.get((arg, k), (arg, k)))
+                    replaced.append(metas[(arg, k)])
+                    k += 1
+                else:
+                    replaced.append(item)
+            return type(value)(replaced) if isinstance(value, tuple) else replaced
+        return value
+
+    args = fx.node.map_aggregate(node.args, replace)
+    kwargs = fx.node.map_aggregate(node.kwargs, replace)
+    inputs = tuple(metas[v] for v in input_values)
+    module, node_params, target, _ = static
+    op = OpNode(
+        name=node.name, kind=node.op, target=target, args=tuple(args), kwargs=dict(kwargs),
+        inputs=inputs, outputs=outputs, needs_input_grad=tuple(t.requires_grad for t in inputs),
+        module=module, params=node_params,
+    )
+    return op, tuple(input_values)
+
+
 def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     """Turn a propagated trace into records (shapes, aliasing, gradients needed) and liveness."""
     gm = traced.graph_module
@@ -151,41 +191,11 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
                 param_values[(node, 0)] = _param_name(str(node.target))
             continue
 
-        input_values: list[Value] = []
-
-        def replace(arg: Any) -> Any:
-            if not isinstance(arg, fx.Node):
-                return arg
-            value = results[arg]
-            if isinstance(value, TensorFacts):
-                input_values.append(same_tensor.get((arg, 0), (arg, 0)))
-                return metas[(arg, 0)]
-            if isinstance(value, (tuple, list)) and any(isinstance(v, TensorFacts) for v in value):
-                replaced = []
-                k = 0
-                for item in value:
-                    if isinstance(item, TensorFacts):
-                        input_values.append(same_tensor.get((arg, k), (arg, k)))
-                        replaced.append(metas[(arg, k)])
-                        k += 1
-                    else:
-                        replaced.append(item)
-                return type(value)(replaced) if isinstance(value, tuple) else replaced
-            return value
-
-        args = fx.node.map_aggregate(node.args, replace)
-        kwargs = fx.node.map_aggregate(node.kwargs, replace)
-        inputs = tuple(metas[v] for v in input_values)
-
-        module, node_params, target, label = static.get(node) or static.setdefault(node, _static(traced, node))
-        op = OpNode(
-            name=node.name, kind=node.op, target=target, args=tuple(args), kwargs=dict(kwargs),
-            inputs=inputs, outputs=tuple(outputs), needs_input_grad=tuple(t.requires_grad for t in inputs),
-            module=module, params=node_params,
-        )
+        op, input_values = node_op(node, results, metas, same_tensor, tuple(outputs),
+                                   static.get(node) or static.setdefault(node, _static(traced, node)))
         position[node] = len(records)
-        records.append(NodeRecord(len(records), op, tuple(input_values),
-                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh), label))
+        records.append(NodeRecord(len(records), op, input_values,
+                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh), static[node][3]))
 
     if loss is None or len(placeholders) != 2:
         raise AssertionError("a traced training step has two placeholders and one output")

@@ -28,6 +28,11 @@ The simulation mirrors the runtime reference (``validation/memory.py``) rule for
 - The gradient of the loss (``ones_like``) is created before autograd's engine starts (ACT) and held
   by ``backward()`` until it returns.
 - Optimizer: each parameter group's plugin gives its memory events in order.
+
+Sizes may be numpy integer arrays instead of ints, one entry per rank of a batched prediction
+(``costmodel.ranks``): the simulation's decisions never depend on a size except through
+:func:`is_zero` and :func:`is_positive`, which refuse a size that is zero (or positive) at some
+ranks only (:class:`MixedSizes`), so one pass simulates every rank exactly.
 """
 
 from __future__ import annotations
@@ -36,11 +41,40 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
+import numpy as np
+
 from costmodel.costs import OpCost, OptimizerCost, TensorMeta
 from costmodel.graph import NodeRecord, StepGraph, Value
 from costmodel.result import MEMORY_GROUPS
 
 GROUP_INDEX = {name: i for i, name in enumerate(MEMORY_GROUPS)}
+
+
+class MixedSizes(Exception):
+    """A size the simulation branches on is zero (or positive) at some ranks of a batched
+    prediction and not at others: those ranks do not share one timeline."""
+
+
+def _uniform(flags: np.ndarray) -> bool:
+    if flags.all():
+        return True
+    if not flags.any():
+        return False
+    raise MixedSizes("a size is zero at some ranks only")
+
+
+def is_zero(size: int | np.ndarray) -> bool:
+    return _uniform(np.asarray(size) == 0) if isinstance(size, np.ndarray) else size == 0
+
+
+def is_positive(size: int | np.ndarray) -> bool:
+    return _uniform(np.asarray(size) > 0) if isinstance(size, np.ndarray) else size > 0
+
+
+def _larger(a: int | np.ndarray, b: int | np.ndarray) -> int | np.ndarray:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return a if a >= b else b
 PARAM, BUFFER, GRAD, ACT, TEMP, OPT, OTH = (GROUP_INDEX[name] for name in MEMORY_GROUPS)
 
 
@@ -131,11 +165,8 @@ class _Storages:
         current = self.current
         maxima = self.maxima
         for i, value in enumerate(current):
-            if value > maxima[i]:
-                maxima[i] = value
-        total = sum(current)
-        if total > self.peak:
-            self.peak = total
+            maxima[i] = _larger(maxima[i], value)
+        self.peak = _larger(self.peak, sum(current))
         if self.timeline is not None:
             self.timeline.append(Snapshot(phase, node, label, tuple(current)))
 
@@ -190,7 +221,7 @@ def gradient_flow(graph: StepGraph, costs: list[OpCost | None]) -> GradientFlow:
                 produced.append((parameter, nbytes))
         for parameter, nbytes in produced:
             producers[parameter] = producers.get(parameter, 0) + 1
-            if nbytes:
+            if not is_zero(nbytes):
                 gradient_bytes[parameter] = nbytes
     return GradientFlow(frozenset(runs), producers, gradient_bytes)
 
@@ -251,7 +282,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
         ran_backward.add(record.index)
         elements = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
                                   graph.metas, param_of_value, pending, param_buffers)
-        if elements:
+        if not is_zero(elements):
             accumulated[record.index] = elements
     for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
         for key in keys:
@@ -266,7 +297,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     for step in optimizer_steps:
         for event in step.cost.events:
             mem.add(GROUP_INDEX[event.group], event.nbytes)
-            if event.nbytes > 0:
+            if is_positive(event.nbytes):
                 mem.snapshot("optimizer", step.label, event.label or "step")
     return mem.result(ran_backward, accumulated)
 
@@ -330,7 +361,7 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
     for i, nbytes in enumerate(cost.input_grads):
         if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
             continue
-        if nbytes == 0:  # the incoming gradient itself (or a view of it) flows on
+        if is_zero(nbytes):  # the incoming gradient itself (or a view of it) flows on
             key = incoming[0]
             mem.hold(key)
         else:

@@ -191,6 +191,40 @@ def optimizer_steps(groups: list[ParamGroup], manager: pluggy.PluginManager, con
     return steps
 
 
+def optimizer_timeline(param_groups: list[ParamGroup], flow: GradientFlow, manager: pluggy.PluginManager,
+                       config: StepConfig) -> tuple[list[OptimizerStep], int, int]:
+    """The optimizer's steps over the groups as it sees them, and the optimizer state and parameter
+    gradients that exist when step ``config.step`` starts."""
+    groups = updated_groups(param_groups, flow)
+    steps = optimizer_steps(groups, manager, config, config.step)
+    state_before = 0
+    if config.step > 1:
+        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, config.step - 1))
+    grads_before = sum(flow.gradient_bytes.values()) if config.step > 1 else 0
+    return steps, state_before, grads_before
+
+
+def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
+               steps: list[OptimizerStep]) -> dict[str, dict[str, int]]:
+    """FLOPs per convention and phase: every covered node's forward, the backward of the nodes
+    whose backward ran, and the optimizer's steps."""
+    forward, backward = Flops(), Flops()
+    for record, cost in zip(graph.records, costs):
+        if cost is None:
+            continue
+        forward = forward + cost.forward
+        if record.index in memory.ran_backward:
+            backward = backward + cost.backward
+    # Autograd adds the gradients of a value used twice (one add per element; the stock counter
+    # counts no adds).
+    backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
+    optimizer = Flops()
+    for step in steps:
+        optimizer = optimizer + step.cost.flops
+    return {conv: phase_flops(getattr(forward, conv), getattr(backward, conv), getattr(optimizer, conv))
+            for conv in FLOP_CONVENTIONS}
+
+
 def _node_costs(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult) -> list[NodeCost]:
     nodes = []
     for record, cost in zip(graph.records, costs):
@@ -221,30 +255,9 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
     costs, unknown = cost_nodes(graph, manager, config, allow_unknown)
 
     flow = gradient_flow(graph, costs)
-    groups = updated_groups(traced.prepared.param_groups, flow)
-    steps = optimizer_steps(groups, manager, config, config.step)
-    state_before = 0
-    if config.step > 1:
-        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, config.step - 1))
-    grads_before = sum(flow.gradient_bytes.values()) if config.step > 1 else 0
+    steps, state_before, grads_before = optimizer_timeline(traced.prepared.param_groups, flow, manager, config)
     memory = simulate(graph, costs, flow, steps, state_before, grads_before)
-
-    forward, backward = Flops(), Flops()
-    for record, cost in zip(graph.records, costs):
-        if cost is None:
-            continue
-        forward = forward + cost.forward
-        if record.index in memory.ran_backward:
-            backward = backward + cost.backward
-    # Autograd adds the gradients of a value used twice (one add per element; the stock counter
-    # counts no adds).
-    backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
-    optimizer = Flops()
-    for step in steps:
-        optimizer = optimizer + step.cost.flops
-    flops = {conv: phase_flops(getattr(forward, conv), getattr(backward, conv), getattr(optimizer, conv))
-             for conv in FLOP_CONVENTIONS}
-    assert tuple(flops["torch"])[:3] == PHASES
+    flops = step_flops(graph, costs, memory, steps)
 
     covered = len(graph.records) - len(unknown)
     coverage = {"allow_unknown": allow_unknown, "nodes": len(graph.records), "covered": covered,

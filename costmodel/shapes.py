@@ -78,7 +78,11 @@ def _params(traced: TracedStep, storage_of: _StorageIds) -> list[tuple[str, Tens
 
 def concrete(traced: TracedStep, batch: int, resolution: int) -> Propagation:
     """Propagate on meta tensors at this batch and resolution."""
-    recorder = propagate(traced, batch, resolution)
+    return recorded_facts(traced, propagate(traced, batch, resolution))
+
+
+def recorded_facts(traced: TracedStep, recorder: _Recorder) -> Propagation:
+    """The facts of a concrete propagation's results."""
     results = recorder.results
     storage_of = _StorageIds()
     params = _params(traced, storage_of)
@@ -230,16 +234,28 @@ class ShapeTemplate:
 
         results = {node: tree_map(template, result) for node, result in recorder.results.items()}
 
-        from torch.utils._sympy.printers import PythonPrinter
+        applies, values, source = compile_formulas(
+            conditions, expressions, (BATCH, RESOLUTION),
+            f"shape template of {traced.step_module.model.__class__.__name__}")
+        return cls(applies, values, results, params, recorder.same_tensor, source)
 
-        printer = PythonPrinter()
-        condition = " and ".join(f"({printer.doprint(c)})" for c in conditions) or "True"
-        values = ", ".join(printer.doprint(e) for e in expressions)
-        source = (f"def applies(batch, resolution):\n    return {condition}\n\n"
-                  f"def values(batch, resolution):\n    return ({values}{',' if expressions else ''})\n")
-        namespace: dict[str, Any] = {"math": math}
-        exec(compile(source, f"<shape template of {traced.step_module.model.__class__.__name__}>", "exec"), namespace)
-        return cls(namespace["applies"], namespace["values"], results, params, recorder.same_tensor, source)
+
+def compile_formulas(conditions: list[sympy.Basic], expressions: list[sympy.Basic],
+                     parameters: tuple[sympy.Symbol, ...], label: str) -> tuple[Callable[..., bool],
+                                                                                 Callable[..., tuple[int, ...]], str]:
+    """Compile the guards and sizes of a symbolic run into two Python functions of ``parameters``:
+    ``applies(...)`` (every guard holds) and ``values(...)`` (every size, in order), and their source."""
+    from torch.utils._sympy.printers import PythonPrinter
+
+    printer = PythonPrinter()
+    names = ", ".join(str(p) for p in parameters)
+    condition = " and ".join(f"({printer.doprint(c)})" for c in conditions) or "True"
+    values = ", ".join(printer.doprint(e) for e in expressions)
+    source = (f"def applies({names}):\n    return {condition}\n\n"
+              f"def values({names}):\n    return ({values}{',' if expressions else ''})\n")
+    namespace: dict[str, Any] = {"math": math}
+    exec(compile(source, f"<{label}>", "exec"), namespace)
+    return namespace["applies"], namespace["values"], source
 
 
 def shape_facts(traced: TracedStep, batch: int, resolution: int) -> Propagation:

@@ -37,6 +37,7 @@ def prepare_adamw_method(name: str, model: nn.Module, config: StepConfig, trains
     return PreparedMethod(
         param_groups=[ParamGroup("adamw", params, {"lr": config.lr})],
         note=f"{name}: {what} ({sum(p.numel for p in params):,} parameters trainable); AdamW",
+        affine_in_rank=True,  # the rank changes nothing
     )
 
 

@@ -64,4 +64,5 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     return PreparedMethod(
         param_groups=[group],
         note=f"galore: {len(group.options['low_rank'])} projected weights at rank {config.rank}, "
-             f"T={config.galore_update_proj_gap}; every parameter trains")
+             f"T={config.galore_update_proj_gap}; every parameter trains",
+        affine_in_rank=True)  # the rank is only the low-rank group's projection rank

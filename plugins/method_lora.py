@@ -74,6 +74,7 @@ from costmodel.config import StepConfig
 from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
+from costmodel.plugins.method_fft import trainable_metas
 from costmodel.plugins.method_targets import (Target, check_options, head_module_names, replace_module,
                                               select_targets)
 
@@ -104,7 +105,6 @@ class _LoraLayer(nn.Module):
         if use_dora:
             weight = base_layer.weight
             self.lora_magnitude_vector[ADAPTER] = DoraMagnitude(magnitude_shape, weight.device, weight.dtype)
-        self.rank = rank
         self.scaling = alpha / rank
         self.use_dora = use_dora
         self.has_bias = base_layer.bias is not None
@@ -135,8 +135,10 @@ class LoraConv2d(_LoraLayer):
         """``_DoraConvNdLayer.forward`` with ``base_result=result`` (the dropout is the identity)."""
         lora_A, lora_B = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
         weight = self.base_layer.weight
-        lora_weight = torch.mm(lora_B.weight.detach().view(-1, self.rank),
-                               lora_A.weight.detach().view(self.rank, -1)).reshape(self.weight_shape)
+        # The rank read off the weight, as a traced size, so that the graph is the same at every rank.
+        rank = lora_A.weight.shape[0]
+        lora_weight = torch.mm(lora_B.weight.detach().view(-1, rank),
+                               lora_A.weight.detach().view(rank, -1)).reshape(self.weight_shape)
         weight_norm = (weight + self.scaling * lora_weight.detach()).norm(
             p=2, dim=(1, 2, 3), keepdim=True).transpose(1, 0)
         weight_norm = weight_norm.detach()
@@ -198,12 +200,6 @@ def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list
     return targets
 
 
-def trainable_param_metas(model: nn.Module) -> list[ParamMeta]:
-    """The trainable parameters in ``model.parameters()`` order: the optimizer's single group."""
-    return [ParamMeta(name, tuple(p.shape), p.dtype, True)
-            for name, p in model.named_parameters() if p.requires_grad]
-
-
 @hookimpl
 def costmodel_method_names() -> list[str]:
     return list(METHODS)
@@ -215,8 +211,15 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
         return None
     targets = apply_adapters(model, config, use_dora=name == "dora")
     ranks = sorted({t.rank for t in targets})
-    group = ParamGroup("adamw", trainable_param_metas(model), {"lr": config.lr})
+    group = ParamGroup("adamw", trainable_metas(model), {"lr": config.lr})
+    # Every adapter's size follows the rank, and its scaling alpha / rank does not (alpha = rank):
+    # unless a pattern pins some layers' rank or alpha, or a grouped convolution accepts only some
+    # ranks.
+    options = config.options
+    affine = (config.alpha is None and not options.get("rank_pattern") and not options.get("alpha_pattern")
+              and not options.get("include_grouped") and all(getattr(t.module, "groups", 1) == 1 for t in targets))
     return PreparedMethod(
         param_groups=[group],
         note=f"{name}: {len(targets)} adapted layers (rank {', '.join(map(str, ranks))}); "
-             f"AdamW over {sum(p.numel for p in group.params):,} trainable parameters")
+             f"AdamW over {sum(p.numel for p in group.params):,} trainable parameters",
+        affine_in_rank=affine)

@@ -1,0 +1,762 @@
+"""Predicting one configuration at many ranks at once.
+
+A rank sweep asks for the same step again and again with only the rank changed. Rank by rank,
+each prediction builds, prepares, traces and propagates the model anew and simulates its whole
+memory timeline (a few hundred milliseconds for a MobileNet with adapters). :func:`predict_ranks`
+does that work once and only the rank-dependent rest per rank:
+
+1. **One structure.** The method is prepared at three probe ranks. Where the method promises it
+   (``PreparedMethod.affine_in_rank``) and the three prepared models confirm it - the same
+   modules, attributes and parameter groups, except integer sizes (parameter dimensions,
+   integer attributes of modules the tracer keeps whole, integer optimizer options), each affine
+   in the rank - every rank has the same traced graph: the modules the tracer traces through are
+   identical, and parameter sizes reach the graph only as traced values.
+2. **Sizes as formulas.** The graph is propagated once on meta tensors, at the first probe. The
+   nodes that depend on the rank (one that reads a rank-sized parameter, a leaf module with a
+   rank-sized attribute, a node fed a rank-sized value) run again with the rank as a symbol
+   (``FakeTensorMode`` with a ``ShapeEnv``): each rank-dependent size becomes a formula in the
+   rank and each decision a kernel took on it a guard. A rank whose guards fail (rank 1, say: a
+   size of 1 is specialised) gets a template of its own.
+3. **Costs as arrays.** Op plugins answer once for every node that does not depend on the rank,
+   and once per rank, with that rank's sizes, for each node that does; optimizer plugins once per
+   rank. The answers are stacked into numpy arrays with one entry per rank, and the memory
+   simulation (``costmodel.memory``) runs once over the arrays.
+
+Nothing is approximated: every number equals what ``predict_config`` gives for that rank alone
+(``tests/test_engine_ranks.py`` compares every field). Wherever a condition above does not hold
+(no promise, probes that differ otherwise, a failed guard, a plugin whose answer changes form
+with the rank, a size the simulation branches on that is zero at some ranks only) the ranks
+concerned are predicted one by one with ``predict_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pluggy
+import sympy
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from costmodel.config import StepConfig
+from costmodel.costs import Alloc, Flops, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
+from costmodel.errors import CostModelError
+from costmodel.graph import StepGraph, Value, _static, _tensor_meta, build_step_graph, node_op
+from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, gradient_flow, simulate
+from costmodel.models import build_model
+from costmodel.predict import Prediction, optimizer_timeline, predict_config, step_flops, traced_step
+from costmodel.registry import default_plugin_manager
+from costmodel.shapes import (_Slot, _StorageIds, _TensorTemplate, Propagation, TensorFacts, compile_formulas,
+                              recorded_facts)
+from costmodel.trace import _CONTAINERS, MODEL_PREFIX, TracedStep, _state_key, prepare_method, propagate
+
+RANK = sympy.Symbol("rank", integer=True, positive=True)
+PROBES = 3
+MAX_TEMPLATES = 3  # symbolic runs per configuration: the general one, rank 1, one spare
+
+
+class _NotShared(Exception):
+    """The ranks asked for cannot share one structure (the reason is the message)."""
+
+
+# -- 1. one structure: what the rank changes in the prepared model
+
+@dataclass(frozen=True)
+class Affine:
+    """An integer size ``slope * rank + intercept`` (exact rationals)."""
+
+    slope: Fraction
+    intercept: Fraction
+
+    @staticmethod
+    def through(points: Sequence[tuple[int, int]]) -> "Affine | None":
+        """The line through every ``(rank, value)`` point, if there is one."""
+        (r0, v0), (r1, v1) = points[0], points[1]
+        slope = Fraction(v1 - v0, r1 - r0)
+        line = Affine(slope, v0 - slope * r0)
+        return line if all(line.exact(r) == v for r, v in points) else None
+
+    def exact(self, rank: int) -> Fraction:
+        return self.slope * rank + self.intercept
+
+    def at(self, rank: int) -> int:
+        value = self.exact(rank)
+        if value.denominator != 1:
+            raise _NotShared(f"a size {self} is not an integer at rank {rank}")
+        return int(value)
+
+    def symbolic(self, rank: Any) -> Any:
+        """The size as a ``SymInt`` of a symbolic ``rank`` (exact where :meth:`at` is)."""
+        denominator = self.slope.denominator * self.intercept.denominator
+        numerator = int(self.slope * denominator) * rank + int(self.intercept * denominator)
+        return numerator if denominator == 1 else numerator // denominator
+
+
+def _vary(values: Sequence[Any], probes: Sequence[int], where: str) -> Any:
+    """One template for the same thing at each probe rank: equal parts as they are, integers that
+    differ as an :class:`Affine`, containers and dataclasses part by part."""
+    first = values[0]
+    if any(type(v) is not type(first) for v in values):
+        raise _NotShared(f"{where} changes type with the rank")
+    if type(first) is int:
+        if all(v == first for v in values):
+            return first
+        line = Affine.through(list(zip(probes, values)))
+        if line is None:
+            raise _NotShared(f"{where} is not affine in the rank ({', '.join(map(str, values))})")
+        return line
+    if isinstance(first, dict):
+        if any(list(v) != list(first) for v in values):
+            raise _NotShared(f"{where} has other keys at another rank")
+        return type(first)((k, _vary([v[k] for v in values], probes, f"{where}[{k!r}]")) for k in first)
+    if isinstance(first, (list, tuple)) and not hasattr(first, "_fields"):
+        if any(len(v) != len(first) for v in values):
+            raise _NotShared(f"{where} has another length at another rank")
+        return type(first)(_vary([v[i] for v in values], probes, f"{where}[{i}]") for i in range(len(first)))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: _vary([getattr(v, f.name) for v in values], probes,
+                                                           f"{where}.{f.name}")
+                                             for f in dataclasses.fields(first)})
+    if isinstance(first, torch.Tensor):
+        keys = [_state_key(v) for v in values]
+    else:
+        keys = [v if isinstance(v, (str, float, bool, type(None))) else _state_key(v) for v in values]
+    if any(k != keys[0] for k in keys):
+        raise _NotShared(f"{where} changes with the rank")
+    return first
+
+
+def _has_affine(template: Any) -> bool:
+    if isinstance(template, Affine):
+        return True
+    if isinstance(template, dict):
+        return any(_has_affine(v) for v in template.values())
+    if isinstance(template, (list, tuple)):
+        return any(_has_affine(v) for v in template)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        return any(_has_affine(getattr(template, f.name)) for f in dataclasses.fields(template))
+    return False
+
+
+def _at(template: Any, rank: int | Any, symbolic: bool = False) -> Any:
+    """The template's value at ``rank`` (a ``SymInt`` rank with ``symbolic``)."""
+    if isinstance(template, Affine):
+        return template.symbolic(rank) if symbolic else template.at(rank)
+    if isinstance(template, dict):
+        return type(template)((k, _at(v, rank, symbolic)) for k, v in template.items())
+    if isinstance(template, (list, tuple)) and not hasattr(template, "_fields"):
+        return type(template)(_at(v, rank, symbolic) for v in template)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type) and _has_affine(template):
+        return dataclasses.replace(template, **{f.name: _at(getattr(template, f.name), rank, symbolic)
+                                                for f in dataclasses.fields(template)})
+    return template
+
+
+@dataclass
+class RankDependence:
+    """What the rank changes in a prepared model, as templates in the rank."""
+
+    # Qualified parameter or buffer name -> its shape (ints and Affine sizes); only those that vary.
+    tensors: dict[str, tuple[Any, ...]]
+    # (module qualified name, attribute) -> its value template; only those that vary.
+    attributes: dict[tuple[str, str], Any]
+    # The optimizer's parameter groups, as templates.
+    groups: list[ParamGroup]
+
+    def shape_at(self, name: str, rank: int) -> tuple[int, ...]:
+        return _at(self.tensors[name], rank)
+
+
+def rank_dependence(models: Sequence[nn.Module], groups: Sequence[list[ParamGroup]],
+                    probes: Sequence[int]) -> RankDependence:
+    """Compare one model prepared at the ``probes`` ranks; raise :class:`_NotShared` unless only
+    integer sizes differ, affinely."""
+    tensors: dict[str, tuple[Any, ...]] = {}
+    attributes: dict[tuple[str, str], Any] = {}
+    walks = [list(m.named_modules(remove_duplicate=False)) for m in models]
+    if any(len(w) != len(walks[0]) for w in walks):
+        raise _NotShared("the prepared models have other modules at other ranks")
+    for entries in zip(*walks):
+        name, module = entries[0]
+        if any(n != name or type(m) is not type(module) for n, m in entries):
+            raise _NotShared(f"module {name!r} differs between ranks")
+        states = [{k: v for k, v in vars(m).items() if k not in _CONTAINERS} for _, m in entries]
+        for attribute in states[0].keys() | set().union(*states[1:]):
+            if any(attribute not in s for s in states):
+                raise _NotShared(f"attribute {name}.{attribute} exists at some ranks only")
+            template = _vary([s[attribute] for s in states], probes, f"{name or 'model'}.{attribute}")
+            if _has_affine(template):
+                attributes[(name, attribute)] = template
+        for container in ("_parameters", "_buffers"):
+            owned = [getattr(m, container) for _, m in entries]
+            if any(list(o) != list(owned[0]) for o in owned):
+                raise _NotShared(f"module {name!r} has other parameters at other ranks")
+            for local in owned[0]:
+                qualified = f"{name}.{local}" if name else local
+                found = [o[local] for o in owned]
+                if found[0] is None:
+                    if any(t is not None for t in found):
+                        raise _NotShared(f"{qualified} exists at some ranks only")
+                    continue
+                if any((t.dtype, t.requires_grad, t.device.type, t.dim()) !=
+                       (found[0].dtype, found[0].requires_grad, found[0].device.type, found[0].dim()) for t in found):
+                    raise _NotShared(f"{qualified} differs between ranks beyond its size")
+                shape = _vary([tuple(t.shape) for t in found], probes, qualified)
+                if _has_affine(shape):
+                    tensors[qualified] = shape
+    shared = [[n for n, _ in m.named_parameters(remove_duplicate=False)] for m in models]
+    if any(s != shared[0] for s in shared):
+        raise _NotShared("parameter sharing differs between ranks")
+    return RankDependence(tensors, attributes, _vary(list(groups), probes, "parameter groups"))
+
+
+# -- 2. sizes as formulas: the rank-dependent nodes, run with a symbolic rank
+
+@dataclass
+class RankTemplate:
+    """Every rank-dependent value's facts as formulas in the rank, valid where ``applies`` says."""
+
+    applies: Callable[[int], bool]
+    values: Callable[[int], tuple[int, ...]]
+    results: dict[fx.Node, Any]  # node -> its result with _Slot sizes and _TensorTemplate tensors
+    source: str
+
+    def covers(self, rank: int) -> bool:
+        try:
+            return bool(self.applies(rank))
+        except (ArithmeticError, ValueError):
+            return False
+
+    def evaluate(self, rank: int) -> dict[fx.Node, Any]:
+        values = self.values(rank)
+
+        def fill(leaf: Any) -> Any:
+            if isinstance(leaf, _Slot):
+                return values[leaf.index]
+            if isinstance(leaf, _TensorTemplate):
+                return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
+                                   leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
+                                   values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
+                                   else leaf.storage_nbytes)
+            return leaf
+
+        return {node: tree_map(fill, result) for node, result in self.results.items()}
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _alias_pattern(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """For each output: the first input it *is* and the first input whose storage it shares (-1: none)."""
+    pattern = []
+    for out in outputs:
+        same = next((i for i, t in enumerate(inputs) if t is out), -1)
+        shares = next((i for i, t in enumerate(inputs) if _storage(t) == _storage(out)), -1)
+        pattern.append((same, shares))
+    return pattern
+
+
+def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, dependence: RankDependence,
+                      hint: int) -> tuple[RankTemplate, set[fx.Node]]:
+    """Run the rank-dependent nodes with a symbolic rank hinted ``hint``; the other nodes keep the
+    results of ``base`` (the concrete propagation at another rank). Returns the template and the
+    nodes that depend on the rank."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
+    rank = env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
+    gm = traced.graph_module
+    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+
+    def module_prefix(node: fx.Node) -> str:
+        target = str(node.target)
+        return target[len(MODEL_PREFIX):] if target.startswith(MODEL_PREFIX) else "\0"
+
+    def owned_by(prefix: str, name: str) -> bool:
+        return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+    dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
+    symbolic: set[fx.Node] = set()  # nodes whose result still depends on the rank
+    templates: dict[fx.Node, Any] = {}
+    conditions: list[sympy.Basic] = []
+    expressions: list[sympy.Basic] = []
+    slots: dict[sympy.Basic, _Slot] = {}
+
+    def canonical(expr: sympy.Basic) -> sympy.Basic:
+        expr = env.replace(expr)
+        if isinstance(symbol, sympy.Symbol):
+            expr = expr.xreplace({symbol: RANK})
+        if not expr.free_symbols <= {RANK}:
+            raise _NotShared(f"size {expr} depends on more than the rank")
+        return expr
+
+    def size(value: Any) -> int | _Slot:
+        if isinstance(value, torch.SymInt):
+            expr = canonical(value.node.expr)
+            if expr.is_Integer:
+                return int(expr)
+            if expr not in slots:
+                slots[expr] = _Slot(len(expressions))
+                expressions.append(expr)
+            return slots[expr]
+        if isinstance(value, (torch.SymFloat, torch.SymBool)):
+            raise _NotShared("a symbolic float or boolean result")
+        return value
+
+    with mode, torch.enable_grad():
+        fake_params: dict[str, nn.Parameter] = {}
+        for qualified, template in dependence.tensors.items():
+            original = traced.model.get_parameter(qualified) if qualified in dict(traced.model.named_parameters()) \
+                else traced.model.get_buffer(qualified)
+            empty = torch.empty(_at(template, rank, symbolic=True), dtype=original.dtype, device="meta")
+            fake_params[qualified] = nn.Parameter(empty, requires_grad=original.requires_grad) \
+                if isinstance(original, nn.Parameter) else empty
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                interpreter.env[node] = base.results.get(node)
+                continue
+            prefix = module_prefix(node) if node.op in ("call_module", "get_attr") else "\0"
+            own_tensors = [n for n in fake_params if owned_by(prefix, n)] if prefix != "\0" else []
+            own_attributes = [key for key in dependence.attributes if prefix != "\0" and owned_by(prefix, key[0])]
+            if not (own_tensors or own_attributes or any(arg in symbolic for arg in node.all_input_nodes)):
+                interpreter.env[node] = base.results[node]
+                continue
+            dependent.add(node)
+            if node.op == "get_attr":
+                result = fake_params[prefix]
+            else:
+                result = _run_with(interpreter, node, traced.model, {n: fake_params[n] for n in own_tensors},
+                                   {key: _at(dependence.attributes[key], rank, symbolic=True) for key in own_attributes})
+            interpreter.env[node] = result
+            # Compare with the concrete run: same structure, dtypes, autograd facts and aliasing.
+            base_result = base.results[node]
+            fake_leaves, fake_spec = tree_flatten(result)
+            base_leaves, base_spec = tree_flatten(base_result)
+            if fake_spec != base_spec:
+                raise _NotShared(f"node {node.name} returns another structure at another rank")
+            fake_tensors = [t for t in fake_leaves if isinstance(t, torch.Tensor)]
+            base_tensors = [t for t in base_leaves if isinstance(t, torch.Tensor)]
+            for fake, concrete in zip(fake_tensors, base_tensors):
+                if (fake.dtype, bool(fake.requires_grad), fake.is_leaf, fake.dim()) != \
+                        (concrete.dtype, bool(concrete.requires_grad), concrete.is_leaf, concrete.dim()):
+                    raise _NotShared(f"node {node.name} changes more than sizes with the rank")
+            fake_inputs = [t for t in tree_flatten((_args_of(interpreter, node)))[0] if isinstance(t, torch.Tensor)]
+            base_inputs = [t for t in tree_flatten(_args_of_base(base, node))[0] if isinstance(t, torch.Tensor)]
+            if _alias_pattern(fake_tensors, fake_inputs) != _alias_pattern(base_tensors, base_inputs):
+                raise _NotShared(f"node {node.name} aliases its inputs differently at another rank")
+            facts = [f for f in tree_flatten(base_facts.results[node])[0] if isinstance(f, TensorFacts)]
+            tensor_index = iter(range(len(fake_tensors)))
+
+            def template(leaf: Any) -> Any:
+                if isinstance(leaf, torch.Tensor):
+                    k = next(tensor_index)
+                    return _TensorTemplate(tuple(size(s) for s in leaf.shape), leaf.dtype, bool(leaf.requires_grad),
+                                           leaf.is_leaf, facts[k].storage, size(leaf.untyped_storage().nbytes()))
+                return size(leaf)
+
+            templates[node] = tree_map(template, result)
+            if _mentions_slot(templates[node]) or not _same_facts(templates[node], base_facts.results[node]):
+                symbolic.add(node)
+            else:
+                interpreter.env[node] = base_result  # the same at every rank from here on
+
+    bounds = env.var_to_range.get(symbol) if isinstance(symbol, sympy.Symbol) else None
+    if isinstance(symbol, sympy.Symbol):
+        if bounds is not None:
+            if isinstance(bounds.lower, sympy.Integer):
+                conditions.append(sympy.Ge(RANK, int(bounds.lower)))
+            if isinstance(bounds.upper, sympy.Integer):
+                conditions.append(sympy.Le(RANK, int(bounds.upper)))
+    else:
+        conditions.append(sympy.Eq(RANK, hint))
+    conditions += [canonical(guard.expr) for guard in env.guards]
+    applies, values, source = compile_formulas(conditions, expressions, (RANK,),
+                                               f"rank template of {type(traced.model).__name__}")
+    return RankTemplate(applies, values, templates, source), dependent
+
+
+def _same_facts(template: Any, facts: Any) -> bool:
+    """Whether a template without slots says what the concrete propagation found."""
+    def plain(leaf: Any) -> Any:
+        if isinstance(leaf, (_TensorTemplate, TensorFacts)):
+            return (leaf.shape, leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage, leaf.storage_nbytes)
+        return leaf
+
+    return tree_map(plain, template) == tree_map(plain, facts)
+
+
+def _mentions_slot(template: Any) -> bool:
+    leaves = tree_flatten(template)[0]
+    return any(isinstance(leaf, _Slot) or (isinstance(leaf, _TensorTemplate) and (
+        isinstance(leaf.storage_nbytes, _Slot) or any(isinstance(s, _Slot) for s in leaf.shape))) for leaf in leaves)
+
+
+def _args_of(interpreter: fx.Interpreter, node: fx.Node) -> tuple[Any, ...]:
+    return interpreter.fetch_args_kwargs_from_env(node)
+
+
+def _args_of_base(base: Any, node: fx.Node) -> tuple[Any, ...]:
+    return fx.node.map_arg((node.args, node.kwargs), lambda n: base.results.get(n))
+
+
+def _run_with(interpreter: fx.Interpreter, node: fx.Node, model: nn.Module, tensors: dict[str, torch.Tensor],
+              attributes: dict[tuple[str, str], Any]) -> Any:
+    """Run ``node`` with some of the model's parameters and attributes swapped, then put them back."""
+    saved: list[tuple[Any, str, Any, bool]] = []
+    try:
+        for qualified, tensor in tensors.items():
+            owner_name, _, local = qualified.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            container = owner._parameters if local in owner._parameters else owner._buffers
+            saved.append((container, local, container[local], True))
+            container[local] = tensor
+        for (owner_name, attribute), value in attributes.items():
+            owner = model.get_submodule(owner_name)
+            saved.append((owner, attribute, getattr(owner, attribute), False))
+            object.__setattr__(owner, attribute, value)
+        return interpreter.run_node(node)
+    finally:
+        for target, key, value, is_item in reversed(saved):
+            if is_item:
+                target[key] = value
+            else:
+                object.__setattr__(target, key, value)
+
+
+# -- 3. costs as arrays
+
+def _stack(values: Sequence[Any], where: str) -> Any:
+    """One value per rank -> one value whose sizes are arrays over the ranks (equal ones stay ints)."""
+    first = values[0]
+    if isinstance(first, bool) or first is None or isinstance(first, str):
+        if any(v != first for v in values):
+            raise _NotShared(f"{where} changes with the rank")
+        return first
+    if isinstance(first, int):
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+            raise _NotShared(f"{where} changes type with the rank")
+        if all(v == first for v in values):
+            return first
+        return np.array(values, dtype=np.int64)
+    if isinstance(first, dict):
+        if any(list(v) != list(first) for v in values):
+            raise _NotShared(f"{where} has other keys at another rank")
+        return {k: _stack([v[k] for v in values], f"{where}[{k!r}]") for k in first}
+    if isinstance(first, (list, tuple)):
+        if any(len(v) != len(first) for v in values):
+            raise _NotShared(f"{where} has another length at another rank")
+        return type(first)(_stack([v[i] for v in values], f"{where}[{i}]") for i in range(len(first)))
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        if any(type(v) is not type(first) for v in values):
+            raise _NotShared(f"{where} changes type with the rank")
+        changes = {}
+        for f in dataclasses.fields(first):
+            column = [getattr(v, f.name) for v in values]
+            changes[f.name] = column[0] if f.name == "note" else _stack(column, f"{where}.{f.name}")
+        return dataclasses.replace(first, **changes)
+    if any(v != first for v in values):
+        raise _NotShared(f"{where} changes with the rank")
+    return first
+
+
+def _signature(value: Any) -> Any:
+    """The form of a plugin's answer without its sizes: ranks whose answers share it stack."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_signature(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value).__name__, tuple(_signature(getattr(value, f.name)) for f in dataclasses.fields(value)
+                                            if f.name != "note"))
+    return repr(value)
+
+
+def _vector_meta(metas: Sequence[TensorMeta]) -> TensorMeta:
+    return _stack(list(metas), "a tensor")
+
+
+@dataclass
+class _Shared:
+    """Everything the ranks of one configuration share, found once."""
+
+    config: StepConfig
+    manager: pluggy.PluginManager
+    traced: TracedStep
+    dependence: RankDependence
+    base: Any  # the concrete propagation's recorder at the first probe
+    facts: Propagation
+    graph: StepGraph
+    nodes: list[fx.Node]  # record index -> its graph node
+    templates: list[RankTemplate] = field(default_factory=list)
+    dependent: set[fx.Node] = field(default_factory=set)
+    static_costs: dict[int, OpCost] = field(default_factory=dict)
+
+
+@dataclass
+class _RankCosts:
+    """One rank's answers for the rank-dependent nodes and the optimizer."""
+
+    rank: int
+    metas: dict[Value, TensorMeta]
+    params: dict[str, ParamMeta]
+    costs: dict[int, OpCost]
+    steps: list[OptimizerStep] | None = None
+    state_before: int = 0
+
+
+def _param_meta(meta: ParamMeta, dependence: RankDependence, rank: int) -> ParamMeta:
+    shape = dependence.tensors.get(meta.name)
+    return meta if shape is None else dataclasses.replace(meta, shape=_at(shape, rank))
+
+
+def _rank_costs(shared: _Shared, template: RankTemplate, rank: int) -> _RankCosts:
+    """Ask the op plugins about every rank-dependent node at ``rank``."""
+    dependence, graph, traced = shared.dependence, shared.graph, shared.traced
+    overlay = template.evaluate(rank)
+    results = ChainMap(overlay, shared.facts.results)
+    metas: dict[Value, TensorMeta] = {}
+    for node, result in overlay.items():
+        for k, facts in enumerate(f for f in tree_flatten(result)[0] if isinstance(f, TensorFacts)):
+            metas[(node, k)] = _tensor_meta(facts)
+    all_metas = ChainMap(metas, graph.metas)
+    params = {p.name: _param_meta(p, dependence, rank) for p in (*graph.params, *graph.buffers)
+              if p.name in dependence.tensors}
+    static_cache = traced.graph_cache["static"]
+    costs: dict[int, OpCost] = {}
+    ask = shared.manager.hook.costmodel_op_cost
+    config = shared.config.replace(rank=rank)
+    attributes = {key: _at(value, rank) for key, value in dependence.attributes.items()}
+    saved = _set_attributes(traced.model, attributes)
+    try:
+        for record in graph.records:
+            node = shared.nodes[record.index]
+            if node not in shared.dependent:
+                continue
+            module, node_params, target, label = static_cache[node]
+            if any(p.name in dependence.tensors for p in node_params.values()):
+                node_params = {local: _param_meta(p, dependence, rank) for local, p in node_params.items()}
+            outputs = tuple(all_metas[v] for v in record.output_values)
+            op, _ = node_op(node, results, all_metas, shared.facts.same_tensor, outputs,
+                            (module, node_params, target, label))
+            cost = ask(node=op, config=config)
+            if cost is None:
+                raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
+            costs[record.index] = cost
+    finally:
+        _set_attributes(traced.model, saved)
+    return _RankCosts(rank, metas, params, costs)
+
+
+def _set_attributes(model: nn.Module, values: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
+    previous = {}
+    for (owner_name, attribute), value in values.items():
+        owner = model.get_submodule(owner_name)
+        previous[(owner_name, attribute)] = getattr(owner, attribute)
+        object.__setattr__(owner, attribute, value)
+    return previous
+
+
+def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int) -> tuple[list[OptimizerStep], int]:
+    """The optimizer's steps at ``rank`` and the state that exists before them."""
+    from costmodel.predict import optimizer_steps, updated_groups
+
+    config = shared.config.replace(rank=rank)
+    groups = updated_groups(_at(shared.dependence.groups, rank), flow)
+    steps = optimizer_steps(groups, shared.manager, config, config.step)
+    state_before = 0
+    if config.step > 1:
+        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, shared.manager, config, config.step - 1))
+    return steps, state_before
+
+
+def _vector_graph(shared: _Shared, ranks: list[_RankCosts]) -> tuple[StepGraph, list[OpCost | None]]:
+    """The shared graph with every rank-dependent size an array over ``ranks``, and its costs."""
+    graph = shared.graph
+    metas = dict(graph.metas)
+    for value in ranks[0].metas:
+        metas[value] = _stack([r.metas[value] for r in ranks], f"value {value[0].name}")
+    params = {name: _stack([r.params[name] for r in ranks], name) for name in ranks[0].params}
+    storage_of = {name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name: facts.storage
+                  for name, facts, _ in shared.facts.params}
+    param_storages, buffer_storages = dict(graph.param_storages), dict(graph.buffer_storages)
+    for name, meta in params.items():
+        (buffer_storages if meta.is_buffer else param_storages)[storage_of[name]] = meta.nbytes
+    records, costs = [], []
+    for record in graph.records:
+        if shared.nodes[record.index] not in shared.dependent:
+            records.append(record)
+            costs.append(shared.static_costs[record.index])
+            continue
+        op = dataclasses.replace(record.op, inputs=tuple(metas[v] for v in record.input_values),
+                                 outputs=tuple(metas[v] for v in record.output_values),
+                                 params={local: params.get(p.name, p) for local, p in record.op.params.items()})
+        records.append(dataclasses.replace(record, op=op))
+        costs.append(_stack([r.costs[record.index] for r in ranks], f"the cost of node {record.name}"))
+    vector = dataclasses.replace(
+        graph, records=records, metas=metas, param_storages=param_storages, buffer_storages=buffer_storages,
+        params=[params.get(p.name, p) for p in graph.params], buffers=[params.get(p.name, p) for p in graph.buffers],
+        loss_meta=metas[graph.loss])
+    return vector, costs
+
+
+def _pick(value: int | np.ndarray, i: int) -> int:
+    return int(value[i]) if isinstance(value, np.ndarray) else int(value)
+
+
+def _predict_together(shared: _Shared, ranks: list[_RankCosts], started: float) -> dict[int, Prediction]:
+    """One simulation over ranks whose answers have the same form."""
+    graph, costs = _vector_graph(shared, ranks)
+    flow = gradient_flow(graph, costs)
+    for r in ranks:
+        r.steps, r.state_before = _optimizer_at(shared, flow, r.rank)
+    if len({_signature(r.steps) for r in ranks}) != 1:
+        raise _NotShared("the optimizer's answers change form with the rank")
+    steps = _stack([r.steps for r in ranks], "the optimizer steps")
+    state_before = _stack([r.state_before for r in ranks], "the optimizer state")
+    grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
+    memory = simulate(graph, costs, flow, steps, state_before, grads_before, record_timeline=False)
+    flops = step_flops(graph, costs, memory, steps)
+    fields = memory.fields()
+    trainable = sum(p.numel for p in graph.params if p.trainable)
+    total = sum(p.numel for p in graph.params)
+    seconds = (time.perf_counter() - started) / len(ranks)
+    predictions = {}
+    for i, r in enumerate(ranks):
+        predictions[r.rank] = Prediction(
+            config=shared.config.replace(rank=r.rank),
+            source="predict",
+            flops={conv: {phase: _pick(v, i) for phase, v in phases.items()} for conv, phases in flops.items()},
+            memory={name: _pick(v, i) for name, v in fields.items()},
+            trainable_params=_pick(trainable, i),
+            total_params=_pick(total, i),
+            seconds=seconds,
+            details={"batched": f"one of {len(ranks)} ranks predicted together (costmodel.ranks)",
+                     "optimizer": [step.cost.note for step in r.steps]},
+        )
+    return predictions
+
+
+def _choose_probes(ranks: Sequence[int]) -> tuple[int, int, int]:
+    """Three ranks >= 2 of those asked for: the middle one (traced) and the two ends."""
+    candidates = sorted({r for r in ranks if r >= 2})
+    if len(candidates) < PROBES:
+        raise _NotShared("fewer than three ranks >= 2 to compare")
+    middle = candidates[len(candidates) // 2]
+    return middle, candidates[0], candidates[-1]
+
+
+def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManager) -> _Shared:
+    """Prepare at the probe ranks, compare, trace and propagate once: what every rank shares."""
+    probes = _choose_probes(ranks)
+    traced = traced_step(config.replace(rank=probes[0]), manager)
+    if not traced.prepared.affine_in_rank:
+        raise _NotShared(f"method {config.method!r} does not promise sizes affine in the rank for this configuration")
+    models, groups = [traced.model], [traced.prepared.param_groups]
+    for probe in probes[1:]:
+        model = build_model(config.model, config.classes, device="meta")
+        prepared = prepare_method(manager, model, config.replace(rank=probe))
+        if not prepared.affine_in_rank:
+            raise _NotShared(f"method {config.method!r} does not promise sizes affine in rank {probe}")
+        models.append(model)
+        groups.append(prepared.param_groups)
+    dependence = rank_dependence(models, groups, probes)
+    gm = traced.graph_module
+    leaves = [str(n.target)[len(MODEL_PREFIX):] for n in gm.graph.nodes
+              if n.op == "call_module" and str(n.target).startswith(MODEL_PREFIX)]
+    for owner, attribute in dependence.attributes:
+        if not any(owner == leaf or owner.startswith(leaf + ".") for leaf in leaves):
+            raise _NotShared(f"{owner}.{attribute} changes with the rank in a module the tracer traces through")
+    base = propagate(traced, config.batch, config.resolution)
+    facts = recorded_facts(traced, base)
+    for name, tensor_facts, _ in facts.params:
+        local = name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name
+        if local in dependence.tensors and \
+                tensor_facts.storage_nbytes != int(np.prod(tensor_facts.shape)) * tensor_facts.dtype.itemsize:
+            raise _NotShared(f"{local} is not a tensor of its own")
+    graph = build_step_graph(traced, facts)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    shared = _Shared(config.replace(rank=probes[0]), manager, traced, dependence, base, facts, graph,
+                     [by_name[r.name] for r in graph.records])
+    template, shared.dependent = symbolic_template(traced, base, facts, dependence, probes[0])
+    shared.templates.append(template)
+    ask = manager.hook.costmodel_op_cost
+    for record, node in zip(graph.records, shared.nodes):
+        if node in shared.dependent:
+            continue
+        cost = ask(node=record.op, config=shared.config)
+        if cost is None:
+            raise _NotShared(f"no plugin covers node {record.name}")
+        shared.static_costs[record.index] = cost
+    return shared
+
+
+def _template_for(shared: _Shared, rank: int) -> RankTemplate | None:
+    for template in shared.templates:
+        if template.covers(rank):
+            return template
+    if len(shared.templates) >= MAX_TEMPLATES:
+        return None
+    try:
+        template, dependent = symbolic_template(shared.traced, shared.base, shared.facts, shared.dependence, rank)
+    except _NotShared:
+        return None
+    if dependent != shared.dependent:
+        return None
+    shared.templates.append(template)
+    return template if template.covers(rank) else None
+
+
+def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
+                  manager: pluggy.PluginManager | None = None) -> dict[int, Prediction | CostModelError]:
+    """Predict ``config`` at each of ``ranks`` (its own rank is ignored): the same numbers as
+    ``predict_config(config.replace(rank=r))`` for every ``r``, found together. A rank the method
+    refuses maps to the :class:`CostModelError` that says why."""
+    started = time.perf_counter()
+    manager = manager or default_plugin_manager()
+    wanted = list(dict.fromkeys(int(r) for r in ranks))
+    found: dict[int, Prediction | CostModelError] = {}
+    try:
+        shared = _share(config, wanted, manager)
+    except (_NotShared, CostModelError, MixedSizes):
+        shared = None
+    if shared is not None:
+        answers: dict[Any, list[_RankCosts]] = {}
+        for rank in wanted:
+            template = _template_for(shared, rank)
+            if template is None:
+                continue
+            try:
+                answer = _rank_costs(shared, template, rank)
+            except (_NotShared, CostModelError):
+                continue
+            key = _signature([answer.costs[i] for i in sorted(answer.costs)])
+            answers.setdefault(key, []).append(answer)
+        for together in answers.values():
+            try:
+                found.update(_predict_together(shared, together, started))
+            except (_NotShared, MixedSizes, CostModelError):
+                pass
+    for rank in wanted:
+        if rank not in found:
+            try:
+                found[rank] = predict_config(config.replace(rank=rank), manager=manager)
+            except CostModelError as error:
+                found[rank] = error
+    return {rank: found[rank] for rank in wanted}
