@@ -78,8 +78,8 @@ def test_rank_and_alpha_patterns_follow_peft() -> None:
     for name, p in theirs.named_parameters():
         p.requires_grad_(".lora_" in name or name.startswith("classifier."))
     assert parameters(ours) == parameters(theirs)
-    assert ours.get_submodule("features.1.block.2.0").rank == 2
-    assert ours.get_submodule("features.4.block.0.0").rank == 8
+    assert ours.get_submodule("features.1.block.2.0").lora_A["default"].out_channels == 2
+    assert ours.get_submodule("features.4.block.0.0").lora_A["default"].out_channels == 8
     assert ours.get_submodule("features.4.block.0.0").scaling == 3 / 8
     assert ours.get_submodule("features.6.block.0.0").scaling == 1.0
 
