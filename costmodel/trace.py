@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from costmodel.config import StepConfig
 from costmodel.costs import PreparedMethod
 from costmodel.errors import CostModelError
+from costmodel.meta_memo import meta_kernel_memo
 from costmodel.models import build_model
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
@@ -378,7 +379,7 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> _Recorder:
     labels = torch.empty(batch, dtype=torch.long, device="meta")
     recorder = _Recorder(traced.graph_module)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), meta_kernel_memo():  # repeated kernel calls: costmodel.meta_memo
             recorder.run(images, labels)
     except Exception as error:
         node = recorder.current
