@@ -23,13 +23,15 @@ call is answered from the memo only where the answer is indistinguishable from t
   an argument can reach the kernel.
 - A call is remembered only when every output is ``None``, the very object of one input tensor (an
   in-place op returns ``self``), or a tensor on a fresh storage that ``torch.empty_strided``
-  reproduces exactly (same size, stride, dtype, storage offset 0, storage bytes). A view of an
-  input, outputs sharing a storage, any non-tensor output or an unusual container runs every time.
-- The op's schema says which arguments it may write (``Tensor(a!)``): ``resize_``, ``set_``,
-  ``t_``... change metadata in place, which a memo cannot replay. Rather than trust annotations,
-  every tensor argument's shape, stride, offset, storage and storage bytes is compared before and
-  after a miss; a call that changed any is not remembered. In-place ops that change no metadata
-  (``add_``, running-statistics updates) are remembered and return their input on a hit.
+  reproduces exactly (same size, stride, dtype, storage offset 0, storage bytes, version 0). A
+  view of an input, outputs sharing a storage, any non-tensor output or an unusual container runs
+  every time; so does, without even being keyed, an op whose schema declares a view output
+  (``Tensor(a)``: ``view``, ``t``, ``detach``).
+- Ops that write an argument (``Tensor(a!)`` in the schema) may change its metadata: ``resize_``,
+  ``set_``, ``t_`` cannot be replayed by a memo. Rather than trust annotations, every tensor
+  argument's shape, stride, offset, dtype, storage, storage bytes and version is compared before
+  and after a miss; a call that changed any is not remembered. In-place ops that change no
+  metadata (``add_``, running-statistics updates) are remembered and return their input on a hit.
 - A kernel that raises (data-dependent shapes) propagates its exception; nothing is remembered.
 """
 
@@ -202,14 +204,16 @@ def _returns_view(func: torch._ops.OpOverload) -> bool:
 
 def _metadata(tensor: torch.Tensor) -> tuple[Any, ...]:
     storage = tensor.untyped_storage()
-    return (tensor.shape, tensor.stride(), tensor.storage_offset(), tensor.dtype, storage._cdata, storage.nbytes())
+    return (tensor.shape, tensor.stride(), tensor.storage_offset(), tensor.dtype, storage._cdata, storage.nbytes(),
+            tensor._version)
 
 
 def _fresh_leaf(tensor: torch.Tensor) -> _Leaf | None:
     """How to rebuild a newly allocated output, or None if ``torch.empty_strided`` would not give
     an indistinguishable tensor."""
     if (type(tensor) is not torch.Tensor or _dispatch_keys(tensor).raw_repr() != _PLAIN_META_KEYS
-            or tensor._has_symbolic_sizes_strides or tensor.requires_grad or tensor.storage_offset() != 0):
+            or tensor._has_symbolic_sizes_strides or tensor.requires_grad or tensor.storage_offset() != 0
+            or tensor._version != 0):
         return None
     leaf = (tensor.shape, tensor.stride(), tensor.dtype)
     if _rebuild(leaf, []).untyped_storage().nbytes() != tensor.untyped_storage().nbytes():
