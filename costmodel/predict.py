@@ -25,7 +25,7 @@ from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
 from costmodel.shapes import shape_facts
-from costmodel.models import build_model
+from costmodel.models import meta_model
 from costmodel.trace import TracedStep, prepare_method, structure_key, trace_config, trace_model
 
 
@@ -128,7 +128,7 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     key = _trace_key(config, manager)
     traced = _TRACE_CACHE.get(key)
     if traced is None:
-        model = build_model(config.model, config.classes, device="meta")
+        model = meta_model(config.model, config.classes)
         prepared = prepare_method(manager, model, config)
         structure = (manager, structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)

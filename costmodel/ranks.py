@@ -14,7 +14,7 @@ does that work once and only the rank-dependent rest per rank:
 2. **Sizes as formulas.** The graph is propagated once on meta tensors, at the first probe. The
    nodes that depend on the rank (one that reads a rank-sized parameter, a leaf module with a
    rank-sized attribute, a node fed a rank-sized value) run again with the rank as a symbol
-   (``FakeTensorMode`` with a ``ShapeEnv``): each rank-dependent size becomes a formula in the
+   (meta tensors with sizes from a ``ShapeEnv``): each rank-dependent size becomes a formula in the
    rank and each decision a kernel took on it a guard. A rank whose guards fail (rank 1, say: a
    size of 1 is specialised) gets a template of its own.
 3. **Costs as arrays.** Op plugins answer once for every node that does not depend on the rank,
@@ -47,11 +47,12 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from costmodel.config import StepConfig
-from costmodel.costs import Alloc, Flops, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
+from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, Value, _static, _tensor_meta, build_step_graph, node_op
+from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, gradient_flow, simulate
-from costmodel.models import build_model
+from costmodel.models import meta_model
 from costmodel.predict import Prediction, optimizer_timeline, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _StorageIds, _TensorTemplate, Propagation, TensorFacts, compile_formulas,
@@ -60,7 +61,6 @@ from costmodel.trace import _CONTAINERS, MODEL_PREFIX, TracedStep, _state_key, p
 
 RANK = sympy.Symbol("rank", integer=True, positive=True)
 PROBES = 3
-MAX_TEMPLATES = 3  # symbolic runs per configuration: the general one, rank 1, one spare
 
 
 class _NotShared(Exception):
@@ -84,19 +84,26 @@ class Affine:
         line = Affine(slope, v0 - slope * r0)
         return line if all(line.exact(r) == v for r, v in points) else None
 
+    def __post_init__(self) -> None:
+        # at() in integer arithmetic: (numerator_slope * rank + numerator_intercept) / denominator
+        denominator = self.slope.denominator * self.intercept.denominator
+        object.__setattr__(self, "_integers", (int(self.slope * denominator), int(self.intercept * denominator),
+                                               denominator))
+
     def exact(self, rank: int) -> Fraction:
         return self.slope * rank + self.intercept
 
     def at(self, rank: int) -> int:
-        value = self.exact(rank)
-        if value.denominator != 1:
+        slope, intercept, denominator = self._integers  # type: ignore[attr-defined]
+        value, remainder = divmod(slope * rank + intercept, denominator)
+        if remainder:
             raise _NotShared(f"a size {self} is not an integer at rank {rank}")
-        return int(value)
+        return value
 
     def symbolic(self, rank: Any) -> Any:
         """The size as a ``SymInt`` of a symbolic ``rank`` (exact where :meth:`at` is)."""
-        denominator = self.slope.denominator * self.intercept.denominator
-        numerator = int(self.slope * denominator) * rank + int(self.intercept * denominator)
+        slope, intercept, denominator = self._integers  # type: ignore[attr-defined]
+        numerator = slope * rank + intercept
         return numerator if denominator == 1 else numerator // denominator
 
 
@@ -160,6 +167,23 @@ def _at(template: Any, rank: int | Any, symbolic: bool = False) -> Any:
     return template
 
 
+def _instantiator(template: Any) -> Callable[[int], Any]:
+    """``rank -> _at(template, rank)``, with the walk over the template's unchanging parts done once."""
+    if not _has_affine(template):
+        return lambda rank: template
+    if isinstance(template, Affine):
+        return template.at
+    if isinstance(template, dict):
+        kind, parts = type(template), [(k, _instantiator(v)) for k, v in template.items()]
+        return lambda rank: kind((k, part(rank)) for k, part in parts)
+    if isinstance(template, (list, tuple)):
+        kind, items = type(template), [_instantiator(v) for v in template]
+        return lambda rank: kind(item(rank) for item in items)
+    varying = [(f.name, _instantiator(getattr(template, f.name))) for f in dataclasses.fields(template)
+               if _has_affine(getattr(template, f.name))]
+    return lambda rank: dataclasses.replace(template, **{name: part(rank) for name, part in varying})
+
+
 @dataclass
 class RankDependence:
     """What the rank changes in a prepared model, as templates in the rank."""
@@ -171,8 +195,10 @@ class RankDependence:
     # The optimizer's parameter groups, as templates.
     groups: list[ParamGroup]
 
-    def shape_at(self, name: str, rank: int) -> tuple[int, ...]:
-        return _at(self.tensors[name], rank)
+    def __post_init__(self) -> None:
+        self.shape_at = {name: _instantiator(shape) for name, shape in self.tensors.items()}
+        self.attributes_at = _instantiator(self.attributes)
+        self.groups_at = _instantiator(self.groups)
 
 
 def rank_dependence(models: Sequence[nn.Module], groups: Sequence[list[ParamGroup]],
@@ -248,7 +274,9 @@ class RankTemplate:
                                    else leaf.storage_nbytes)
             return leaf
 
-        return {node: tree_map(fill, result) for node, result in self.results.items()}
+        # Most nodes return one tensor: filled directly, the rest through pytree.
+        return {node: fill(result) if isinstance(result, (_TensorTemplate, _Slot)) else tree_map(fill, result)
+                for node, result in self.results.items()}
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -266,27 +294,29 @@ def _alias_pattern(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> l
 
 
 def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, dependence: RankDependence,
-                      hint: int) -> tuple[RankTemplate, set[fx.Node]]:
-    """Run the rank-dependent nodes with a symbolic rank hinted ``hint``; the other nodes keep the
-    results of ``base`` (the concrete propagation at another rank). Returns the template and the
-    nodes that depend on the rank."""
+                      hint: int, symbolic: bool = True) -> tuple[RankTemplate, set[fx.Node]]:
+    """Run the rank-dependent nodes with a symbolic rank hinted ``hint`` (or, without
+    ``symbolic``, on meta tensors at rank ``hint``: a template for that rank alone); the other
+    nodes keep the results of ``base`` (the concrete propagation at another rank). Returns the
+    template and the nodes that depend on the rank."""
     from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._dispatch.python import enable_python_dispatcher
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
     env = ShapeEnv()
-    symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
+    symbol: sympy.Basic = sympy.Integer(hint)
+    if symbolic:
+        symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
     rank = env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
     gm = traced.graph_module
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    # Meta tensors with symbolic sizes: PyTorch's meta kernels compute on SymInts directly (the
+    # Python dispatcher routes the ops decomposed in Python); FakeTensorMode would add only cost.
+    mode = enable_python_dispatcher() if symbolic else meta_kernel_memo()
 
     def module_prefix(node: fx.Node) -> str:
         target = str(node.target)
         return target[len(MODEL_PREFIX):] if target.startswith(MODEL_PREFIX) else "\0"
-
-    def owned_by(prefix: str, name: str) -> bool:
-        return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
     dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
     symbolic: set[fx.Node] = set()  # nodes whose result still depends on the rank
@@ -316,11 +346,19 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
             raise _NotShared("a symbolic float or boolean result")
         return value
 
+    # Module name -> the rank-sized tensors and attributes at or below it.
+    below: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+    for name in dependence.tensors:
+        for prefix in _prefixes(name, include_self=True):
+            below.setdefault(prefix, ([], []))[0].append(name)
+    for key in dependence.attributes:
+        for prefix in _prefixes(key[0], include_self=True):
+            below.setdefault(prefix, ([], []))[1].append(key)
+    tensors = {**dict(traced.model.named_parameters()), **dict(traced.model.named_buffers())}
     with mode, torch.enable_grad():
-        fake_params: dict[str, nn.Parameter] = {}
+        fake_params: dict[str, torch.Tensor] = {}
         for qualified, template in dependence.tensors.items():
-            original = traced.model.get_parameter(qualified) if qualified in dict(traced.model.named_parameters()) \
-                else traced.model.get_buffer(qualified)
+            original = tensors[qualified]
             empty = torch.empty(_at(template, rank, symbolic=True), dtype=original.dtype, device="meta")
             fake_params[qualified] = nn.Parameter(empty, requires_grad=original.requires_grad) \
                 if isinstance(original, nn.Parameter) else empty
@@ -329,8 +367,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
                 interpreter.env[node] = base.results.get(node)
                 continue
             prefix = module_prefix(node) if node.op in ("call_module", "get_attr") else "\0"
-            own_tensors = [n for n in fake_params if owned_by(prefix, n)] if prefix != "\0" else []
-            own_attributes = [key for key in dependence.attributes if prefix != "\0" and owned_by(prefix, key[0])]
+            own_tensors, own_attributes = below.get(prefix, ([], []))
             if not (own_tensors or own_attributes or any(arg in symbolic for arg in node.all_input_nodes)):
                 interpreter.env[node] = base.results[node]
                 continue
@@ -396,6 +433,13 @@ def _same_facts(template: Any, facts: Any) -> bool:
         return leaf
 
     return tree_map(plain, template) == tree_map(plain, facts)
+
+
+def _prefixes(name: str, include_self: bool) -> list[str]:
+    """``"a.b.c"`` -> ``["", "a", "a.b"]`` (and ``"a.b.c"`` with ``include_self``)."""
+    parts = name.split(".")
+    found = [""] + [".".join(parts[:i]) for i in range(1, len(parts))]
+    return found + [name] if include_self else found
 
 
 def _mentions_slot(template: Any) -> bool:
@@ -488,6 +532,30 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
+def _stack_steps(per_rank: list[list[OptimizerStep]]) -> list[OptimizerStep]:
+    """The optimizer's steps over the ranks: their memory events (often thousands) column by column."""
+    first = per_rank[0]
+    if any(len(steps) != len(first) for steps in per_rank):
+        raise _NotShared("the optimizer's parameter groups change with the rank")
+    stacked = []
+    for g, step in enumerate(first):
+        costs = [steps[g].cost for steps in per_rank]
+        form = [(e.group, e.label) for e in step.cost.events]
+        if any(s[g].label != step.label or [(e.group, e.label) for e in c.events] != form
+               for s, c in zip(per_rank, costs)):
+            raise _NotShared("the optimizer's memory events change with the rank")
+        sizes = np.array([[e.nbytes for e in c.events] for c in costs], dtype=np.int64).reshape(len(costs), -1)
+        events = [MemEvent(_column(sizes[:, j]), group, label) for j, (group, label) in enumerate(form)]
+        cost = OptimizerCost(_stack([c.flops for c in costs], "the optimizer FLOPs"),
+                             _stack([c.state_bytes for c in costs], "the optimizer state"), events, step.cost.note)
+        stacked.append(OptimizerStep(step.label, cost))
+    return stacked
+
+
+def _column(values: np.ndarray) -> int | np.ndarray:
+    return int(values[0]) if (values == values[0]).all() else values
+
+
 def _vector_meta(metas: Sequence[TensorMeta]) -> TensorMeta:
     return _stack(list(metas), "a tensor")
 
@@ -507,6 +575,11 @@ class _Shared:
     templates: list[RankTemplate] = field(default_factory=list)
     dependent: set[fx.Node] = field(default_factory=set)
     static_costs: dict[int, OpCost] = field(default_factory=dict)
+    # Filled once the dependent nodes are known: (record index, node, its static facts) of each,
+    # the rank-sized parameters' metas at the first probe, and the modules with rank-sized attributes.
+    dependent_records: list[tuple[int, fx.Node, tuple[Any, ...]]] = field(default_factory=list)
+    rank_sized: dict[str, ParamMeta] = field(default_factory=dict)
+    owners: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
@@ -521,56 +594,40 @@ class _RankCosts:
     state_before: int = 0
 
 
-def _param_meta(meta: ParamMeta, dependence: RankDependence, rank: int) -> ParamMeta:
-    shape = dependence.tensors.get(meta.name)
-    return meta if shape is None else dataclasses.replace(meta, shape=_at(shape, rank))
-
-
 def _rank_costs(shared: _Shared, template: RankTemplate, rank: int) -> _RankCosts:
-    """Ask the op plugins about every rank-dependent node at ``rank``."""
-    dependence, graph, traced = shared.dependence, shared.graph, shared.traced
+    """Ask the op plugins about every rank-dependent node at ``rank`` (the rank-sized attributes of
+    leaf modules are set to this rank's values while they answer; :func:`predict_ranks` puts the
+    model's own back)."""
+    dependence, graph = shared.dependence, shared.graph
     overlay = template.evaluate(rank)
     results = ChainMap(overlay, shared.facts.results)
     metas: dict[Value, TensorMeta] = {}
     for node, result in overlay.items():
+        if isinstance(result, TensorFacts):
+            metas[(node, 0)] = _tensor_meta(result)
+            continue
         for k, facts in enumerate(f for f in tree_flatten(result)[0] if isinstance(f, TensorFacts)):
             metas[(node, k)] = _tensor_meta(facts)
     all_metas = ChainMap(metas, graph.metas)
-    params = {p.name: _param_meta(p, dependence, rank) for p in (*graph.params, *graph.buffers)
-              if p.name in dependence.tensors}
-    static_cache = traced.graph_cache["static"]
+    params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](rank))
+              for name, meta in shared.rank_sized.items()}
+    for (owner, attribute), value in dependence.attributes_at(rank).items():
+        object.__setattr__(shared.owners[owner], attribute, value)
     costs: dict[int, OpCost] = {}
     ask = shared.manager.hook.costmodel_op_cost
     config = shared.config.replace(rank=rank)
-    attributes = {key: _at(value, rank) for key, value in dependence.attributes.items()}
-    saved = _set_attributes(traced.model, attributes)
-    try:
-        for record in graph.records:
-            node = shared.nodes[record.index]
-            if node not in shared.dependent:
-                continue
-            module, node_params, target, label = static_cache[node]
-            if any(p.name in dependence.tensors for p in node_params.values()):
-                node_params = {local: _param_meta(p, dependence, rank) for local, p in node_params.items()}
-            outputs = tuple(all_metas[v] for v in record.output_values)
-            op, _ = node_op(node, results, all_metas, shared.facts.same_tensor, outputs,
-                            (module, node_params, target, label))
-            cost = ask(node=op, config=config)
-            if cost is None:
-                raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
-            costs[record.index] = cost
-    finally:
-        _set_attributes(traced.model, saved)
+    for index, node, (module, node_params, target, label) in shared.dependent_records:
+        record = graph.records[index]
+        if any(p.name in params for p in node_params.values()):
+            node_params = {local: params.get(p.name, p) for local, p in node_params.items()}
+        outputs = tuple(all_metas[v] for v in record.output_values)
+        op, _ = node_op(node, results, all_metas, shared.facts.same_tensor, outputs,
+                        (module, node_params, target, label))
+        cost = ask(node=op, config=config)
+        if cost is None:
+            raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
+        costs[index] = cost
     return _RankCosts(rank, metas, params, costs)
-
-
-def _set_attributes(model: nn.Module, values: dict[tuple[str, str], Any]) -> dict[tuple[str, str], Any]:
-    previous = {}
-    for (owner_name, attribute), value in values.items():
-        owner = model.get_submodule(owner_name)
-        previous[(owner_name, attribute)] = getattr(owner, attribute)
-        object.__setattr__(owner, attribute, value)
-    return previous
 
 
 def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int) -> tuple[list[OptimizerStep], int]:
@@ -578,7 +635,7 @@ def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int) -> tuple[list[
     from costmodel.predict import optimizer_steps, updated_groups
 
     config = shared.config.replace(rank=rank)
-    groups = updated_groups(_at(shared.dependence.groups, rank), flow)
+    groups = updated_groups(shared.dependence.groups_at(rank), flow)
     steps = optimizer_steps(groups, shared.manager, config, config.step)
     state_before = 0
     if config.step > 1:
@@ -626,9 +683,7 @@ def _predict_together(shared: _Shared, ranks: list[_RankCosts], started: float) 
     flow = gradient_flow(graph, costs)
     for r in ranks:
         r.steps, r.state_before = _optimizer_at(shared, flow, r.rank)
-    if len({_signature(r.steps) for r in ranks}) != 1:
-        raise _NotShared("the optimizer's answers change form with the rank")
-    steps = _stack([r.steps for r in ranks], "the optimizer steps")
+    steps = _stack_steps([r.steps for r in ranks])
     state_before = _stack([r.state_before for r in ranks], "the optimizer state")
     grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
     memory = simulate(graph, costs, flow, steps, state_before, grads_before, record_timeline=False)
@@ -653,6 +708,27 @@ def _predict_together(shared: _Shared, ranks: list[_RankCosts], started: float) 
     return predictions
 
 
+def _predict_groups(shared: _Shared, answers: list[_RankCosts], started: float) -> dict[int, Prediction]:
+    """All ranks in one simulation if their answers stack; else one per form of the plugins'
+    answers; a group that still cannot share a timeline is left to rank-by-rank prediction."""
+    if not answers:
+        return {}
+    try:
+        return _predict_together(shared, answers, started)
+    except (_NotShared, MixedSizes, CostModelError):
+        if len(answers) == 1:
+            return {}
+    groups: dict[Any, list[_RankCosts]] = {}
+    for answer in answers:
+        key = _signature([answer.costs[i] for i in sorted(answer.costs)]), _signature(answer.steps)
+        groups.setdefault(key, []).append(answer)
+    found: dict[int, Prediction] = {}
+    for together in groups.values():
+        if len(together) < len(answers):
+            found.update(_predict_groups(shared, together, started))
+    return found
+
+
 def _choose_probes(ranks: Sequence[int]) -> tuple[int, int, int]:
     """Three ranks >= 2 of those asked for: the middle one (traced) and the two ends."""
     candidates = sorted({r for r in ranks if r >= 2})
@@ -670,7 +746,7 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
         raise _NotShared(f"method {config.method!r} does not promise sizes affine in the rank for this configuration")
     models, groups = [traced.model], [traced.prepared.param_groups]
     for probe in probes[1:]:
-        model = build_model(config.model, config.classes, device="meta")
+        model = meta_model(config.model, config.classes)
         prepared = prepare_method(manager, model, config.replace(rank=probe))
         if not prepared.affine_in_rank:
             raise _NotShared(f"method {config.method!r} does not promise sizes affine in rank {probe}")
@@ -696,6 +772,11 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
                      [by_name[r.name] for r in graph.records])
     template, shared.dependent = symbolic_template(traced, base, facts, dependence, probes[0])
     shared.templates.append(template)
+    static = traced.graph_cache["static"]
+    shared.dependent_records = [(record.index, node, static[node]) for record, node in zip(graph.records, shared.nodes)
+                                if node in shared.dependent]
+    shared.rank_sized = {p.name: p for p in (*graph.params, *graph.buffers) if p.name in dependence.tensors}
+    shared.owners = {owner: traced.model.get_submodule(owner) for owner, _ in dependence.attributes}
     ask = manager.hook.costmodel_op_cost
     for record, node in zip(graph.records, shared.nodes):
         if node in shared.dependent:
@@ -708,19 +789,20 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
 
 
 def _template_for(shared: _Shared, rank: int) -> RankTemplate | None:
+    """A template that covers ``rank``: the symbolic one, or one run on meta tensors at this rank
+    alone (where the symbolic run's guards exclude it: rank 1, whose sizes of 1 are specialised)."""
     for template in shared.templates:
         if template.covers(rank):
             return template
-    if len(shared.templates) >= MAX_TEMPLATES:
-        return None
     try:
-        template, dependent = symbolic_template(shared.traced, shared.base, shared.facts, shared.dependence, rank)
-    except _NotShared:
+        template, dependent = symbolic_template(shared.traced, shared.base, shared.facts, shared.dependence, rank,
+                                                symbolic=False)
+    except (_NotShared, RuntimeError):
         return None
-    if dependent != shared.dependent:
+    if dependent != shared.dependent or not template.covers(rank):
         return None
     shared.templates.append(template)
-    return template if template.covers(rank) else None
+    return template
 
 
 def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
@@ -737,22 +819,21 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
     except (_NotShared, CostModelError, MixedSizes):
         shared = None
     if shared is not None:
-        answers: dict[Any, list[_RankCosts]] = {}
-        for rank in wanted:
-            template = _template_for(shared, rank)
-            if template is None:
-                continue
-            try:
-                answer = _rank_costs(shared, template, rank)
-            except (_NotShared, CostModelError):
-                continue
-            key = _signature([answer.costs[i] for i in sorted(answer.costs)])
-            answers.setdefault(key, []).append(answer)
-        for together in answers.values():
-            try:
-                found.update(_predict_together(shared, together, started))
-            except (_NotShared, MixedSizes, CostModelError):
-                pass
+        model_own = {key: getattr(shared.owners[key[0]], key[1]) for key in shared.dependence.attributes}
+        answers: list[_RankCosts] = []
+        try:
+            for rank in wanted:
+                template = _template_for(shared, rank)
+                if template is None:
+                    continue
+                try:
+                    answers.append(_rank_costs(shared, template, rank))
+                except (_NotShared, CostModelError):
+                    continue
+        finally:
+            for (owner, attribute), value in model_own.items():
+                object.__setattr__(shared.owners[owner], attribute, value)
+        found.update(_predict_groups(shared, answers, started))
     for rank in wanted:
         if rank not in found:
             try:

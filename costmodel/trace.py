@@ -29,7 +29,7 @@ from costmodel.config import StepConfig
 from costmodel.costs import PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import build_model
+from costmodel.models import meta_model
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -331,7 +331,7 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> T
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
     """Build (or copy to meta) the model, let the method plugin prepare it, and trace the step."""
     if model is None:
-        model = build_model(config.model, config.classes, device="meta")
+        model = meta_model(config.model, config.classes)
     else:
         model = meta_copy(model).train()
     prepared = prepare_method(manager, model, config)
