@@ -120,12 +120,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
     base = _scenario(args)
     models = sweep.parse_names(args.model, "--model")
+    from costmodel.models import check_model_name
+
+    for model in models:  # before the clock starts: this loads torchvision
+        check_model_name(model)
     methods = None if args.methods is None else sweep.parse_names(args.methods, "--methods")
     ranks = sweep.parse_ranks(args.ranks)
     metrics = sweep.select_metrics(args.metrics)
     if args.measure is not None:
         sweep.evenly_spread(ranks, args.measure)  # a bad count fails before the predictions
-    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics)
+    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics,
+                         workers=args.jobs or sweep.default_workers())
     if args.measure is not None:
         sweep.check_laws(result, args.measure, sweep.default_measurer(fake=args.fake))
     if args.csv:
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--csv", default=None, metavar="PATH", help="write the laws as CSV (one row per model, method and metric)")
     sweep.add_argument("--points-csv", default=None, metavar="PATH", help="write every predicted point as CSV")
     sweep.add_argument("--json", action="store_true", help="print the points, laws and checks as one JSON object")
+    sweep.add_argument("--jobs", type=int, default=None, metavar="N", help="processes to predict in (default: one per CPU)")
     sweep.set_defaults(run=_sweep)
 
     plan = commands.add_parser("plan", help="every method and rank that fits a memory and/or FLOP budget, best first")

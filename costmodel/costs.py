@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +33,28 @@ class Flops:
     def both(count: int) -> "Flops":
         """A count on which both conventions agree."""
         return Flops(count, count)
+
+
+# Sizes for many ranks at once. When the engine predicts many ranks together
+# (``costmodel.ranks``), it may ask a plugin once with every rank-dependent size a numpy integer
+# array (one entry per rank). Arithmetic, ``math.prod`` and these helpers work on both; a plugin
+# that branches on such a size (``if``, ``min``, ``max``, ``int()``) raises, and is then asked
+# rank by rank. A plugin must not test a size's type.
+
+
+def smaller(a: Any, b: Any) -> Any:
+    """``min(a, b)`` of two sizes, without branching (element-wise for arrays)."""
+    return (a + b - abs(a - b)) // 2
+
+
+def differ(a: Any, b: Any) -> bool:
+    """Whether two sizes differ (at any rank, for arrays)."""
+    return bool(np.any(np.not_equal(a, b)))
+
+
+def amount(count: Any) -> str:
+    """A count for a note: ``1,234``, or ``rank-dependent`` for an array of counts."""
+    return f"{count:,}" if isinstance(count, int) else "rank-dependent"
 
 
 class _Sized:

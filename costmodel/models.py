@@ -26,6 +26,15 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name that is not one of torchvision's classification models."""
+    if name not in available_models():
+        raise CostModelError(
+            f"unknown model {name!r}; choose one of torchvision's classification models, "
+            f"e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, resnet18"
+        )
+
+
 def build_model(name: str, num_classes: int = 10, device: str | torch.device = "cpu") -> nn.Module:
     """``torchvision.models.<name>(weights=None, num_classes=num_classes)`` in train mode.
 
@@ -33,11 +42,7 @@ def build_model(name: str, num_classes: int = 10, device: str | torch.device = "
     """
     import torchvision
 
-    if name not in available_models():
-        raise CostModelError(
-            f"unknown model {name!r}; choose one of torchvision's classification models, "
-            f"e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, resnet18"
-        )
+    check_model_name(name)
     with torch.device(device):
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     return model.train()

@@ -32,6 +32,7 @@ concerned are predicted one by one with ``predict_config``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +45,9 @@ import pluggy
 import sympy
 import torch
 from torch import fx, nn
+from torch._dispatch.python import enable_python_dispatcher
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.utils._pytree import tree_flatten, tree_map
 
 from costmodel.config import StepConfig
@@ -107,13 +111,19 @@ class Affine:
         return numerator if denominator == 1 else numerator // denominator
 
 
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
 def _vary(values: Sequence[Any], probes: Sequence[int], where: str) -> Any:
     """One template for the same thing at each probe rank: equal parts as they are, integers that
     differ as an :class:`Affine`, containers and dataclasses part by part."""
     first = values[0]
-    if any(type(v) is not type(first) for v in values):
+    kind = type(first)
+    if any(type(v) is not kind for v in values):
         raise _NotShared(f"{where} changes type with the rank")
-    if type(first) is int:
+    if kind in _PLAIN and all(v == first for v in values[1:]):
+        return first
+    if kind is int:
         if all(v == first for v in values):
             return first
         line = Affine.through(list(zip(probes, values)))
@@ -262,7 +272,16 @@ class RankTemplate:
             return False
 
     def evaluate(self, rank: int) -> dict[fx.Node, Any]:
-        values = self.values(rank)
+        return self.fill(self.values(rank))
+
+    def evaluate_many(self, ranks: Sequence[int]) -> dict[fx.Node, Any]:
+        """The results at every rank at once: each rank-dependent size an array over ``ranks``."""
+        rows = [self.values(rank) for rank in ranks]
+        columns = [_column(np.array(column, dtype=np.int64)) for column in zip(*rows)]
+        return self.fill(columns)
+
+    def fill(self, values: Sequence[Any]) -> dict[fx.Node, Any]:
+        """The results with each slot's value (an int, or an array over ranks) filled in."""
 
         def fill(leaf: Any) -> Any:
             if isinstance(leaf, _Slot):
@@ -299,10 +318,6 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
     ``symbolic``, on meta tensors at rank ``hint``: a template for that rank alone); the other
     nodes keep the results of ``base`` (the concrete propagation at another rank). Returns the
     template and the nodes that depend on the rank."""
-    from torch._dynamo.source import ConstantSource
-    from torch._dispatch.python import enable_python_dispatcher
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-
     env = ShapeEnv()
     symbol: sympy.Basic = sympy.Integer(hint)
     if symbolic:
@@ -532,6 +547,23 @@ def _signature(value: Any) -> Any:
     return repr(value)
 
 
+def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> tuple[list[OptimizerStep], Any]:
+    """The optimizer's steps and prior state over ``ranks``: asked once for all of them when the
+    optimizer plugin can answer so (checked against its answer at the first rank), else rank by rank."""
+    try:
+        steps, state = _optimizer_at(shared, flow, ranks)
+        if _conforms((steps, state), len(ranks)):
+            check = _optimizer_at(shared, flow, ranks[0])
+            if _entry((steps, state), 0) == _entry(check, 0):
+                return steps, state
+    except (_NotShared, CostModelError):
+        raise
+    except Exception:  # an optimizer plugin that branches on a size: asked rank by rank
+        pass
+    answers = [_optimizer_at(shared, flow, rank) for rank in ranks]
+    return _stack_steps([steps for steps, _ in answers]), _stack([state for _, state in answers], "the state")
+
+
 def _stack_steps(per_rank: list[list[OptimizerStep]]) -> list[OptimizerStep]:
     """The optimizer's steps over the ranks: their memory events (often thousands) column by column."""
     first = per_rank[0]
@@ -554,6 +586,53 @@ def _stack_steps(per_rank: list[list[OptimizerStep]]) -> list[OptimizerStep]:
 
 def _column(values: np.ndarray) -> int | np.ndarray:
     return int(values[0]) if (values == values[0]).all() else values
+
+
+def _conforms(value: Any, count: int) -> bool:
+    """Whether an answer given for many ranks holds only integers, flags, text and integer arrays
+    with one entry per rank."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and len(value) == count and np.issubdtype(value.dtype, np.integer)
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, dict):
+        return all(_conforms(v, count) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_conforms(v, count) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_conforms(getattr(value, f.name), count) for f in dataclasses.fields(value) if f.name != "note")
+    return False
+
+
+def _entry(value: Any, i: int) -> Any:
+    """Rank ``i``'s answer out of an answer for many ranks (notes left out)."""
+    if isinstance(value, np.ndarray):
+        return int(value[i])
+    if isinstance(value, dict):
+        return {k: _entry(v, i) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_entry(v, i) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple((f.name, _entry(getattr(value, f.name), i)) for f in dataclasses.fields(value) if f.name != "note")
+    return value
+
+
+def _batch(shared: _Shared, template: RankTemplate, ranks: list[int]) -> _RankCosts:
+    """The answers for ``ranks`` (all covered by ``template``), each plugin asked once for all of
+    them where it can answer so: an answer for many ranks is checked against the plugin's own
+    answer at the first rank, and a node whose plugin cannot answer for many ranks, or answers
+    otherwise, is asked rank by rank."""
+    together = _rank_costs(shared, template, ranks)
+    check = _rank_costs(shared, template, ranks[0])
+    for index in list(together.costs):
+        if _entry(together.costs[index], 0) != _entry(check.costs[index], 0):
+            del together.costs[index]
+    missing = [index for index, _, _ in shared.dependent_records if index not in together.costs]
+    if missing:
+        one_by_one = [_rank_costs(shared, template, rank, missing) for rank in ranks]
+        for index in missing:
+            together.costs[index] = _stack([answer.costs[index] for answer in one_by_one], f"record {index}")
+    return together
 
 
 def _vector_meta(metas: Sequence[TensorMeta]) -> TensorMeta:
@@ -584,9 +663,10 @@ class _Shared:
 
 @dataclass
 class _RankCosts:
-    """One rank's answers for the rank-dependent nodes and the optimizer."""
+    """One rank's answers for the rank-dependent nodes (or many ranks' answers: every size an
+    array over ``rank``, a list)."""
 
-    rank: int
+    rank: int | list[int]
     metas: dict[Value, TensorMeta]
     params: dict[str, ParamMeta]
     costs: dict[int, OpCost]
@@ -594,12 +674,15 @@ class _RankCosts:
     state_before: int = 0
 
 
-def _rank_costs(shared: _Shared, template: RankTemplate, rank: int) -> _RankCosts:
-    """Ask the op plugins about every rank-dependent node at ``rank`` (the rank-sized attributes of
-    leaf modules are set to this rank's values while they answer; :func:`predict_ranks` puts the
-    model's own back)."""
+def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[int],
+                records: Iterable[int] | None = None) -> _RankCosts:
+    """Ask the op plugins about the rank-dependent nodes (all, or those of ``records``) at ``rank``,
+    or at many ranks at once (every rank-dependent size an array over them; see
+    ``costmodel.hookspecs.costmodel_op_cost``). The rank-sized attributes of leaf modules are set
+    to the rank's values while the plugins answer; :func:`predict_ranks` puts the model's own back."""
     dependence, graph = shared.dependence, shared.graph
-    overlay = template.evaluate(rank)
+    many = not isinstance(rank, int)
+    overlay = template.evaluate_many(rank) if many else template.evaluate(rank)
     results = ChainMap(overlay, shared.facts.results)
     metas: dict[Value, TensorMeta] = {}
     for node, result in overlay.items():
@@ -609,20 +692,38 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int) -> _RankCost
         for k, facts in enumerate(f for f in tree_flatten(result)[0] if isinstance(f, TensorFacts)):
             metas[(node, k)] = _tensor_meta(facts)
     all_metas = ChainMap(metas, graph.metas)
-    params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](rank))
-              for name, meta in shared.rank_sized.items()}
-    for (owner, attribute), value in dependence.attributes_at(rank).items():
+    if many:
+        params = {name: dataclasses.replace(meta, shape=_stack([dependence.shape_at[name](r) for r in rank], name))
+                  for name, meta in shared.rank_sized.items()}
+        attributes = _stack([dependence.attributes_at(r) for r in rank], "the rank-sized attributes")
+        config = shared.config
+    else:
+        params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](rank))
+                  for name, meta in shared.rank_sized.items()}
+        attributes = dependence.attributes_at(rank)
+        config = shared.config.replace(rank=rank)
+    for (owner, attribute), value in attributes.items():
         object.__setattr__(shared.owners[owner], attribute, value)
     costs: dict[int, OpCost] = {}
     ask = shared.manager.hook.costmodel_op_cost
-    config = shared.config.replace(rank=rank)
+    wanted = None if records is None else set(records)
     for index, node, (module, node_params, target, label) in shared.dependent_records:
+        if wanted is not None and index not in wanted:
+            continue
         record = graph.records[index]
         if any(p.name in params for p in node_params.values()):
             node_params = {local: params.get(p.name, p) for local, p in node_params.items()}
         outputs = tuple(all_metas[v] for v in record.output_values)
         op, _ = node_op(node, results, all_metas, shared.facts.same_tensor, outputs,
                         (module, node_params, target, label))
+        if many:
+            try:
+                cost = ask(node=op, config=config)
+            except Exception:  # a plugin that branches on a size: asked rank by rank
+                continue
+            if cost is not None and _conforms(cost, len(rank)):
+                costs[index] = cost
+            continue
         cost = ask(node=op, config=config)
         if cost is None:
             raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
@@ -630,12 +731,18 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int) -> _RankCost
     return _RankCosts(rank, metas, params, costs)
 
 
-def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int) -> tuple[list[OptimizerStep], int]:
-    """The optimizer's steps at ``rank`` and the state that exists before them."""
+def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int | Sequence[int]) -> tuple[list[OptimizerStep], Any]:
+    """The optimizer's steps at ``rank`` and the state that exists before them; for many ranks,
+    asked once with every rank-dependent size and option an array over them."""
     from costmodel.predict import optimizer_steps, updated_groups
 
-    config = shared.config.replace(rank=rank)
-    groups = updated_groups(shared.dependence.groups_at(rank), flow)
+    if isinstance(rank, int):
+        config = shared.config.replace(rank=rank)
+        groups = shared.dependence.groups_at(rank)
+    else:
+        config = shared.config
+        groups = _stack([shared.dependence.groups_at(r) for r in rank], "the parameter groups")
+    groups = updated_groups(groups, flow)
     steps = optimizer_steps(groups, shared.manager, config, config.step)
     state_before = 0
     if config.step > 1:
@@ -643,13 +750,21 @@ def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int) -> tuple[list[
     return steps, state_before
 
 
-def _vector_graph(shared: _Shared, ranks: list[_RankCosts]) -> tuple[StepGraph, list[OpCost | None]]:
-    """The shared graph with every rank-dependent size an array over ``ranks``, and its costs."""
+def _stack_answers(answers: list[_RankCosts]) -> _RankCosts:
+    """Answers rank by rank -> one answer for all of them (arrays over the ranks)."""
+    first = answers[0]
+    return _RankCosts(
+        [a.rank for a in answers],
+        {value: _stack([a.metas[value] for a in answers], f"value {value[0].name}") for value in first.metas},
+        {name: _stack([a.params[name] for a in answers], name) for name in first.params},
+        {index: _stack([a.costs[index] for a in answers], f"record {index}") for index in first.costs})
+
+
+def _vector_graph(shared: _Shared, batch: _RankCosts) -> tuple[StepGraph, list[OpCost | None]]:
+    """The shared graph with every rank-dependent size an array over the batch's ranks, and its costs."""
     graph = shared.graph
-    metas = dict(graph.metas)
-    for value in ranks[0].metas:
-        metas[value] = _stack([r.metas[value] for r in ranks], f"value {value[0].name}")
-    params = {name: _stack([r.params[name] for r in ranks], name) for name in ranks[0].params}
+    metas = {**graph.metas, **batch.metas}
+    params = batch.params
     storage_of = {name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name: facts.storage
                   for name, facts, _ in shared.facts.params}
     param_storages, buffer_storages = dict(graph.param_storages), dict(graph.buffer_storages)
@@ -665,7 +780,7 @@ def _vector_graph(shared: _Shared, ranks: list[_RankCosts]) -> tuple[StepGraph, 
                                  outputs=tuple(metas[v] for v in record.output_values),
                                  params={local: params.get(p.name, p) for local, p in record.op.params.items()})
         records.append(dataclasses.replace(record, op=op))
-        costs.append(_stack([r.costs[record.index] for r in ranks], f"the cost of node {record.name}"))
+        costs.append(batch.costs[record.index])
     vector = dataclasses.replace(
         graph, records=records, metas=metas, param_storages=param_storages, buffer_storages=buffer_storages,
         params=[params.get(p.name, p) for p in graph.params], buffers=[params.get(p.name, p) for p in graph.buffers],
@@ -677,33 +792,29 @@ def _pick(value: int | np.ndarray, i: int) -> int:
     return int(value[i]) if isinstance(value, np.ndarray) else int(value)
 
 
-def _predict_together(shared: _Shared, ranks: list[_RankCosts], started: float) -> dict[int, Prediction]:
-    """One simulation over ranks whose answers have the same form."""
-    graph, costs = _vector_graph(shared, ranks)
+def _predict_together(shared: _Shared, batch: _RankCosts, started: float) -> dict[int, Prediction]:
+    """One simulation over the ranks of a batch of answers."""
+    graph, costs = _vector_graph(shared, batch)
     flow = gradient_flow(graph, costs)
-    for r in ranks:
-        r.steps, r.state_before = _optimizer_at(shared, flow, r.rank)
-    steps = _stack_steps([r.steps for r in ranks])
-    state_before = _stack([r.state_before for r in ranks], "the optimizer state")
+    steps, state_before = _optimizer_steps(shared, flow, batch.rank)
     grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
     memory = simulate(graph, costs, flow, steps, state_before, grads_before, record_timeline=False)
     flops = step_flops(graph, costs, memory, steps)
     fields = memory.fields()
     trainable = sum(p.numel for p in graph.params if p.trainable)
     total = sum(p.numel for p in graph.params)
-    seconds = (time.perf_counter() - started) / len(ranks)
+    seconds = (time.perf_counter() - started) / len(batch.rank)
     predictions = {}
-    for i, r in enumerate(ranks):
-        predictions[r.rank] = Prediction(
-            config=shared.config.replace(rank=r.rank),
+    for i, rank in enumerate(batch.rank):
+        predictions[rank] = Prediction(
+            config=shared.config.replace(rank=rank),
             source="predict",
             flops={conv: {phase: _pick(v, i) for phase, v in phases.items()} for conv, phases in flops.items()},
             memory={name: _pick(v, i) for name, v in fields.items()},
             trainable_params=_pick(trainable, i),
             total_params=_pick(total, i),
             seconds=seconds,
-            details={"batched": f"one of {len(ranks)} ranks predicted together (costmodel.ranks)",
-                     "optimizer": [step.cost.note for step in r.steps]},
+            details={"batched": f"one of {len(batch.rank)} ranks predicted together (costmodel.ranks)"},
         )
     return predictions
 
@@ -714,13 +825,13 @@ def _predict_groups(shared: _Shared, answers: list[_RankCosts], started: float) 
     if not answers:
         return {}
     try:
-        return _predict_together(shared, answers, started)
+        return _predict_together(shared, _stack_answers(answers), started)
     except (_NotShared, MixedSizes, CostModelError):
         if len(answers) == 1:
             return {}
     groups: dict[Any, list[_RankCosts]] = {}
     for answer in answers:
-        key = _signature([answer.costs[i] for i in sorted(answer.costs)]), _signature(answer.steps)
+        key = _signature([answer.costs[i] for i in sorted(answer.costs)])
         groups.setdefault(key, []).append(answer)
     found: dict[int, Prediction] = {}
     for together in groups.values():
@@ -805,11 +916,43 @@ def _template_for(shared: _Shared, rank: int) -> RankTemplate | None:
     return template
 
 
+def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[int, Prediction]:
+    """The ranks that share ``shared``'s structure: those of one template together (each plugin
+    asked once for all of them where it can), and where a batch does not hold together, rank by
+    rank answers grouped by form."""
+    by_template: dict[int, tuple[RankTemplate, list[int]]] = {}
+    for rank in ranks:
+        template = _template_for(shared, rank)
+        if template is not None:
+            by_template.setdefault(id(template), (template, []))[1].append(rank)
+    found: dict[int, Prediction] = {}
+    for template, members in by_template.values():
+        try:
+            found.update(_predict_together(shared, _batch(shared, template, members), started))
+            continue
+        except (_NotShared, MixedSizes, CostModelError):
+            pass
+        answers = []
+        for rank in members:
+            try:
+                answers.append(_rank_costs(shared, template, rank))
+            except (_NotShared, CostModelError):
+                continue
+        found.update(_predict_groups(shared, answers, started))
+    return found
+
+
 def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
                   manager: pluggy.PluginManager | None = None) -> dict[int, Prediction | CostModelError]:
     """Predict ``config`` at each of ``ranks`` (its own rank is ignored): the same numbers as
     ``predict_config(config.replace(rank=r))`` for every ``r``, found together. A rank the method
     refuses maps to the :class:`CostModelError` that says why."""
+    if gc.isenabled():  # a batch allocates many objects and few cycles: collect after, not during
+        gc.disable()
+        try:
+            return predict_ranks(config, ranks, manager=manager)
+        finally:
+            gc.enable()
     started = time.perf_counter()
     manager = manager or default_plugin_manager()
     wanted = list(dict.fromkeys(int(r) for r in ranks))
@@ -820,20 +963,11 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
         shared = None
     if shared is not None:
         model_own = {key: getattr(shared.owners[key[0]], key[1]) for key in shared.dependence.attributes}
-        answers: list[_RankCosts] = []
         try:
-            for rank in wanted:
-                template = _template_for(shared, rank)
-                if template is None:
-                    continue
-                try:
-                    answers.append(_rank_costs(shared, template, rank))
-                except (_NotShared, CostModelError):
-                    continue
+            found.update(_predict_shared(shared, wanted, started))
         finally:
             for (owner, attribute), value in model_own.items():
                 object.__setattr__(shared.owners[owner], attribute, value)
-        found.update(_predict_groups(shared, answers, started))
     for rank in wanted:
         if rank not in found:
             try:

@@ -178,11 +178,43 @@ def supported_methods(predictor: Predictor, base: StepConfig,
     return tuple(supported), refused
 
 
-def default_predictor() -> Predictor:
-    """The analytic engine, loaded only when asked for."""
-    from costmodel.predict import predict_config
+class EnginePredictor:
+    """The analytic engine as a predictor: one configuration (a call), or one configuration at many
+    ranks together (:meth:`ranks`, ``costmodel.ranks.predict_ranks``: the same numbers, found in a
+    fraction of the time)."""
 
-    return predict_config
+    def __call__(self, config: StepConfig) -> StepCost:
+        from costmodel.predict import predict_config
+
+        return predict_config(config)
+
+    def ranks(self, config: StepConfig, ranks: Sequence[int]) -> dict[int, StepCost | CostModelError]:
+        from costmodel.ranks import predict_ranks
+
+        return predict_ranks(config, ranks)
+
+    def warm_up(self, base: StepConfig, models: Sequence[str]) -> None:
+        """Load what every prediction needs (torchvision, the plugins, each model built once on
+        the meta device), so that processes forked afterwards share it instead of each loading it."""
+        import gc
+
+        import costmodel.ranks  # noqa: F401  (and the symbolic-shape machinery it loads)
+        from costmodel.models import meta_model
+        from costmodel.registry import default_plugin_manager
+
+        default_plugin_manager()
+        for model in models:
+            try:
+                meta_model(model, base.classes)
+            except CostModelError:
+                pass  # reported by the prediction itself
+        gc.collect()
+        gc.freeze()  # what exists now lives as long as the process: keep the collector off it
+
+
+def default_predictor() -> Predictor:
+    """The analytic engine (its modules loaded only when it is first asked)."""
+    return EnginePredictor()
 
 
 def default_measurer(fake: bool = False) -> Predictor:
@@ -570,21 +602,82 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 
 
 def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[int],
-                   predictor: Predictor, progress: Callable[[], Any] | None = None) -> Series:
+                   predictor: Predictor, progress: Callable[..., Any] | None = None) -> Series:
     """The predictor's cost of ``method`` on ``model`` at every rank; a rank it refuses
     (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason."""
-    series = Series(model=model, method=method)
+    together = getattr(predictor, "ranks", None)
+    if together is not None:
+        answers = together(base.replace(model=model, method=method), ranks)
+        if progress is not None:
+            progress(len(ranks))
+        return _series(model, method, ranks, answers)
+    answers = {}
     for rank in ranks:
         try:
-            cost = predictor(base.replace(model=model, method=method, rank=rank))
+            answers[rank] = predictor(base.replace(model=model, method=method, rank=rank))
         except CostModelError as error:
-            series.refused[rank] = str(error)
-        else:
-            series.ranks.append(rank)
-            series.costs.append(cost)
+            answers[rank] = error
         if progress is not None:
             progress()
+    return _series(model, method, ranks, answers)
+
+
+def _series(model: str, method: str, ranks: Sequence[int],
+            answers: dict[int, StepCost | CostModelError]) -> Series:
+    series = Series(model=model, method=method)
+    for rank in ranks:
+        answer = answers[rank]
+        if isinstance(answer, CostModelError):
+            series.refused[rank] = str(answer)
+        else:
+            series.ranks.append(rank)
+            series.costs.append(answer)
     return series
+
+
+# The predictor and settings a forked worker of predict_all() uses (inherited through fork).
+_WORKER: tuple[Predictor, StepConfig, tuple[int, ...]] | None = None
+
+
+def _predict_in_worker(job: tuple[str, str]) -> tuple[tuple[str, str], Series]:
+    assert _WORKER is not None
+    predictor, base, ranks = _WORKER
+    return job, predict_series(base, job[0], job[1], ranks, predictor)
+
+
+def default_workers() -> int:
+    """Processes a sweep uses: one per CPU this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def predict_all(base: StepConfig, jobs: Sequence[tuple[str, str]], ranks: Sequence[int], predictor: Predictor,
+                progress: Callable[[int], Any] | None = None, workers: int = 1) -> dict[tuple[str, str], Series]:
+    """Every (model, method) job over ``ranks``. With ``workers > 1`` the jobs run in that many
+    forked processes (each a copy of this one, imports and caches included), heaviest first."""
+    global _WORKER
+    import multiprocessing
+
+    workers = min(workers, len(jobs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return {job: predict_series(base, job[0], job[1], ranks, predictor, progress) for job in jobs}
+    # DoRA, then LoRA, are the heaviest to predict: start them first so the processes end together.
+    order = sorted(jobs, key=lambda job: {"dora": 0, "lora": 1}.get(job[1], 2))
+    warm_up = getattr(predictor, "warm_up", None)
+    if warm_up is not None:
+        warm_up(base, sorted({job[0] for job in jobs}))
+    _WORKER = (predictor, base, tuple(ranks))
+    found: dict[tuple[str, str], Series] = {}
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for job, series in pool.imap_unordered(_predict_in_worker, order):
+                found[job] = series
+                if progress is not None:
+                    progress(len(ranks))
+    finally:
+        _WORKER = None
+    return {job: found[job] for job in jobs}
 
 
 def fit_series(series: Series, metrics: Sequence[str]) -> None:
@@ -607,11 +700,12 @@ def evenly_spread(ranks: Sequence[int], count: int) -> tuple[int, ...]:
 
 def sweep(models: Sequence[str], methods: Sequence[str] | None, ranks: Sequence[int],
           predictor: Predictor, base: StepConfig | None = None,
-          metrics: Sequence[str] | None = None, progress: bool = True) -> SweepResult:
+          metrics: Sequence[str] | None = None, progress: bool = True, workers: int = 1) -> SweepResult:
     """Predict every model and method over ``ranks`` and fit one law per metric.
 
     With ``methods=None``, every method the registry declares and the predictor can cost.
-    A method named explicitly that the predictor cannot cost is an error.
+    A method named explicitly that the predictor cannot cost is an error. ``workers``: processes
+    to predict in (see :func:`predict_all`).
     """
     base = base or StepConfig()
     metrics = tuple(metrics or metric_names())
@@ -622,14 +716,14 @@ def sweep(models: Sequence[str], methods: Sequence[str] | None, ranks: Sequence[
         if not methods:
             raise CostModelError("the predictor can cost none of the methods: "
                                  + "; ".join(f"{m}: {why}" for m, why in refused_methods.items()))
-    series: list[Series] = []
-    with progress_bar(len(models) * len(methods) * len(ranks), "predicting", progress) as bar:
-        for model in models:
-            for method in methods:
-                series.append(predict_series(base, model, method, ranks, predictor, bar.update))
-                if not series[-1].costs:
-                    reasons = sorted(set(series[-1].refused.values()))
-                    raise CostModelError(f"{model} / {method}: no rank could be predicted: {'; '.join(reasons)}")
+    jobs = [(model, method) for model in models for method in methods]
+    with progress_bar(len(jobs) * len(ranks), "predicting", progress) as bar:
+        found = predict_all(base, jobs, ranks, predictor, bar.update, workers)
+    series = [found[job] for job in jobs]
+    for s in series:
+        if not s.costs:
+            reasons = sorted(set(s.refused.values()))
+            raise CostModelError(f"{s.model} / {s.method}: no rank could be predicted: {'; '.join(reasons)}")
     predicted = time.perf_counter()
     for s in series:
         fit_series(s, metrics)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta
+from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 
@@ -80,22 +80,22 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
             events += [MemEvent(STEP_BYTES, "OPT", f"{p.name}: state step"),
                        MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg"),
                        MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg_sq")]
-    previous_denom = 0
+    previous_denom = None
     flops = 0
     for p in params:
         temporary = p.nbytes  # sqrt and the division keep the moment's dtype, the parameter's
         events += [MemEvent(temporary, "OPT", f"{p.name}: exp_avg_sq.sqrt()"),
                    MemEvent(temporary, "OPT", f"{p.name}: / bias_correction2_sqrt"),
                    MemEvent(-temporary, "OPT", f"{p.name}: sqrt freed")]
-        if previous_denom:
+        if previous_denom is not None:
             events.append(MemEvent(-previous_denom, "OPT", "previous denom freed"))
         previous_denom = temporary
         flops += step_flops(p.numel, step, options)
-    if previous_denom:
+    if previous_denom is not None:
         events.append(MemEvent(-previous_denom, "OPT", "last denom freed"))
     return OptimizerCost(
         flops=Flops(torch=0, exact=flops),
         state_bytes=state_bytes(params),
         events=events,
-        note=f"AdamW over {len(params)} tensors ({sum(p.numel for p in params):,} elements): 14n+1 FLOPs each",
+        note=f"AdamW over {len(params)} tensors ({amount(sum(p.numel for p in params))} elements): 14n+1 FLOPs each",
     )

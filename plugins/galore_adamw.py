@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from costmodel.config import StepConfig
-from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta
+from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, smaller
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.svd import svd_flops, svd_output_shapes
@@ -126,7 +126,7 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def low_rank_moment_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
     """The projected gradient's (and each moment's) shape under the "std" rule."""
     m, n = _matrix_shape(shape)
-    r = min(rank, m, n)
+    r = smaller(rank, min(m, n))
     return (m, r) if m >= n else (r, n)
 
 
@@ -153,7 +153,7 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
         if settings is None:
             state_bytes += 2 * p.numel * itemsize
         else:
-            rows, cols = low_rank_moment_shape(p.shape, int(settings["rank"]))
+            rows, cols = low_rank_moment_shape(p.shape, settings["rank"])
             state_bytes += (2 * rows * cols + projector_storage_numel(p.shape)) * itemsize
 
     for p in params:
@@ -163,7 +163,7 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
             moments = p.numel
         else:
             m, n = _matrix_shape(p.shape)
-            r = min(int(settings["rank"]), m, n)
+            r = smaller(settings["rank"], min(m, n))
             if settings.get("proj_type", "std") != "std":
                 raise CostModelError(f"galore_adamw: only proj_type='std' is modelled, got {settings['proj_type']!r}")
             gap = int(settings["update_proj_gap"])

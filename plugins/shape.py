@@ -29,7 +29,7 @@ import operator
 import torch
 from torch import nn
 
-from costmodel.costs import Flops, OpCost, OpNode
+from costmodel.costs import Flops, OpCost, OpNode, differ
 from costmodel.hookspecs import hookimpl
 
 from ._handles import HandleTable, new_output, no_grads
@@ -48,7 +48,7 @@ def _gradients_alias(node: OpNode) -> tuple[int | None, ...]:
 @TABLE.register("call_module", nn.Flatten)
 def view_or_copy(node: OpNode) -> OpCost | None:
     """A view of input 0, or a copy when the output lives in a storage of its own."""
-    if not node.inputs or len(node.outputs) != 1 or node.outputs[0].numel != node.inputs[0].numel:
+    if not node.inputs or len(node.outputs) != 1 or differ(node.outputs[0].numel, node.inputs[0].numel):
         return None
     cost = OpCost(forward=Flops(), forward_allocs=new_output(node),
                   note="view" if not new_output(node) else "reshape of a non-contiguous input: copy")

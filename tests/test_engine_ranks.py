@@ -1,0 +1,165 @@
+"""Many ranks predicted together (``costmodel.ranks``) give, rank for rank, what a prediction of
+that rank alone gives; and where the shortcut's conditions fail, it steps aside."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from costmodel.config import StepConfig
+from costmodel.costs import Flops, OpCost, PreparedMethod, ParamGroup, differ, smaller
+from costmodel.errors import CostModelError
+from costmodel.hookspecs import hookimpl
+from costmodel.memory import MixedSizes, is_positive, is_zero
+from costmodel.plugins.method_fft import trainable_metas
+from costmodel.predict import predict_config
+from costmodel.ranks import Affine, _NotShared, predict_ranks
+from costmodel.registry import create_plugin_manager
+from costmodel.validation.measure import measure
+
+from engine_live import assert_matches
+
+
+def _fields(prediction) -> dict:
+    return {"flops": prediction.flops, "memory": prediction.memory, "trainable": prediction.trainable_params,
+            "total": prediction.total_params, "config": prediction.config}
+
+
+def _batched(prediction) -> bool:
+    return "batched" in prediction.details
+
+
+def assert_same_as_one_by_one(config: StepConfig, ranks, manager=None, *, batched: bool = True) -> dict:
+    together = predict_ranks(config, ranks, manager=manager)
+    assert list(together) == list(dict.fromkeys(ranks))
+    for rank, prediction in together.items():
+        alone = predict_config(config.replace(rank=rank), manager=manager)
+        assert _fields(prediction) == _fields(alone), f"rank {rank}"
+        assert _batched(prediction) == batched, f"rank {rank}: {prediction.details}"
+    return together
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "galore"])
+def test_resnet18_ranks_together_equal_each_rank_alone(method):
+    assert_same_as_one_by_one(StepConfig(model="resnet18", method=method), [1, 2, 3, 5, 8, 13])
+
+
+def test_depthwise_model_with_linear_adapters_dora_together_equal_each_rank_alone():
+    """MobileNetV3: depthwise and squeeze-excitation convolutions, and (adapt_head) DoRA on the
+    classifier's Linear layers, whose mirror runs ``eye`` and two matmuls."""
+    config = StepConfig(model="mobilenet_v3_small", method="dora", batch=2, resolution=64,
+                        options={"adapt_head": True})
+    assert_same_as_one_by_one(config, [1, 2, 4, 7, 16])
+
+
+def test_ranks_together_equal_a_live_measurement():
+    config = StepConfig(model="resnet18", method="lora", resolution=64)
+    together = predict_ranks(config, [1, 3, 6, 9])
+    assert all(_batched(p) for p in together.values())
+    assert_matches(together[6], measure(config.replace(rank=6), fake=True))
+
+
+def test_a_scaling_that_changes_with_the_rank_is_predicted_rank_by_rank():
+    """alpha fixed: LoRA's scaling alpha / rank is a number baked into the traced graph, so the
+    ranks do not share one graph: the LoRA plugin makes no promise."""
+    assert_same_as_one_by_one(StepConfig(model="resnet18", method="lora", alpha=16.0, resolution=64),
+                              [2, 3, 4, 5], batched=False)
+
+
+def test_a_rank_the_method_refuses_is_reported_with_its_reason():
+    """A grouped convolution takes a rank only if it is a multiple of its groups (peft)."""
+    config = StepConfig(model="mobilenet_v2", method="lora", resolution=64,
+                        options={"target_modules": ["features.2.conv.1.0"]})  # depthwise, groups=144
+    together = predict_ranks(config, [144, 1, 288, 5])
+    assert isinstance(together[1], CostModelError) and "multiple of groups" in str(together[1])
+    assert isinstance(together[5], CostModelError)
+    assert _fields(together[288]) == _fields(predict_config(config.replace(rank=288)))
+
+
+class _BranchingConv:
+    """An op plugin that branches on a size (a plain ``if``): it cannot answer for many ranks at
+    once, so the engine asks it rank by rank; the numbers must not change."""
+
+    @hookimpl
+    def costmodel_op_cost(self, node, config):
+        if node.kind == "call_module" and isinstance(node.module, nn.Conv2d) and node.module.out_channels < 10:
+            from costmodel.plugins.conv import conv_module
+
+            cost = conv_module(node)
+            if cost is not None and node.outputs[0].shape[1] > 4:  # raises on an array of sizes
+                cost.note += " (wide)"
+            return cost
+        return None
+
+
+def test_a_plugin_that_branches_on_a_size_is_asked_rank_by_rank():
+    manager = create_plugin_manager([_BranchingConv()])
+    assert_same_as_one_by_one(StepConfig(model="resnet18", method="lora", resolution=64), [1, 2, 5, 9, 12],
+                              manager)
+
+
+class _SquareAdapter(nn.Module):
+    """A toy adapter whose width is rank**2: not affine in the rank."""
+
+    def __init__(self, base: nn.Linear, width: int) -> None:
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, width, bias=False, device=base.weight.device)
+        self.up = nn.Linear(width, base.out_features, bias=False, device=base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x))
+
+
+class _SquareMethod:
+    """Promises sizes affine in the rank but breaks the promise: the probes must catch it."""
+
+    @hookimpl
+    def costmodel_method_names(self):
+        return ["square"]
+
+    @hookimpl
+    def costmodel_prepare_method(self, name, model, config):
+        if name != "square":
+            return None
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.fc = _SquareAdapter(model.fc, config.rank ** 2)
+        return PreparedMethod([ParamGroup("adamw", trainable_metas(model), {"lr": config.lr})], affine_in_rank=True)
+
+
+def test_a_broken_affine_promise_is_caught_and_each_rank_predicted_alone():
+    manager = create_plugin_manager([_SquareMethod()])
+    assert_same_as_one_by_one(StepConfig(model="resnet18", method="square", resolution=64), [1, 2, 3, 4, 6],
+                              manager, batched=False)
+
+
+def test_the_affine_sizes_of_the_probes():
+    line = Affine.through([(4, 9), (2, 5), (16, 33)])  # 2r + 1
+    assert line is not None and line.at(10) == 21
+    assert Affine.through([(4, 16), (2, 4), (8, 64)]) is None  # r**2
+    half = Affine.through([(4, 2), (2, 1), (8, 4)])  # r / 2
+    assert half is not None and half.at(6) == 3
+    with pytest.raises(_NotShared):
+        half.at(5)
+
+
+def test_size_helpers_work_on_ints_and_arrays_of_ranks():
+    ranks = np.array([1, 5, 9])
+    assert smaller(3, 7) == 3 and smaller(7, 3) == 3
+    assert smaller(ranks, 6).tolist() == [1, 5, 6]
+    assert differ(ranks, np.array([1, 5, 9])) is False and differ(ranks, 5) is True and differ(2, 3) is True
+    assert is_zero(np.zeros(3, dtype=np.int64)) and not is_zero(ranks) and is_positive(ranks)
+    with pytest.raises(MixedSizes):
+        is_zero(ranks - 1)
+    with pytest.raises(MixedSizes):
+        is_positive(ranks - 5)
+
+
+def test_too_few_ranks_are_predicted_one_by_one():
+    config = StepConfig(model="resnet18", method="lora", resolution=64)
+    assert_same_as_one_by_one(config, [1, 2], batched=False)
