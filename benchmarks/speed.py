@@ -11,10 +11,10 @@ For each model it times, at the given configuration:
 - ``predict warm``: a prediction once the structure's shape template exists (what every later
   prediction of the model costs, at any batch and resolution the template accepts).
 
-Then it shows that a warm prediction does not grow with batch or resolution, and what each new
-rank of a low-rank method costs, in the order a sweep asks for them (GaLore's ranks share one
-trace; a LoRA/DoRA rank is still a new structure: traced and propagated again). Timings are wall-clock and include Python's noise; the machine's
-other load shows up as spread between runs.
+Then it shows that a warm prediction does not grow with batch or resolution, and what a rank
+of a low-rank method costs alone and within a sweep of ranks 1-64 predicted together
+(``costmodel.ranks``: one trace, sizes as formulas of the rank, every plugin asked once). Timings
+are wall-clock and include Python's noise; the machine's other load shows up as spread between runs.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 from costmodel.config import StepConfig
 from costmodel.predict import clear_cache, predict_config, traced_step
+from costmodel.ranks import predict_ranks
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import TEMPLATE_AFTER
 
@@ -92,23 +93,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for b, r in shapes]
         print(f"{model:<20}" + "".join(f"{seconds * 1e3:>14.1f}" for seconds in cells))
 
-    print("\nprediction against the rank, as a sweep meets it (ms per new rank, in rank order;"
-          " 'fake' is one measurement under FakeTensorMode at r=4):")
-    ranks = [1, 2, 4, 16, 64]
-    print(f"{'model':<20}{'method':<8}" + "".join(f"{f'r={rank}':>10}" for rank in ranks)
-          + f"{'fake':>10}{'fake/r=64':>11}")
+    print("\nprediction against the rank: one rank alone (mean of r=2, 16, 64, each a new structure) and"
+          " ranks 1-64 together (costmodel.ranks), per rank; 'fake' is one measurement under"
+          " FakeTensorMode at r=4")
+    print(f"{'model':<20}{'method':<8}{'alone':>10}{'together':>10}{'alone/together':>16}{'fake':>10}"
+          f"{'fake/together':>15}")
+    sweep_ranks = range(1, 65)
+    sweep_seconds = 0.0
     for model in args.models:
         for method in args.rank_methods:
+            base = StepConfig(model=model, method=method, batch=args.batch, resolution=args.resolution)
             clear_cache()
-            cells = []
-            for rank in ranks:
-                config = StepConfig(model=model, method=method, rank=rank, batch=args.batch,
-                                    resolution=args.resolution)
-                cells.append(timed(lambda: predict_config(config)))
-            fake = timed(lambda: measure(StepConfig(model=model, method=method, rank=4, batch=args.batch,
-                                                    resolution=args.resolution), fake=True))
-            print(f"{model:<20}{method:<8}" + "".join(f"{seconds * 1e3:>10.1f}" for seconds in cells)
-                  + f"{fake * 1e3:>9.0f}ms{fake / cells[-1]:>10.0f}x")
+            alone = statistics.mean(timed(lambda: predict_config(base.replace(rank=rank))) for rank in (2, 16, 64))
+            clear_cache()
+            together = timed(lambda: predict_ranks(base, sweep_ranks))
+            sweep_seconds += together
+            per_rank = together / len(sweep_ranks)
+            fake = timed(lambda: measure(base.replace(rank=4), fake=True))
+            print(f"{model:<20}{method:<8}{alone * 1e3:>8.1f}ms{per_rank * 1e3:>8.1f}ms{alone / per_rank:>15.0f}x"
+                  f"{fake * 1e3:>8.0f}ms{fake / per_rank:>14.0f}x")
+    print(f"{len(args.models) * len(args.rank_methods) * len(sweep_ranks)} predictions (ranks 1-64) together in"
+          f" this one process: {sweep_seconds:.2f} s (`costmodel sweep` also spreads them over the CPUs)")
     return 0
 
 

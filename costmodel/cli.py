@@ -120,10 +120,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
     base = _scenario(args)
     models = sweep.parse_names(args.model, "--model")
-    from costmodel.models import check_model_name
+    from costmodel.models import available_models
 
-    for model in models:  # before the clock starts: this loads torchvision
-        check_model_name(model)
+    available_models()  # loads torchvision (start-up, not prediction: before the sweep's clock starts)
     methods = None if args.methods is None else sweep.parse_names(args.methods, "--methods")
     ranks = sweep.parse_ranks(args.ranks)
     metrics = sweep.select_metrics(args.metrics)

@@ -40,6 +40,15 @@ def costmodel_op_cost(node: "OpNode", config: "StepConfig") -> "OpCost | None":
     (``out += identity`` in ResNet, ``result += input`` in MobileNetV3) appear as ``call_function``
     nodes whose target is ``operator.iadd`` / ``isub`` / ``imul`` / ``itruediv``: eager PyTorch runs
     the in-place tensor method there (output aliases input 0), not an out-of-place op.
+
+    The answer must depend on the node alone (never on ``config.rank``). When the engine predicts
+    many ranks together (``costmodel.ranks``), it asks once for all of them with every
+    rank-dependent size - in shapes, in rank-sized module attributes, in size arguments - a numpy
+    integer array with one entry per rank, and expects sizes in the answer as such arrays (or ints
+    where they do not vary). Arithmetic, ``math.prod`` and ``costmodel.costs.smaller`` /
+    ``differ`` / ``amount`` work on both; a plugin that branches on a size (``if``, ``min``,
+    ``int()``) raises there and is then asked rank by rank, as is one whose answer for many ranks
+    differs from its answer for the first of them. Never test a size's type.
     """
 
 
@@ -51,6 +60,9 @@ def costmodel_optimizer_cost(group: "ParamGroup", step: int, config: "StepConfig
     ``group.params`` holds only the parameters that receive a gradient in the step (a trainable
     parameter the forward never uses has ``.grad`` None, and torch's optimizers skip it); it is
     never empty.
+
+    As for ``costmodel_op_cost``, parameter sizes and integer options (a projection rank) may be
+    numpy integer arrays over ranks; a plugin that cannot answer so is asked rank by rank.
     """
 
 
@@ -63,6 +75,13 @@ def costmodel_prepare_method(name: str, model: "nn.Module", config: "StepConfig"
     mirrors the real library op for op, sets ``requires_grad`` to freeze what the method freezes)
     and returns the optimizer's parameter groups. A rank a layer cannot take raises
     ``CostModelError`` naming the layer.
+
+    ``PreparedMethod.affine_in_rank`` lets the engine predict many ranks from one trace: set it
+    only where preparing at every other rank succeeds and changes nothing but integer sizes
+    (parameter dimensions, integer attributes of modules the tracer keeps whole, integer options
+    of the parameter groups), each affine in the rank, and where the forward of modules the tracer
+    traces through reads such sizes only off tensors (``w.shape[0]``, never ``self.rank``). The
+    engine checks the promise at three ranks.
     """
 
 

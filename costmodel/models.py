@@ -26,15 +26,6 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
-def check_model_name(name: str) -> None:
-    """Refuse a name that is not one of torchvision's classification models."""
-    if name not in available_models():
-        raise CostModelError(
-            f"unknown model {name!r}; choose one of torchvision's classification models, "
-            f"e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, resnet18"
-        )
-
-
 def build_model(name: str, num_classes: int = 10, device: str | torch.device = "cpu") -> nn.Module:
     """``torchvision.models.<name>(weights=None, num_classes=num_classes)`` in train mode.
 
@@ -42,7 +33,11 @@ def build_model(name: str, num_classes: int = 10, device: str | torch.device = "
     """
     import torchvision
 
-    check_model_name(name)
+    if name not in available_models():
+        raise CostModelError(
+            f"unknown model {name!r}; choose one of torchvision's classification models, "
+            f"e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, resnet18"
+        )
     with torch.device(device):
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     return model.train()

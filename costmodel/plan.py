@@ -293,18 +293,23 @@ def plan(base: StepConfig, budget: Budget, predictor: Predictor, ranks: Sequence
         candidates += [Candidate(method, None, refused=why) for method, why in refused.items()]
     with progress_bar(len(methods) * len(ranks), "predicting", progress) as bar:
         for method in methods:
-            # The smallest, middle and largest rank first: a method that costs the same at all
-            # three (FFT, BN+H ignore the rank) is taken as rank-independent and costed once.
-            probe = sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]})
+            # A predictor of one rank at a time is asked the smallest, middle and largest rank
+            # first: a method that costs the same at all three (FFT, BN+H ignore the rank) is
+            # taken as rank-independent and costed once. One that predicts ranks together is
+            # asked them all at once.
+            together = hasattr(predictor, "ranks")
+            probe = list(ranks) if together else sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]})
             series = predict_series(base, base.model, method, probe, predictor, bar.update)
             if len(probe) > 1 and series.rank_independent and not series.refused:
                 candidates.append(Candidate(method, None, series.costs[0], budget.limits(series.costs[0])))
                 bar.update(len(ranks) - len(probe))
                 continue
-            rest = predict_series(base, base.model, method, [r for r in ranks if r not in probe], predictor, bar.update)
-            series.refused.update(rest.refused)
-            series.ranks += rest.ranks
-            series.costs += rest.costs
+            rest = [r for r in ranks if r not in probe]
+            if rest:
+                more = predict_series(base, base.model, method, rest, predictor, bar.update)
+                series.refused.update(more.refused)
+                series.ranks += more.ranks
+                series.costs += more.costs
             if not series.costs:
                 reasons = sorted(set(series.refused.values()))
                 candidates.append(Candidate(method, None, refused="; ".join(reasons)))

@@ -163,3 +163,27 @@ def test_size_helpers_work_on_ints_and_arrays_of_ranks():
 def test_too_few_ranks_are_predicted_one_by_one():
     config = StepConfig(model="resnet18", method="lora", resolution=64)
     assert_same_as_one_by_one(config, [1, 2], batched=False)
+
+
+def test_a_sweep_in_two_processes_equals_one_in_this_process():
+    from costmodel import sweep
+    from costmodel.sweep import cost_metrics
+
+    base = StepConfig(resolution=64)
+    args = (["resnet18"], ["lora", "galore"], (1, 2, 3, 4), sweep.default_predictor(), base)
+    here = sweep.sweep(*args, progress=False, workers=1)
+    forked = sweep.sweep(*args, progress=False, workers=2)
+    for a, b in zip(here.series, forked.series):
+        assert (a.model, a.method, a.ranks) == (b.model, b.method, b.ranks)
+        assert [cost_metrics(c) for c in a.costs] == [cost_metrics(c) for c in b.costs]
+        assert all(_batched(c) for c in b.costs)
+        assert {m: (law.slope, law.intercept, law.shape) for m, law in a.laws.items()} == \
+            {m: (law.slope, law.intercept, law.shape) for m, law in b.laws.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18"])
+@pytest.mark.parametrize("method", ["lora", "dora", "galore"])
+def test_the_paper_sweep_together_equals_each_rank_alone(model, method):
+    """The issue's sweep, ranks 1-64 at the paper's 224x224, batch 1: every rank batched, and equal."""
+    assert_same_as_one_by_one(StepConfig(model=model, method=method), range(1, 65))
