@@ -193,24 +193,6 @@ class EnginePredictor:
 
         return predict_ranks(config, ranks)
 
-    def warm_up(self, base: StepConfig, models: Sequence[str]) -> None:
-        """Load what every prediction needs (torchvision, the plugins, each model built once on
-        the meta device), so that processes forked afterwards share it instead of each loading it."""
-        import gc
-
-        import costmodel.ranks  # noqa: F401  (and the symbolic-shape machinery it loads)
-        from costmodel.models import meta_model
-        from costmodel.registry import default_plugin_manager
-
-        default_plugin_manager()
-        for model in models:
-            try:
-                meta_model(model, base.classes)
-            except CostModelError:
-                pass  # reported by the prediction itself
-        gc.collect()
-        gc.freeze()  # what exists now lives as long as the process: keep the collector off it
-
 
 def default_predictor() -> Predictor:
     """The analytic engine (its modules loaded only when it is first asked)."""
@@ -664,9 +646,6 @@ def predict_all(base: StepConfig, jobs: Sequence[tuple[str, str]], ranks: Sequen
         return {job: predict_series(base, job[0], job[1], ranks, predictor, progress) for job in jobs}
     # DoRA, then LoRA, are the heaviest to predict: start them first so the processes end together.
     order = sorted(jobs, key=lambda job: {"dora": 0, "lora": 1}.get(job[1], 2))
-    warm_up = getattr(predictor, "warm_up", None)
-    if warm_up is not None:
-        warm_up(base, sorted({job[0] for job in jobs}))
     _WORKER = (predictor, base, tuple(ranks))
     found: dict[tuple[str, str], Series] = {}
     try:

@@ -165,6 +165,9 @@ def _proxy_nodes(values: Iterable[Any]) -> set[fx.Node]:
     return nodes
 
 
+_NOT_MODEL_CODE: set[types.CodeType] = set()
+
+
 class _LocalsWatcher:
     """Which traced values the model's own Python frames keep in local variables, and until when.
 
@@ -182,6 +185,7 @@ class _LocalsWatcher:
         self.released_after: dict[fx.Node, fx.Node] = {}
         self._own_code = {f.__code__ for cls in (StepTracer, _InPlaceProxy, _LocalsWatcher)
                           for f in vars(cls).values() if isinstance(f, types.FunctionType)}
+        self._elsewhere = _NOT_MODEL_CODE  # code objects that are not model code (shared: they stay so)
 
     def _called_from_model(self, frame: types.FrameType) -> bool:
         if frame.f_code is TrainingStep.forward.__code__:
@@ -194,9 +198,15 @@ class _LocalsWatcher:
         return False
 
     def on_call(self, frame: types.FrameType, event: str, arg: Any) -> Any:
+        # Called for every Python call while tracing (a hundred thousand in PyTorch and fx for a
+        # MobileNet with adapters): code that is not the model's is recognised by one set lookup.
         code = frame.f_code
-        if (event != "call" or code in self._own_code or not _is_model_code(code.co_filename)
-                or not self._called_from_model(frame)):
+        if code in self._elsewhere:
+            return None
+        if code in self._own_code or not _is_model_code(code.co_filename):
+            self._elsewhere.add(code)
+            return None
+        if event != "call" or not self._called_from_model(frame):
             return None
         self.held[frame] = set()
         return self.on_line
