@@ -23,7 +23,7 @@ from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
 from costmodel.registry import default_plugin_manager
-from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, phase_flops
+from costmodel.result import FLOP_CONVENTIONS, StepCost, phase_flops
 from costmodel.shapes import shape_facts
 from costmodel.models import meta_model
 from costmodel.trace import TracedStep, prepare_method, structure_key, trace_config, trace_model

@@ -18,9 +18,12 @@ does that work once and only the rank-dependent rest per rank:
    rank and each decision a kernel took on it a guard. A rank whose guards fail (rank 1, say: a
    size of 1 is specialised) gets a template of its own.
 3. **Costs as arrays.** Op plugins answer once for every node that does not depend on the rank,
-   and once per rank, with that rank's sizes, for each node that does; optimizer plugins once per
-   rank. The answers are stacked into numpy arrays with one entry per rank, and the memory
-   simulation (``costmodel.memory``) runs once over the arrays.
+   and once for all ranks for each node that does: every rank-dependent size is then a numpy
+   integer array with one entry per rank (``costmodel.hookspecs.costmodel_op_cost``), and the
+   answer is checked against the plugin's own answer at the first rank. A plugin that cannot
+   answer so (it branches on a size) is asked rank by rank and its answers stacked into arrays.
+   Optimizer plugins likewise. The memory simulation (``costmodel.memory``) then runs once over
+   the arrays.
 
 Nothing is approximated: every number equals what ``predict_config`` gives for that rank alone
 (``tests/test_engine_ranks.py`` compares every field). Wherever a condition above does not hold
@@ -53,13 +56,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 from costmodel.config import StepConfig
 from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
 from costmodel.errors import CostModelError
-from costmodel.graph import StepGraph, Value, _static, _tensor_meta, build_step_graph, node_op
+from costmodel.graph import StepGraph, Value, _tensor_meta, build_step_graph, node_op
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, gradient_flow, simulate
+from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
 from costmodel.models import meta_model
-from costmodel.predict import Prediction, optimizer_timeline, predict_config, step_flops, traced_step
+from costmodel.predict import Prediction, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
-from costmodel.shapes import (_Slot, _StorageIds, _TensorTemplate, Propagation, TensorFacts, compile_formulas,
+from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
                               recorded_facts)
 from costmodel.trace import _CONTAINERS, MODEL_PREFIX, TracedStep, _state_key, prepare_method, propagate
 
@@ -336,30 +339,8 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
     dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
     symbolic: set[fx.Node] = set()  # nodes whose result still depends on the rank
     templates: dict[fx.Node, Any] = {}
-    conditions: list[sympy.Basic] = []
-    expressions: list[sympy.Basic] = []
-    slots: dict[sympy.Basic, _Slot] = {}
-
-    def canonical(expr: sympy.Basic) -> sympy.Basic:
-        expr = env.replace(expr)
-        if isinstance(symbol, sympy.Symbol):
-            expr = expr.xreplace({symbol: RANK})
-        if not expr.free_symbols <= {RANK}:
-            raise _NotShared(f"size {expr} depends on more than the rank")
-        return expr
-
-    def size(value: Any) -> int | _Slot:
-        if isinstance(value, torch.SymInt):
-            expr = canonical(value.node.expr)
-            if expr.is_Integer:
-                return int(expr)
-            if expr not in slots:
-                slots[expr] = _Slot(len(expressions))
-                expressions.append(expr)
-            return slots[expr]
-        if isinstance(value, (torch.SymFloat, torch.SymBool)):
-            raise _NotShared("a symbolic float or boolean result")
-        return value
+    formulas = SymbolicSizes(env, {symbol: RANK} if isinstance(symbol, sympy.Symbol) else {}, (RANK,), _NotShared)
+    size = formulas.size
 
     # Module name -> the rank-sized tensors and attributes at or below it.
     below: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
@@ -425,17 +406,8 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
             else:
                 interpreter.env[node] = base_result  # the same at every rank from here on
 
-    bounds = env.var_to_range.get(symbol) if isinstance(symbol, sympy.Symbol) else None
-    if isinstance(symbol, sympy.Symbol):
-        if bounds is not None:
-            if isinstance(bounds.lower, sympy.Integer):
-                conditions.append(sympy.Ge(RANK, int(bounds.lower)))
-            if isinstance(bounds.upper, sympy.Integer):
-                conditions.append(sympy.Le(RANK, int(bounds.upper)))
-    else:
-        conditions.append(sympy.Eq(RANK, hint))
-    conditions += [canonical(guard.expr) for guard in env.guards]
-    applies, values, source = compile_formulas(conditions, expressions, (RANK,),
+    conditions = formulas.ranges(rank, hint, RANK) + formulas.guards()
+    applies, values, source = compile_formulas(conditions, formulas.expressions, (RANK,),
                                                f"rank template of {type(traced.model).__name__}")
     return RankTemplate(applies, values, templates, source), dependent
 
@@ -633,10 +605,6 @@ def _batch(shared: _Shared, template: RankTemplate, ranks: list[int]) -> _RankCo
         for index in missing:
             together.costs[index] = _stack([answer.costs[index] for answer in one_by_one], f"record {index}")
     return together
-
-
-def _vector_meta(metas: Sequence[TensorMeta]) -> TensorMeta:
-    return _stack(list(metas), "a tensor")
 
 
 @dataclass

@@ -185,43 +185,11 @@ class ShapeTemplate:
             labels = torch.empty(b, dtype=torch.long, device="meta")
             recorder.run(images, labels)
 
-        rename: dict[sympy.Symbol, sympy.Symbol] = {}
-        conditions: list[sympy.Basic] = []
-        for value, hint, name in ((b, batch, BATCH), (r, resolution, RESOLUTION)):
-            if isinstance(value, torch.SymInt):
-                symbol = value.node.expr
-                rename[symbol] = name
-                bounds = env.var_to_range.get(symbol)
-                if bounds is not None:
-                    if isinstance(bounds.lower, sympy.Integer):  # not int_oo
-                        conditions.append(sympy.Ge(name, int(bounds.lower)))
-                    if isinstance(bounds.upper, sympy.Integer):
-                        conditions.append(sympy.Le(name, int(bounds.upper)))
-            else:  # specialised (a size of 1): the template holds for this value only
-                conditions.append(sympy.Eq(name, hint))
-
-        def canonical(expr: sympy.Basic) -> sympy.Basic:
-            expr = env.replace(expr).xreplace(rename)
-            if not expr.free_symbols <= {BATCH, RESOLUTION}:
-                raise _UnsupportedTemplate(f"size {expr} depends on more than batch and resolution")
-            return expr
-
-        conditions += [canonical(guard.expr) for guard in env.guards]
-        expressions: list[sympy.Basic] = []
-        slots: dict[sympy.Basic, _Slot] = {}
-
-        def size(value: Any) -> int | _Slot:
-            if isinstance(value, torch.SymInt):
-                expr = canonical(value.node.expr)
-                if expr.is_Integer:
-                    return int(expr)
-                if expr not in slots:
-                    slots[expr] = _Slot(len(expressions))
-                    expressions.append(expr)
-                return slots[expr]
-            if isinstance(value, (torch.SymFloat, torch.SymBool)):
-                raise _UnsupportedTemplate("a symbolic float or boolean result")
-            return value
+        formulas = SymbolicSizes(env, {v.node.expr: name for v, name in ((b, BATCH), (r, RESOLUTION))
+                                       if isinstance(v, torch.SymInt)}, (BATCH, RESOLUTION), _UnsupportedTemplate)
+        conditions = formulas.ranges(b, batch, BATCH) + formulas.ranges(r, resolution, RESOLUTION) + formulas.guards()
+        size = formulas.size
+        expressions = formulas.expressions
 
         storage_of = _StorageIds()
         params = _params(traced, storage_of)
@@ -238,6 +206,61 @@ class ShapeTemplate:
             conditions, expressions, (BATCH, RESOLUTION),
             f"shape template of {traced.step_module.model.__class__.__name__}")
         return cls(applies, values, results, params, recorder.same_tensor, source)
+
+
+class SymbolicSizes:
+    """The sizes of a run with symbolic sizes (a ``ShapeEnv``), as formulas in named symbols.
+
+    ``rename`` maps the environment's symbols to the names the formulas use (``allowed``); a size
+    in anything else raises ``error``. Each distinct non-constant size gets one slot
+    (``expressions[slot.index]``)."""
+
+    def __init__(self, env: Any, rename: dict[sympy.Basic, sympy.Symbol], allowed: tuple[sympy.Symbol, ...],
+                 error: type[Exception]) -> None:
+        self.env = env
+        self.rename = rename
+        self.allowed = set(allowed)
+        self.error = error
+        self.expressions: list[sympy.Basic] = []
+        self._slots: dict[sympy.Basic, _Slot] = {}
+
+    def canonical(self, expr: sympy.Basic) -> sympy.Basic:
+        expr = self.env.replace(expr).xreplace(self.rename)
+        if not expr.free_symbols <= self.allowed:
+            raise self.error(f"size {expr} depends on more than {', '.join(sorted(map(str, self.allowed)))}")
+        return expr
+
+    def size(self, value: Any) -> Any:
+        """An int as it is, a symbolic size as its slot (or its value, if constant)."""
+        if isinstance(value, torch.SymInt):
+            expr = self.canonical(value.node.expr)
+            if expr.is_Integer:
+                return int(expr)
+            if expr not in self._slots:
+                self._slots[expr] = _Slot(len(self.expressions))
+                self.expressions.append(expr)
+            return self._slots[expr]
+        if isinstance(value, (torch.SymFloat, torch.SymBool)):
+            raise self.error("a symbolic float or boolean result")
+        return value
+
+    def ranges(self, value: Any, hint: int, name: sympy.Symbol) -> list[sympy.Basic]:
+        """Where the input ``value`` (a ``SymInt``, or ``hint`` itself when the environment
+        specialised it: a size of 1) may range for the formulas to hold."""
+        if not isinstance(value, torch.SymInt):
+            return [sympy.Eq(name, hint)]
+        bounds = self.env.var_to_range.get(value.node.expr)
+        conditions: list[sympy.Basic] = []
+        if bounds is not None:
+            if isinstance(bounds.lower, sympy.Integer):  # not int_oo
+                conditions.append(sympy.Ge(name, int(bounds.lower)))
+            if isinstance(bounds.upper, sympy.Integer):
+                conditions.append(sympy.Le(name, int(bounds.upper)))
+        return conditions
+
+    def guards(self) -> list[sympy.Basic]:
+        """Every decision the run took on a size, as a condition on the named symbols."""
+        return [self.canonical(guard.expr) for guard in self.env.guards]
 
 
 def compile_formulas(conditions: list[sympy.Basic], expressions: list[sympy.Basic],

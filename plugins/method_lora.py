@@ -71,7 +71,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.config import StepConfig
-from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
+from costmodel.costs import ParamGroup, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.method_fft import trainable_metas

@@ -3,15 +3,13 @@ that rank alone gives; and where the shortcut's conditions fail, it steps aside.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import Flops, OpCost, PreparedMethod, ParamGroup, differ, smaller
+from costmodel.costs import ParamGroup, PreparedMethod, differ, smaller
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.memory import MixedSizes, is_positive, is_zero
