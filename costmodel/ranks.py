@@ -63,7 +63,7 @@ from costmodel.models import meta_model
 from costmodel.predict import Prediction, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
-                              recorded_facts)
+                              fill_slots, recorded_facts)
 from costmodel.trace import _CONTAINERS, MODEL_PREFIX, TracedStep, _state_key, prepare_method, propagate
 
 RANK = sympy.Symbol("rank", integer=True, positive=True)
@@ -285,20 +285,7 @@ class RankTemplate:
 
     def fill(self, values: Sequence[Any]) -> dict[fx.Node, Any]:
         """The results with each slot's value (an int, or an array over ranks) filled in."""
-
-        def fill(leaf: Any) -> Any:
-            if isinstance(leaf, _Slot):
-                return values[leaf.index]
-            if isinstance(leaf, _TensorTemplate):
-                return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
-                                   leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
-                                   values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
-                                   else leaf.storage_nbytes)
-            return leaf
-
-        # Most nodes return one tensor: filled directly, the rest through pytree.
-        return {node: fill(result) if isinstance(result, (_TensorTemplate, _Slot)) else tree_map(fill, result)
-                for node, result in self.results.items()}
+        return fill_slots(self.results, values)
 
 
 def _storage(tensor: torch.Tensor) -> int:

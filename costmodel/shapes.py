@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +119,24 @@ class _TensorTemplate:
 BATCH, RESOLUTION = sympy.symbols("batch resolution", integer=True, positive=True)
 
 
+def fill_slots(results: dict[fx.Node, Any], values: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Template results with each slot's value filled in (tensors become :class:`TensorFacts`)."""
+
+    def fill(leaf: Any) -> Any:
+        if isinstance(leaf, _Slot):
+            return values[leaf.index]
+        if isinstance(leaf, _TensorTemplate):
+            return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
+                               leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
+                               values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
+                               else leaf.storage_nbytes)
+        return leaf
+
+    # Most nodes return one tensor: filled directly, the rest through pytree.
+    return {node: fill(result) if isinstance(result, (_TensorTemplate, _Slot)) else tree_map(fill, result)
+            for node, result in results.items()}
+
+
 class _UnsupportedTemplate(Exception):
     """The symbolic run produced something a template cannot express (left to concrete propagation)."""
 
@@ -143,19 +161,7 @@ class ShapeTemplate:
             return False
 
     def evaluate(self, batch: int, resolution: int) -> Propagation:
-        values = self._values(batch, resolution)
-
-        def fill(leaf: Any) -> Any:
-            if isinstance(leaf, _Slot):
-                return values[leaf.index]
-            if isinstance(leaf, _TensorTemplate):
-                return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
-                                   leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
-                                   values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
-                                   else leaf.storage_nbytes)
-            return leaf
-
-        return Propagation({node: tree_map(fill, result) for node, result in self._results.items()}, self._params,
+        return Propagation(fill_slots(self._results, self._values(batch, resolution)), self._params,
                            self._same_tensor)
 
     @classmethod
