@@ -4,7 +4,7 @@ from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import StepCost
 
-__all__ = ["StepConfig", "StepCost", "CostModelError", "predict"]
+__all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from costmodel.predict import predict
 
         return predict
+    if name == "predict_ranks":
+        from costmodel.ranks import predict_ranks
+
+        return predict_ranks
     raise AttributeError(f"module 'costmodel' has no attribute {name!r}")
