@@ -95,6 +95,26 @@ class Source:
             self.seconds += time.perf_counter() - started
         return self.costs[key]
 
+    def prefetch(self, base: StepConfig, ranks: Sequence[int]) -> None:
+        """Cost ``base`` at all ``ranks`` in one go where the source can (a predictor with
+        ``ranks``, e.g. the engine's ``predict_ranks``); later ``get`` calls find the answers."""
+        together = getattr(self._function, "ranks", None)
+        if together is None or not ranks:
+            return
+        started = time.perf_counter()
+        try:
+            answers = together(base, ranks)
+        except Exception:  # left to get(), one configuration at a time, which records the reason
+            return
+        finally:
+            self.seconds += time.perf_counter() - started
+        for rank, answer in answers.items():
+            config = base.replace(rank=rank)
+            if isinstance(answer, CostModelError):
+                self.missing[_key(config)] = (config, str(answer).splitlines()[0])
+            else:
+                self.costs[_key(config)] = answer
+
     def summary(self) -> str:
         return (f"{self.name}: {len(self.costs)} configurations in {self.seconds:.1f} s"
                 + (f", {len(self.missing)} missing" if self.missing else ""))
@@ -142,6 +162,9 @@ def collect(base: StepConfig, models: Sequence[str], ranks: Sequence[int], measu
         jobs += [(source, m, method, step, base.rank) for m, method, step in point_jobs]
         jobs += [(source, m, method, base.step, r) for m in models for method in RANK_METHODS for r in rank_list]
     with progress_bar(len(jobs), "report", progress) as bar:
+        for model in models:
+            for method in RANK_METHODS:
+                predictor.prefetch(base.replace(model=model, method=method), ranks)
         for source, model, method, step, rank in jobs:
             data.cost(source, model, method, step, rank)
             bar.update()
@@ -631,9 +654,11 @@ def _data_json(data: ReportData) -> dict[str, Any]:
     """The raw numbers behind the report (the laws and claims are in README.md); the predicted
     rank sweeps only as the metrics Figure 5 draws (all of them would be most of a megabyte)."""
     def costs(source: str) -> list[dict[str, Any]]:
-        kept = data.sources[source].costs.values()
-        if source == "predicted":
-            kept = [c for c in kept if c.config.rank == data.base.rank or c.config.method not in RANK_METHODS]
+        kept = list(data.sources[source].costs.values())
+        if source == "predicted":  # only the base rank of the sweeps; in collect()'s job order
+            kept = sorted((c for c in kept if c.config.rank == data.base.rank or c.config.method not in RANK_METHODS),
+                          key=lambda c: (c.config.step != data.base.step, data.models.index(c.config.model),
+                                         PAPER_METHODS.index(c.config.method)))
         return [cost.to_dict() for cost in kept]
 
     def missing(source: str) -> dict[str, list[str]]:
