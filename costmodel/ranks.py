@@ -313,6 +313,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
     if symbolic:
         symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
     rank = env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
+    exact_rank = rank if isinstance(rank, int) else None  # sizes at it must be integers (Affine.at)
     gm = traced.graph_module
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
     # Meta tensors with symbolic sizes: PyTorch's meta kernels compute on SymInts directly (the
@@ -324,7 +325,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
         return target[len(MODEL_PREFIX):] if target.startswith(MODEL_PREFIX) else "\0"
 
     dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
-    symbolic: set[fx.Node] = set()  # nodes whose result still depends on the rank
+    rank_sized: set[fx.Node] = set()  # nodes whose result still depends on the rank
     templates: dict[fx.Node, Any] = {}
     formulas = SymbolicSizes(env, {symbol: RANK} if isinstance(symbol, sympy.Symbol) else {}, (RANK,), _NotShared)
     size = formulas.size
@@ -342,7 +343,8 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
         fake_params: dict[str, torch.Tensor] = {}
         for qualified, template in dependence.tensors.items():
             original = tensors[qualified]
-            empty = torch.empty(_at(template, rank, symbolic=True), dtype=original.dtype, device="meta")
+            empty = torch.empty(_at(template, rank, symbolic=exact_rank is None), dtype=original.dtype,
+                                device="meta")
             fake_params[qualified] = nn.Parameter(empty, requires_grad=original.requires_grad) \
                 if isinstance(original, nn.Parameter) else empty
         for node in gm.graph.nodes:
@@ -351,7 +353,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
                 continue
             prefix = module_prefix(node) if node.op in ("call_module", "get_attr") else "\0"
             own_tensors, own_attributes = below.get(prefix, ([], []))
-            if not (own_tensors or own_attributes or any(arg in symbolic for arg in node.all_input_nodes)):
+            if not (own_tensors or own_attributes or any(arg in rank_sized for arg in node.all_input_nodes)):
                 interpreter.env[node] = base.results[node]
                 continue
             dependent.add(node)
@@ -359,7 +361,8 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
                 result = fake_params[prefix]
             else:
                 result = _run_with(interpreter, node, traced.model, {n: fake_params[n] for n in own_tensors},
-                                   {key: _at(dependence.attributes[key], rank, symbolic=True) for key in own_attributes})
+                                   {key: _at(dependence.attributes[key], rank, symbolic=exact_rank is None)
+                                    for key in own_attributes})
             interpreter.env[node] = result
             # Compare with the concrete run: same structure, dtypes, autograd facts and aliasing.
             base_result = base.results[node]
@@ -389,7 +392,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
 
             templates[node] = tree_map(template, result)
             if _mentions_slot(templates[node]) or not _same_facts(templates[node], base_facts.results[node]):
-                symbolic.add(node)
+                rank_sized.add(node)
             else:
                 interpreter.env[node] = base_result  # the same at every rank from here on
 
