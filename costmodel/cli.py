@@ -153,7 +153,7 @@ def _plan(args: argparse.Namespace) -> int:
     methods = None if args.methods is None else sweep.parse_names(args.methods, "--methods")
     ranks = sweep.parse_ranks(args.ranks)
     result = plan.plan(_scenario(args).replace(model=args.model), budget, sweep.default_predictor(),
-                       ranks, methods, sort=args.sort)
+                       ranks, methods, sort=args.sort, workers=args.jobs or sweep.default_workers())
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sort", default="capacity", choices=("capacity", "memory", "flops"), help="best first by: most trainable parameters, least memory, or fewest FLOPs (default: %(default)s)")
     _add_scenario_options(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--jobs", type=int, default=None, metavar="N", help="processes to predict in (default: one per CPU)")
     plan.set_defaults(run=_plan)
 
     report = commands.add_parser("report", help="regenerate the paper's figures and claims table, predicted beside measured")

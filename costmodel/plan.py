@@ -21,7 +21,7 @@ from typing import Any
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost
-from costmodel.sweep import (Predictor, format_bytes, format_flops, predict_series, progress_bar,
+from costmodel.sweep import (Predictor, format_bytes, format_flops, predict_all, predict_series, progress_bar,
                              supported_methods)
 
 MEMORY_METRICS: tuple[str, ...] = ("peak", "sum_of_group_peaks")
@@ -282,24 +282,29 @@ def _sort_key(sort: str, budget: Budget) -> Any:
 
 
 def plan(base: StepConfig, budget: Budget, predictor: Predictor, ranks: Sequence[int],
-         methods: Sequence[str] | None = None, sort: str = "capacity", progress: bool = True) -> Plan:
+         methods: Sequence[str] | None = None, sort: str = "capacity", progress: bool = True,
+         workers: int = 1) -> Plan:
     """Every method (all the predictor can cost when ``methods`` is None) at every rank, split
     into those that fit ``budget`` (best first, see ``sort``) and those that do not (in method
-    and rank order, each with its reason)."""
+    and rank order, each with its reason). ``workers``: processes to predict in, for a predictor
+    of many ranks at once (``sweep.predict_all``)."""
     key = _sort_key(sort, budget)
     candidates: list[Candidate] = []
     if methods is None:
         methods, refused = supported_methods(predictor, base.replace(rank=ranks[0]))
         candidates += [Candidate(method, None, refused=why) for method, why in refused.items()]
     with progress_bar(len(methods) * len(ranks), "predicting", progress) as bar:
+        # A predictor of many ranks at once is asked every method at all ranks (the methods
+        # spread over ``workers`` processes). One of one rank at a time is asked the smallest,
+        # middle and largest rank first: a method that costs the same at all three (FFT, BN+H
+        # ignore the rank) is taken as rank-independent and costed once.
+        together = {}
+        if hasattr(predictor, "ranks"):
+            together = predict_all(base, [(base.model, m) for m in methods], ranks, predictor, bar.update, workers)
         for method in methods:
-            # A predictor of one rank at a time is asked the smallest, middle and largest rank
-            # first: a method that costs the same at all three (FFT, BN+H ignore the rank) is
-            # taken as rank-independent and costed once. One that predicts ranks together is
-            # asked them all at once.
-            together = hasattr(predictor, "ranks")
             probe = list(ranks) if together else sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]})
-            series = predict_series(base, base.model, method, probe, predictor, bar.update)
+            series = together.get((base.model, method)) or predict_series(base, base.model, method, probe,
+                                                                          predictor, bar.update)
             if len(probe) > 1 and series.rank_independent and not series.refused:
                 candidates.append(Candidate(method, None, series.costs[0], budget.limits(series.costs[0])))
                 bar.update(len(ranks) - len(probe))
