@@ -35,6 +35,7 @@ concerned are predicted one by one with ``predict_config``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from collections import ChainMap
@@ -514,10 +515,8 @@ def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> t
     optimizer plugin can answer so (checked against its answer at the first rank), else rank by rank."""
     try:
         steps, state = _optimizer_at(shared, flow, ranks)
-        if _conforms((steps, state), len(ranks)):
-            check = _optimizer_at(shared, flow, ranks[0])
-            if _entry((steps, state), 0) == _entry(check, 0):
-                return steps, state
+        if _conforms((steps, state), len(ranks)) and _agrees((steps, state), _optimizer_at(shared, flow, ranks[0]), 0):
+            return steps, state
     except (_NotShared, CostModelError):
         raise
     except Exception:  # an optimizer plugin that branches on a size: asked rank by rank
@@ -550,33 +549,43 @@ def _column(values: np.ndarray) -> int | np.ndarray:
     return int(values[0]) if (values == values[0]).all() else values
 
 
+@functools.cache
+def _compared_fields(kind: type) -> tuple[str, ...]:
+    """A dataclass's fields that carry numbers (its free-text ``note`` left out)."""
+    return tuple(f.name for f in dataclasses.fields(kind) if f.name != "note")
+
+
 def _conforms(value: Any, count: int) -> bool:
     """Whether an answer given for many ranks holds only integers, flags, text and integer arrays
     with one entry per rank."""
-    if isinstance(value, np.ndarray):
-        return value.ndim == 1 and len(value) == count and np.issubdtype(value.dtype, np.integer)
     if value is None or isinstance(value, (bool, int, str)):
         return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and len(value) == count and np.issubdtype(value.dtype, np.integer)
     if isinstance(value, dict):
         return all(_conforms(v, count) for v in value.values())
     if isinstance(value, (list, tuple)):
         return all(_conforms(v, count) for v in value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return all(_conforms(getattr(value, f.name), count) for f in dataclasses.fields(value) if f.name != "note")
+        return all(_conforms(getattr(value, name), count) for name in _compared_fields(type(value)))
     return False
 
 
-def _entry(value: Any, i: int) -> Any:
-    """Rank ``i``'s answer out of an answer for many ranks (notes left out)."""
-    if isinstance(value, np.ndarray):
-        return int(value[i])
-    if isinstance(value, dict):
-        return {k: _entry(v, i) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_entry(v, i) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return tuple((f.name, _entry(getattr(value, f.name), i)) for f in dataclasses.fields(value) if f.name != "note")
-    return value
+def _agrees(together: Any, alone: Any, i: int) -> bool:
+    """Whether entry ``i`` of an answer for many ranks is the answer for that rank alone (notes
+    left out)."""
+    if isinstance(together, np.ndarray):
+        return type(alone) is int and int(together[i]) == alone
+    if isinstance(together, dict):
+        return (isinstance(alone, dict) and together.keys() == alone.keys()
+                and all(_agrees(v, alone[k], i) for k, v in together.items()))
+    if isinstance(together, (list, tuple)):
+        return (type(alone) is type(together) and len(alone) == len(together)
+                and all(_agrees(a, b, i) for a, b in zip(together, alone)))
+    if dataclasses.is_dataclass(together) and not isinstance(together, type):
+        return type(alone) is type(together) and all(
+            _agrees(getattr(together, name), getattr(alone, name), i) for name in _compared_fields(type(together)))
+    return type(together) is type(alone) and together == alone
 
 
 def _batch(shared: _Shared, template: RankTemplate, ranks: list[int]) -> _RankCosts:
@@ -587,7 +596,7 @@ def _batch(shared: _Shared, template: RankTemplate, ranks: list[int]) -> _RankCo
     together = _rank_costs(shared, template, ranks)
     check = _rank_costs(shared, template, ranks[0])
     for index in list(together.costs):
-        if _entry(together.costs[index], 0) != _entry(check.costs[index], 0):
+        if not _agrees(together.costs[index], check.costs[index], 0):
             del together.costs[index]
     missing = [index for index, _, _ in shared.dependent_records if index not in together.costs]
     if missing:
