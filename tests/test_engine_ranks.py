@@ -185,3 +185,17 @@ def test_a_sweep_in_two_processes_equals_one_in_this_process():
 def test_the_paper_sweep_together_equals_each_rank_alone(model, method):
     """The issue's sweep, ranks 1-64 at the paper's 224x224, batch 1: every rank batched, and equal."""
     assert_same_as_one_by_one(StepConfig(model=model, method=method), range(1, 65))
+
+
+def test_plan_on_the_engine_in_two_processes_lists_what_each_prediction_says():
+    from costmodel import sweep
+    from costmodel.plan import Budget, plan
+
+    base = StepConfig(model="resnet18", resolution=64)
+    result = plan(base, Budget(memory=10**12), sweep.default_predictor(), (1, 2, 3, 4), ["fft", "lora", "dora"],
+                  progress=False, workers=2)
+    by_label = {(c.method, c.rank): c for c in result.fitting}
+    assert ("fft", None) in by_label and not result.excluded  # FFT ignores the rank: one candidate
+    for method, rank in (("lora", 1), ("lora", 4), ("dora", 3)):
+        alone = predict_config(base.replace(method=method, rank=rank))
+        assert _fields(by_label[(method, rank)].cost) == _fields(alone)
