@@ -447,6 +447,7 @@ class SweepResult:
     fit_seconds: float = 0.0
     checks: list[LawCheck] = field(default_factory=list)
     measure_seconds: float = 0.0
+    workers: int = 1  # processes the predictions ran in
 
     def find(self, model: str, method: str) -> Series:
         for series in self.series:
@@ -461,7 +462,8 @@ class SweepResult:
     def timing_line(self) -> str:
         laws = sum(len(s.laws) for s in self.series)
         per = self.predict_seconds / max(self.predictions, 1)
-        line = (f"{self.predictions} predictions in {self.predict_seconds:.2f} s ({per * 1e3:.1f} ms each), "
+        processes = f" in {self.workers} processes" if self.workers > 1 else ""
+        line = (f"{self.predictions} predictions{processes} in {self.predict_seconds:.2f} s ({per * 1e3:.1f} ms each), "
                 f"{laws} laws fitted in {self.fit_seconds:.3f} s; total {self.predict_seconds + self.fit_seconds:.2f} s")
         if self.checks:
             line += f"; measurements took {self.measure_seconds:.1f} s"
@@ -500,7 +502,8 @@ class SweepResult:
                 for s in self.series
             ],
             "checks": [check.to_dict() for check in self.checks],
-            "timing": {"predictions": self.predictions, "predict_seconds": self.predict_seconds,
+            "timing": {"predictions": self.predictions, "processes": self.workers,
+                       "predict_seconds": self.predict_seconds,
                        "fit_seconds": self.fit_seconds, "measure_seconds": self.measure_seconds},
         }
 
@@ -634,6 +637,13 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def processes(workers: int, jobs: int) -> int:
+    """How many processes :func:`predict_all` runs ``jobs`` jobs in (forking where the platform can)."""
+    import multiprocessing
+
+    return max(1, min(workers, jobs)) if "fork" in multiprocessing.get_all_start_methods() else 1
+
+
 def predict_all(base: StepConfig, jobs: Sequence[tuple[str, str]], ranks: Sequence[int], predictor: Predictor,
                 progress: Callable[[int], Any] | None = None, workers: int = 1) -> dict[tuple[str, str], Series]:
     """Every (model, method) job over ``ranks``. With ``workers > 1`` the jobs run in that many
@@ -641,8 +651,8 @@ def predict_all(base: StepConfig, jobs: Sequence[tuple[str, str]], ranks: Sequen
     global _WORKER
     import multiprocessing
 
-    workers = min(workers, len(jobs))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    workers = processes(workers, len(jobs))
+    if workers == 1:
         return {job: predict_series(base, job[0], job[1], ranks, predictor, progress) for job in jobs}
     # DoRA, then LoRA, are the heaviest to predict: start them first so the processes end together.
     order = sorted(jobs, key=lambda job: {"dora": 0, "lora": 1}.get(job[1], 2))
@@ -709,7 +719,7 @@ def sweep(models: Sequence[str], methods: Sequence[str] | None, ranks: Sequence[
     fitted = time.perf_counter()
     return SweepResult(base=base, ranks=tuple(ranks), metrics=metrics, series=series,
                        refused_methods=refused_methods, predict_seconds=predicted - started,
-                       fit_seconds=fitted - predicted)
+                       fit_seconds=fitted - predicted, workers=processes(workers, len(jobs)))
 
 
 def check_laws(result: SweepResult, count: int, measurer: Predictor, progress: bool = True) -> SweepResult:
