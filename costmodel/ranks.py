@@ -61,7 +61,7 @@ from costmodel.graph import StepGraph, Value, _tensor_meta, build_step_graph, no
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
 from costmodel.models import meta_model
-from costmodel.predict import Prediction, predict_config, step_flops, traced_step
+from costmodel.predict import Prediction, cost_nodes, optimizer_timeline, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
                               fill_slots, recorded_facts)
@@ -101,18 +101,17 @@ class Affine:
     def exact(self, rank: int) -> Fraction:
         return self.slope * rank + self.intercept
 
-    def at(self, rank: int) -> int:
+    def at(self, rank: Any) -> Any:
+        """The size at an int ``rank`` (refused where it is not an integer), or as a ``SymInt`` of
+        a symbolic one (exact wherever the int form is)."""
         slope, intercept, denominator = self._integers  # type: ignore[attr-defined]
+        if not isinstance(rank, int):
+            numerator = slope * rank + intercept
+            return numerator if denominator == 1 else numerator // denominator
         value, remainder = divmod(slope * rank + intercept, denominator)
         if remainder:
             raise _NotShared(f"a size {self} is not an integer at rank {rank}")
         return value
-
-    def symbolic(self, rank: Any) -> Any:
-        """The size as a ``SymInt`` of a symbolic ``rank`` (exact where :meth:`at` is)."""
-        slope, intercept, denominator = self._integers  # type: ignore[attr-defined]
-        numerator = slope * rank + intercept
-        return numerator if denominator == 1 else numerator // denominator
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
@@ -167,22 +166,9 @@ def _has_affine(template: Any) -> bool:
     return False
 
 
-def _at(template: Any, rank: int | Any, symbolic: bool = False) -> Any:
-    """The template's value at ``rank`` (a ``SymInt`` rank with ``symbolic``)."""
-    if isinstance(template, Affine):
-        return template.symbolic(rank) if symbolic else template.at(rank)
-    if isinstance(template, dict):
-        return type(template)((k, _at(v, rank, symbolic)) for k, v in template.items())
-    if isinstance(template, (list, tuple)) and not hasattr(template, "_fields"):
-        return type(template)(_at(v, rank, symbolic) for v in template)
-    if dataclasses.is_dataclass(template) and not isinstance(template, type) and _has_affine(template):
-        return dataclasses.replace(template, **{f.name: _at(getattr(template, f.name), rank, symbolic)
-                                                for f in dataclasses.fields(template)})
-    return template
-
-
 def _instantiator(template: Any) -> Callable[[int], Any]:
-    """``rank -> _at(template, rank)``, with the walk over the template's unchanging parts done once."""
+    """``rank -> the template's value at rank`` (an int, or a ``SymInt`` of a symbolic rank), with the
+    walk over the template's unchanging parts done once."""
     if not _has_affine(template):
         return lambda rank: template
     if isinstance(template, Affine):
@@ -314,7 +300,6 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
     if symbolic:
         symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
     rank = env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
-    exact_rank = rank if isinstance(rank, int) else None  # sizes at it must be integers (Affine.at)
     gm = traced.graph_module
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
     # Meta tensors with symbolic sizes: PyTorch's meta kernels compute on SymInts directly (the
@@ -340,12 +325,12 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
         for prefix in _prefixes(key[0], include_self=True):
             below.setdefault(prefix, ([], []))[1].append(key)
     tensors = {**dict(traced.model.named_parameters()), **dict(traced.model.named_buffers())}
+    attributes = dependence.attributes_at(rank)
     with mode, torch.enable_grad():
         fake_params: dict[str, torch.Tensor] = {}
-        for qualified, template in dependence.tensors.items():
+        for qualified in dependence.tensors:
             original = tensors[qualified]
-            empty = torch.empty(_at(template, rank, symbolic=exact_rank is None), dtype=original.dtype,
-                                device="meta")
+            empty = torch.empty(dependence.shape_at[qualified](rank), dtype=original.dtype, device="meta")
             fake_params[qualified] = nn.Parameter(empty, requires_grad=original.requires_grad) \
                 if isinstance(original, nn.Parameter) else empty
         for node in gm.graph.nodes:
@@ -362,8 +347,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
                 result = fake_params[prefix]
             else:
                 result = _run_with(interpreter, node, traced.model, {n: fake_params[n] for n in own_tensors},
-                                   {key: _at(dependence.attributes[key], rank, symbolic=exact_rank is None)
-                                    for key in own_attributes})
+                                   {key: attributes[key] for key in own_attributes})
             interpreter.env[node] = result
             # Compare with the concrete run: same structure, dtypes, autograd facts and aliasing.
             base_result = base.results[node]
@@ -701,19 +685,13 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[in
 def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int | Sequence[int]) -> tuple[list[OptimizerStep], Any]:
     """The optimizer's steps at ``rank`` and the state that exists before them; for many ranks,
     asked once with every rank-dependent size and option an array over them."""
-    from costmodel.predict import optimizer_steps, updated_groups
-
     if isinstance(rank, int):
         config = shared.config.replace(rank=rank)
         groups = shared.dependence.groups_at(rank)
     else:
         config = shared.config
         groups = _stack([shared.dependence.groups_at(r) for r in rank], "the parameter groups")
-    groups = updated_groups(groups, flow)
-    steps = optimizer_steps(groups, shared.manager, config, config.step)
-    state_before = 0
-    if config.step > 1:
-        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, shared.manager, config, config.step - 1))
+    steps, state_before, _ = optimizer_timeline(groups, flow, shared.manager, config)
     return steps, state_before
 
 
@@ -855,14 +833,11 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
                                 if node in shared.dependent]
     shared.rank_sized = {p.name: p for p in (*graph.params, *graph.buffers) if p.name in dependence.tensors}
     shared.owners = {owner: traced.model.get_submodule(owner) for owner, _ in dependence.attributes}
-    ask = manager.hook.costmodel_op_cost
-    for record, node in zip(graph.records, shared.nodes):
-        if node in shared.dependent:
-            continue
-        cost = ask(node=record.op, config=shared.config)
-        if cost is None:
-            raise _NotShared(f"no plugin covers node {record.name}")
-        shared.static_costs[record.index] = cost
+    # Every node as a prediction at the first probe costs it (an uncovered one raises there too);
+    # those that do not depend on the rank keep that answer for all ranks.
+    costs, _ = cost_nodes(graph, manager, shared.config, allow_unknown=False)
+    shared.static_costs = {record.index: cost for record, node, cost in zip(graph.records, shared.nodes, costs)
+                           if node not in shared.dependent}
     return shared
 
 

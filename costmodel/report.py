@@ -404,6 +404,16 @@ def _bar_pair(ax: Any, x: float, width: float, stacks: dict[str, tuple[StepCost 
             ax.plot([x + offset - width * 0.45, x + offset + width * 0.45], [marker(cost)] * 2, color="black", linewidth=1.5)
 
 
+def _save(fig: Any, path: Path, title: str, rect: tuple[float, float, float, float], dpi: int) -> None:
+    """Title the figure, fit it inside ``rect`` and write it as an optimised PNG."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi, pil_kwargs={"optimize": True})
+    plt.close(fig)
+
+
 def figure_memory(data: ReportData, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -426,11 +436,8 @@ def figure_memory(data: ReportData, path: Path) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 2 * len(data.models) + 1), fontsize=8,
                frameon=False)
     b = data.base
-    fig.suptitle(f"Figure 1: peak memory per group (stacked = the paper's total) - B={b.batch}, "
-                 f"{b.resolution}x{b.resolution}, r={b.rank}, step {b.step}")
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
-    plt.close(fig)
+    _save(fig, path, f"Figure 1: peak memory per group (stacked = the paper's total) - B={b.batch}, "
+                     f"{b.resolution}x{b.resolution}, r={b.rank}, step {b.step}", rect=(0, 0.12, 1, 0.95), dpi=80)
 
 
 def figure_flops(data: ReportData, path: Path) -> None:
@@ -454,11 +461,9 @@ def figure_flops(data: ReportData, path: Path) -> None:
                 Patch(facecolor="white", edgecolor="black", hatch=MEASURED_HATCH, label="right: measured")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     b = data.base
-    fig.suptitle(f"Figure 2: FLOPs per phase - B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, step {b.step}\n"
-                 "top: stock FlopCounterMode (counts a grouped conv's weight gradient 'groups' times); bottom: exact")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.94))
-    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
-    plt.close(fig)
+    _save(fig, path, f"Figure 2: FLOPs per phase - B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, "
+                     f"step {b.step}\ntop: stock FlopCounterMode (counts a grouped conv's weight gradient 'groups' "
+                     "times); bottom: exact", rect=(0, 0.04, 1, 0.94), dpi=80)
 
 
 def figure_rank(data: ReportData, path: Path) -> None:
@@ -497,11 +502,8 @@ def figure_rank(data: ReportData, path: Path) -> None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6, loc="lower right")
     b = data.base
-    fig.suptitle(f"Figure 5: cost against rank - dots predicted, dashed the fitted law, circles measured - "
-                 f"B={b.batch}, {b.resolution}x{b.resolution}, step {b.step}")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=70, pil_kwargs={"optimize": True})
-    plt.close(fig)
+    _save(fig, path, f"Figure 5: cost against rank - dots predicted, dashed the fitted law, circles measured - "
+                     f"B={b.batch}, {b.resolution}x{b.resolution}, step {b.step}", rect=(0, 0, 1, 0.97), dpi=70)
 
 
 # --------------------------------------------------------------------------------------------
