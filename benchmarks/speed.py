@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from costmodel.config import StepConfig
-from costmodel.predict import clear_cache, predict_config, traced_step
+from costmodel.prediction import clear_cache, predict_config, traced_step
 from costmodel.ranks import predict_ranks
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import TEMPLATE_AFTER

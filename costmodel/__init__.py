@@ -10,7 +10,7 @@ __all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks
 def __getattr__(name: str):
     # The engine loads on first use, so that `import costmodel` stays cheap.
     if name == "predict":
-        from costmodel.predict import predict
+        from costmodel.prediction import predict
 
         return predict
     if name == "predict_ranks":

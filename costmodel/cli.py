@@ -68,7 +68,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
 
     prediction = predict_config(_config(args), allow_unknown=args.allow_unknown)
     conventions = FLOP_CONVENTIONS if args.flops is None else (args.flops,)
@@ -77,7 +77,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
     from costmodel.validation.measure import measure
 
     config = _config(args)

@@ -61,7 +61,7 @@ from costmodel.graph import StepGraph, Value, _tensor_meta, build_step_graph, no
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
 from costmodel.models import meta_model
-from costmodel.predict import Prediction, cost_nodes, optimizer_timeline, predict_config, step_flops, traced_step
+from costmodel.prediction import Prediction, cost_nodes, optimizer_timeline, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
                               fill_slots, recorded_facts)

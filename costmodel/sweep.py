@@ -184,7 +184,7 @@ class EnginePredictor:
     fraction of the time)."""
 
     def __call__(self, config: StepConfig) -> StepCost:
-        from costmodel.predict import predict_config
+        from costmodel.prediction import predict_config
 
         return predict_config(config)
 

@@ -12,7 +12,7 @@ from torch import nn
 from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
 from costmodel.hookspecs import hookimpl
 from costmodel.memory import GROUP_INDEX
-from costmodel.predict import predict
+from costmodel.prediction import predict
 from costmodel.registry import create_plugin_manager
 from engine_live import assert_matches, measure_module
 

@@ -15,7 +15,7 @@ from costmodel import meta_memo
 from costmodel.config import StepConfig
 from costmodel.meta_memo import (MetaKernelMemo, MemoStats, clear_meta_memo, meta_kernel_memo, meta_memo_disabled,
                                  meta_memo_enabled, meta_memo_stats)
-from costmodel.predict import traced_step
+from costmodel.prediction import traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import concrete
 

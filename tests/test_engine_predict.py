@@ -16,7 +16,7 @@ from torch import nn
 from costmodel import cli, registry
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
-from costmodel.predict import Prediction, predict, predict_config
+from costmodel.prediction import Prediction, predict, predict_config
 from costmodel.validation.measure import measure
 from engine_live import assert_matches
 
@@ -41,7 +41,7 @@ def test_predicting_imports_no_runtime_tool():
     code = (
         "import sys\n"
         "from costmodel.config import StepConfig\n"
-        "from costmodel.predict import predict_config\n"
+        "from costmodel.prediction import predict_config\n"
         "for method in ('fft', 'bn_head'):\n"
         "    predict_config(StepConfig(model='mobilenet_v3_small', method=method, batch=2, resolution=32))\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('torch.utils.flop_counter', 'torch.distributed._tools',"
@@ -90,7 +90,7 @@ def test_allow_unknown_reports_the_coverage():
 def test_allow_unknown_on_the_command_line(monkeypatch, capsys):
     manager = registry.create_plugin_manager()
     manager.set_blocked("pooling")  # without the pooling plugin resnet18's pools are not covered
-    monkeypatch.setattr("costmodel.predict.default_plugin_manager", lambda: manager)
+    monkeypatch.setattr("costmodel.prediction.default_plugin_manager", lambda: manager)
     args = ["predict", "--model", "resnet18", "--batch", "2", "--resolution", "32"]
     assert cli.main(args) == 2
     assert "no plugin covers op torch.nn.modules.pooling.MaxPool2d at node 'model_maxpool'" in capsys.readouterr().err

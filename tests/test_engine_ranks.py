@@ -14,7 +14,7 @@ from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.memory import MixedSizes, is_positive, is_zero
 from costmodel.plugins.method_fft import trainable_metas
-from costmodel.predict import predict_config
+from costmodel.prediction import predict_config
 from costmodel.ranks import Affine, _NotShared, predict_ranks
 from costmodel.registry import create_plugin_manager
 from costmodel.validation.measure import measure

@@ -14,7 +14,7 @@ from costmodel.config import StepConfig
 from costmodel.costs import Flops, OpCost
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
-from costmodel.predict import predict_config
+from costmodel.prediction import predict_config
 
 BUILTINS = {"adamw", "sgd", "method_fft", "method_bn_head", "conv", "linear", "batchnorm", "elementwise",
             "pooling", "shape", "dropout", "loss"}

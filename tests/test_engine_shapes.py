@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from costmodel.config import StepConfig
 from costmodel.costs import PreparedMethod
-from costmodel.predict import predict_config, traced_step
+from costmodel.prediction import predict_config, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import TEMPLATE_AFTER, ShapeTemplate, concrete, shape_facts
 from costmodel.trace import meta_copy, trace_model

@@ -30,7 +30,7 @@ def test_parameter_lookup_traces_what_stock_fx_traces(method, monkeypatch):
 
 # -- configurations that prepare the same structure share one trace
 
-from costmodel.predict import clear_cache, predict_config, traced_step  # noqa: E402
+from costmodel.prediction import clear_cache, predict_config, traced_step  # noqa: E402
 
 
 def _fields(prediction) -> dict:

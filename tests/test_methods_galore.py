@@ -122,7 +122,7 @@ FULL = [(model_name, rank, step, gap) for model_name, rank, step, gap in itertoo
 def test_prediction_equals_measurement(model_name: str, rank: int, step: int, gap: int) -> None:
     from engine_live import assert_matches
 
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
     from costmodel.validation.measure import measure
 
     config = StepConfig(model=model_name, method="galore", rank=rank, batch=8, resolution=32, step=step,

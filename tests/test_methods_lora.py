@@ -206,7 +206,7 @@ def test_one_layer_runs_the_same_ops_and_memory_as_peft(layer: str, rank: int, m
 
 
 def live(model_name: str, method: str, rank: int, step: int, **options: object) -> tuple[object, object]:
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
     from costmodel.validation.measure import measure
 
     config = StepConfig(model=model_name, method=method, rank=rank, batch=8, resolution=32, step=step,
@@ -251,7 +251,7 @@ def test_options_prediction_equals_measurement(case: str) -> None:
     own option handling, which tests/test_validation_measure.py holds against the prediction)."""
     from engine_live import assert_matches, measure_module
 
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
 
     if case == "grouped-convolutions":  # mobilenet_v3_small's first depthwise conv has 16 groups
         model_name, method, rank, step, options = "mobilenet_v3_small", "lora", 16, 1, {"include_grouped": True}
@@ -306,7 +306,7 @@ def test_linear_adapters_prediction_equals_measurement(method: str, adapt_head: 
     """Linear adapters, DoRA's ``eye`` included (a zero-FLOP op of the exact convention)."""
     from engine_live import assert_matches, measure_module
 
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
 
     targets = ["hidden", "fc"] if adapt_head else ["hidden"]
     measured = measure_module(lambda: peft_model(Perceptron(), targets, method == "dora", r=4),
@@ -322,7 +322,7 @@ def test_a_target_that_matches_a_container_is_refused_like_peft() -> None:
     import peft
 
     from costmodel.models import build_model
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
 
     config = StepConfig(model="resnet18", method="lora", batch=8, resolution=32,
                         options={"target_modules": ["layer4"]})

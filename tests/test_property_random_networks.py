@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from costmodel.predict import predict
+from costmodel.prediction import predict
 from engine_live import assert_matches, measure_module
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

@@ -132,7 +132,7 @@ SLOW_OPTION_CASES = {
 def test_options_prediction_equals_measurement(case: str) -> None:
     from engine_live import assert_matches
 
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
 
     model, method, rank, step, options = {**OPTION_CASES, **SLOW_OPTION_CASES}[case]
     config = StepConfig(model=model, method=method, rank=rank, batch=8, resolution=32, step=step,

@@ -3,7 +3,7 @@
     python -m costmodel.validation.accuracy_matrix [--models ...] [--methods ...]
         [--shapes 1x224 8x32 4x96] [--steps 1 2] [--real] [--json PATH]
 
-For every configuration it predicts (``costmodel.predict.predict_config``) and measures
+For every configuration it predicts (``costmodel.prediction.predict_config``) and measures
 (``costmodel.validation.measure.measure``, under FakeTensorMode unless ``--real``: the same counts,
 far faster) the same step, and prints one row of relative errors per configuration: FLOPs per
 convention (the largest error over the three phases; ``=`` when every phase is equal to the
@@ -44,7 +44,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 def compare(config: StepConfig, real: bool) -> dict:
     """Predict and measure one configuration; relative errors per field."""
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
     from costmodel.validation.measure import measure
 
     predicted = predict_config(config)

@@ -4,7 +4,7 @@
         [--ranks 1 4 16 64] [--shapes 1x224 8x32] [--steps 1 2] [--gaps 200 1] [--real]
 
 For every configuration (GaLore also with each update_proj_gap T in ``--gaps``; T = 1 runs an SVD
-on every step) it predicts the step (``costmodel.predict.predict_config``) and measures it
+on every step) it predicts the step (``costmodel.prediction.predict_config``) and measures it
 (``costmodel.validation.measure.measure``, under FakeTensorMode unless ``--real``: the same
 numbers, far faster), prints one line per configuration, then the worst error of each field for
 each method against the acceptance bars: FLOPs equal per phase in both conventions; PARAM,
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true", help="measure with real tensors instead of FakeTensorMode")
     args = parser.parse_args(argv)
 
-    from costmodel.predict import predict_config
+    from costmodel.prediction import predict_config
     from costmodel.validation.measure import measure
 
     results: list[Errors] = []
