@@ -3,10 +3,53 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from costmodel.errors import CostModelError
+
+# The largest integer accepted for a size, a rank or a step (and for a per-layer rank in an option).
+# torch stores every size as an int64: a dimension of 10**23 fails deep inside C++, and a product
+# of a few sizes near 2**63 would wrap around silently in numpy's int64 rank arrays. 2**31 - 1 (the
+# int32 limit) is far above any real rank or batch, and keeps one size times a few others well
+# inside int64; a tensor whose total size still overflows is refused by shape propagation.
+MAX_INT = 2**31 - 1
+
+# How each field is named to the user: its CLI flag where it has one, else its keyword.
+_FIELD_NAMES: dict[str, str] = {
+    "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
+    "step": "--step", "galore_update_proj_gap": "--galore-update-proj-gap", "alpha": "--alpha",
+    "lr": "lr", "galore_scale": "galore_scale",
+}
+
+
+def is_valid_int(value: Any) -> bool:
+    """Whether ``value`` is an integer in ``[1, MAX_INT]`` (a size, a rank, a step; never a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int) and 1 <= value <= MAX_INT
+
+
+def is_valid_positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number > 0 (never a bool).
+
+    A LoRA alpha, a GaLore scale or a learning rate of nan, inf, 0 or below is accepted by peft and
+    galore-torch without complaint but trains nothing sensible; it is refused instead."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            and value > 0)
+
+
+def check_int(value: Any, what: str) -> int:
+    """``value`` if :func:`is_valid_int`, else a CostModelError naming ``what``."""
+    if not is_valid_int(value):
+        raise CostModelError(f"{what} must be an integer >= 1 and <= {MAX_INT} (2**31 - 1), got {value!r}")
+    return value
+
+
+def check_positive(value: Any, what: str) -> float:
+    """``value`` as a float if :func:`is_valid_positive`, else a CostModelError naming ``what``."""
+    if not is_valid_positive(value):
+        raise CostModelError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -36,11 +79,13 @@ class StepConfig:
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch", "resolution", "classes", "step", "galore_update_proj_gap"):
+            check_int(getattr(self, name), _FIELD_NAMES[name])
+        for name in ("lr", "galore_scale", "alpha"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CostModelError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if self.lr <= 0:
-            raise CostModelError(f"--lr must be positive, got {self.lr!r}")
+            if value is not None or name != "alpha":  # alpha None: alpha = rank
+                check_positive(value, _FIELD_NAMES[name])
+        if not isinstance(self.options, dict):
+            raise CostModelError(f"method options must be a dict of option names to values, got {self.options!r}")
 
     @property
     def lora_alpha(self) -> float:

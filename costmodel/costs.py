@@ -2,13 +2,15 @@
 
 Op plugins receive an :class:`OpNode` (one node of the traced graph, with shapes) and answer with an
 :class:`OpCost`; optimizer plugins answer with an :class:`OptimizerCost`; method plugins with a
-:class:`PreparedMethod`. Everything is plain data: the engine turns it into FLOP totals and a memory
-timeline that mirrors what ``MemTracker`` would see at each op boundary.
+:class:`PreparedMethod`, and declare what they take as :class:`MethodOptions`. Everything is plain
+data: the engine turns it into FLOP totals and a memory timeline that mirrors what ``MemTracker``
+would see at each op boundary.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +133,20 @@ class OpNode:
         return self.kwargs.get(name, default)
 
 
+def describe_op(op: OpNode) -> str:
+    """A node's op as a user would name it: a module class, a function or a tensor method."""
+    target = op.target
+    if op.kind == "call_module":
+        return f"{target.__module__}.{target.__qualname__}"
+    if op.kind == "call_method":
+        return f"Tensor.{target}"
+    name = getattr(target, "__name__", None) or repr(target)
+    module = getattr(target, "__module__", None)
+    if module is None and "_VariableFunctions" in getattr(target, "__qualname__", ""):
+        module = "torch"  # torch.flatten & co. are builtins of torch._C._VariableFunctions
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
 @dataclass(frozen=True)
 class Alloc:
     """A storage an op allocates, in allocation order. ``nbytes`` is the storage size.
@@ -234,3 +250,51 @@ class PreparedMethod:
     # integer optimizer options - each an affine function of the rank. The engine checks it at
     # three ranks and predicts rank by rank wherever it does not hold.
     affine_in_rank: bool = False
+
+
+# The kinds of value a method option can declare (``OptionSpec.kind``). ``costmodel.options`` checks
+# and coerces each before the method plugin runs; "int" means 1 <= n <= costmodel.config.MAX_INT.
+OPTION_KINDS: dict[str, str] = {
+    "bool": "true or false (also yes/no, 1/0, any case)",
+    "int": "an integer >= 1",
+    "float": "a finite number > 0",
+    "regex": "a regular expression",
+    "names": "a list of names",
+    "regex_or_names": "a regular expression or a list of names",
+    "int_pattern": "a mapping of regular expressions to integers >= 1",
+    "float_pattern": "a mapping of regular expressions to finite numbers > 0",
+}
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option a method takes (``StepConfig.options[key]``, the CLI's ``--option KEY=VALUE``):
+    the kind of its value (a key of :data:`OPTION_KINDS`) and a one-line description.
+
+    The engine coerces a given value to its kind before the plugin sees it - a ``"bool"`` arrives
+    as ``True``/``False`` even when typed ``--option adapt_head=no``, an ``"int"`` as an ``int``, a
+    ``"float"`` as a ``float``, a ``"regex"`` as the (compilable) string, ``"names"`` as a list of
+    strings, a pattern as a ``dict`` - and refuses anything else, so a plugin reads ready values.
+    """
+
+    kind: str
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        # A misspelt kind is the plugin author's mistake: say so when the plugin is imported.
+        if self.kind not in OPTION_KINDS:
+            raise ValueError(f"OptionSpec kind must be one of {', '.join(OPTION_KINDS)}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """What a fine-tuning method takes besides the model (the ``costmodel_method_options`` answer).
+
+    ``takes_rank``: whether the method reads ``StepConfig.rank`` at all (an adapter or projection
+    rank); the CLI refuses ``--rank`` for a method that does not, and a prediction's method note
+    says the rank is unused. ``options``: every key the method accepts in ``StepConfig.options``
+    with its spec; any other key is refused, naming it and listing these.
+    """
+
+    takes_rank: bool
+    options: Mapping[str, OptionSpec] = field(default_factory=dict)

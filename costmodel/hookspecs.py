@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from costmodel.config import StepConfig
-    from costmodel.costs import OpCost, OpNode, OptimizerCost, ParamGroup, PreparedMethod
+    from costmodel.costs import MethodOptions, OpCost, OpNode, OptimizerCost, ParamGroup, PreparedMethod
 
 PROJECT_NAME = "costmodel"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -71,6 +71,10 @@ def costmodel_prepare_method(name: str, model: "nn.Module", config: "StepConfig"
     """Apply fine-tuning method ``name`` to ``model`` (on the meta device), or return None if this
     plugin does not provide it.
 
+    ``config.options`` have been checked and coerced against the method's
+    ``costmodel_method_options`` declaration (when it makes one): every key is declared and every
+    value is of its declared kind, so the plugin reads them without checking again.
+
     The plugin mutates the model as the real method would (adds adapter modules whose forward
     mirrors the real library op for op, sets ``requires_grad`` to freeze what the method freezes)
     and returns the optimizer's parameter groups. A rank a layer cannot take raises
@@ -88,3 +92,23 @@ def costmodel_prepare_method(name: str, model: "nn.Module", config: "StepConfig"
 @hookspec
 def costmodel_method_names() -> "list[str]":
     """The names of the fine-tuning methods this plugin provides (for listings and messages)."""
+
+
+@hookspec(firstresult=True)
+def costmodel_method_options(name: str) -> "MethodOptions | None":
+    """Declare what fine-tuning method ``name`` takes: whether it uses the rank, and its options.
+
+    :param name: A method name, as given to ``costmodel_prepare_method``.
+    :returns: A :class:`~costmodel.costs.MethodOptions` for a method this plugin provides, or None
+        for any other name. The first non-None answer is used.
+
+    Before ``costmodel_prepare_method`` runs (in ``costmodel.trace.prepare_method``, and in the CLI
+    through ``costmodel.options.check_method_arguments``), the engine refuses an option key the
+    method does not declare and any value not of its :class:`~costmodel.costs.OptionSpec` kind,
+    with a one-line ``CostModelError`` naming ``--option KEY`` and the method, and hands the plugin
+    the coerced values. A method with ``takes_rank=False`` is refused an explicit ``--rank``, and
+    its predictions note that the rank is unused.
+
+    A method that no plugin declares gets its options unchecked (its plugin checks them) and is
+    assumed to use the rank.
+    """

@@ -6,10 +6,13 @@ Shared by the runtime reference and the analytic engine, so both describe the sa
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import CostModelError
 
@@ -26,10 +29,56 @@ def available_models() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
+# Factory functions whose result is made from Python values (``torch.tensor([...])``, ``arange``),
+# as opposed to an allocation of a given shape (``empty``, ``zeros``: parameters and buffers).
+VALUE_CONSTRUCTORS: frozenset[Callable[..., torch.Tensor]] = frozenset({
+    torch.tensor, torch.as_tensor, torch.asarray, torch.scalar_tensor,
+    torch.arange, torch.range, torch.linspace, torch.logspace,
+})
+
+
+class _ValuesOnCpu(TorchFunctionMode):
+    """Inside ``with torch.device("meta")``: tensors made from Python values stay on the CPU.
+
+    Some constructors compute the architecture itself with tensors and read the result back into
+    Python: torchvision's ``BlockParams.from_init_params`` (every RegNet) rounds its block widths
+    with ``torch.round(...).int().tolist()``, which a meta tensor cannot answer ("Cannot copy out
+    of meta tensor"). Those tensors are a few numbers; keeping them on the CPU costs nothing, while
+    every allocation of a given shape (the weights) still goes to the device. The mode is entered
+    inside the device context, so it sees each call first and fills in ``device="cpu"`` only where
+    none is given; it changes nothing outside the ``with`` block.
+    """
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in VALUE_CONSTRUCTORS and kwargs.get("device") is None:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def check_model_names(names: Sequence[str], option: str) -> tuple[str, ...]:
+    """``names``, each one of torchvision's classification models (what the CLI can build by name),
+    checked before any work: an unknown name is one line naming ``option``."""
+    if not names:
+        raise CostModelError(f"{option}: no name given")
+    known = available_models()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise CostModelError(f"{option}: unknown model {', '.join(map(repr, unknown))}; choose torchvision's "
+                             f"classification models, e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, "
+                             f"resnet18")
+    return tuple(names)
+
+
 def build_model(name: str, num_classes: int = 10, device: str | torch.device = "cpu") -> nn.Module:
     """``torchvision.models.<name>(weights=None, num_classes=num_classes)`` in train mode.
 
-    On ``device="meta"`` no weight memory is allocated and no initialisation arithmetic runs.
+    On ``device="meta"`` no weight memory is allocated and no initialisation arithmetic runs: every
+    weight is allocated on the meta device. Tensors that the constructor builds from Python values
+    (and may read back: RegNet's block widths) are computed on the CPU, and whatever of them ends
+    up in the model (batch norm's ``num_batches_tracked``, a position index) is moved to
+    ``device`` afterwards.
     """
     import torchvision
 
@@ -38,9 +87,9 @@ def build_model(name: str, num_classes: int = 10, device: str | torch.device = "
             f"unknown model {name!r}; choose one of torchvision's classification models, "
             f"e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, resnet18"
         )
-    with torch.device(device):
+    with torch.device(device), _ValuesOnCpu():
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    return model.train()
+    return model.to(device).train()
 
 
 @lru_cache(maxsize=16)

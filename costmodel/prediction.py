@@ -18,10 +18,11 @@ import pluggy
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import Flops, OpCost, OpNode, ParamGroup
+from costmodel.costs import Flops, OpCost, ParamGroup, describe_op
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
+from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, StepCost, phase_flops
 from costmodel.shapes import shape_facts
@@ -83,20 +84,6 @@ class Prediction(StepCost):
         return text
 
 
-def describe_op(op: OpNode) -> str:
-    """A node's op as a user would name it: a module class, a function or a tensor method."""
-    target = op.target
-    if op.kind == "call_module":
-        return f"{target.__module__}.{target.__qualname__}"
-    if op.kind == "call_method":
-        return f"Tensor.{target}"
-    name = getattr(target, "__name__", None) or repr(target)
-    module = getattr(target, "__module__", None)
-    if module is None and "_VariableFunctions" in getattr(target, "__qualname__", ""):
-        module = "torch"  # torch.flatten & co. are builtins of torch._C._VariableFunctions
-    return f"{module}.{name}" if module and module != "builtins" else name
-
-
 # -- tracing cache: everything that does not depend on batch, resolution or step
 
 _TRACE_CACHE: OrderedDict[tuple[Any, ...], TracedStep] = OrderedDict()
@@ -152,8 +139,9 @@ def clear_cache() -> None:
 
 def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, config: StepConfig,
                allow_unknown: bool) -> tuple[list[OpCost | None], list[dict[str, str]]]:
-    """Ask the op plugins about every node; an unanswered node is an error unless ``allow_unknown``."""
-    ask = manager.hook.costmodel_op_cost
+    """Ask the op plugins about every node; an unanswered node is an error unless ``allow_unknown``,
+    and a plugin that raises or answers wrongly is one naming it (``costmodel.plugin_calls``)."""
+    ask = HookAsker(manager, OP_COST).first
     costs: list[OpCost | None] = []
     unknown: list[dict[str, str]] = []
     for record in graph.records:
@@ -180,7 +168,7 @@ def updated_groups(groups: list[ParamGroup], flow: GradientFlow) -> list[ParamGr
 
 def optimizer_steps(groups: list[ParamGroup], manager: pluggy.PluginManager, config: StepConfig,
                     step: int) -> list[OptimizerStep]:
-    ask = manager.hook.costmodel_optimizer_cost
+    ask = HookAsker(manager, OPTIMIZER_COST).first
     steps = []
     for index, group in enumerate(groups):
         cost = ask(group=group, step=step, config=config)

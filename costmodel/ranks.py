@@ -61,6 +61,7 @@ from costmodel.graph import StepGraph, Value, _tensor_meta, build_step_graph, no
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
 from costmodel.models import meta_model
+from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
 from costmodel.prediction import Prediction, cost_nodes, optimizer_timeline, predict_config, step_flops, traced_step
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
@@ -501,10 +502,10 @@ def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> t
         steps, state = _optimizer_at(shared, flow, ranks)
         if _conforms((steps, state), len(ranks)) and _agrees((steps, state), _optimizer_at(shared, flow, ranks[0]), 0):
             return steps, state
-    except (_NotShared, CostModelError):
-        raise
-    except Exception:  # an optimizer plugin that branches on a size: asked rank by rank
+    except PluginFailure:  # an optimizer plugin that branches on a size: asked rank by rank
         pass
+    except (_NotShared, CostModelError):  # no plugin covers a group, or one refused: true at every rank
+        raise
     answers = [_optimizer_at(shared, flow, rank) for rank in ranks]
     return _stack_steps([steps for steps, _ in answers]), _stack([state for _, state in answers], "the state")
 
@@ -656,7 +657,7 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[in
     for (owner, attribute), value in attributes.items():
         object.__setattr__(shared.owners[owner], attribute, value)
     costs: dict[int, OpCost] = {}
-    ask = shared.manager.hook.costmodel_op_cost
+    ask = HookAsker(shared.manager, OP_COST).first
     wanted = None if records is None else set(records)
     for index, node, (module, node_params, target, label) in shared.dependent_records:
         if wanted is not None and index not in wanted:
@@ -670,7 +671,10 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[in
         if many:
             try:
                 cost = ask(node=op, config=config)
-            except Exception:  # a plugin that branches on a size: asked rank by rank
+            except CostModelError:
+                # A plugin that branches on a size (its exception arrives as a PluginFailure), or
+                # whose answer for the arrays breaks the contract: asked rank by rank, where a
+                # failure at one plain rank is the plugin's own and reported as such.
                 continue
             if cost is not None and _conforms(cost, len(rank)):
                 costs[index] = cost
@@ -884,6 +888,19 @@ def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[i
     return found
 
 
+# Ranks asked together are sizes in numpy int64 arrays, whose arithmetic wraps around silently
+# past 2**63. Within these bounds no FLOP or byte count of a vision model can come near it (a
+# count is at most ~ images x pixels x channels^2 x kernel area x rank x a small factor:
+# 2**32 x 2**11 x 2**12 x 2**4 = 2**59); beyond them every rank is predicted alone, in Python's
+# exact integers.
+_BATCHED_MAX_RANK = 2**12
+_BATCHED_MAX_PIXELS = 2**32  # batch x resolution^2
+
+
+def _int64_safe(config: StepConfig, ranks: Sequence[int]) -> bool:
+    return bool(ranks) and max(ranks) <= _BATCHED_MAX_RANK and config.batch * config.resolution**2 <= _BATCHED_MAX_PIXELS
+
+
 def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
                   manager: pluggy.PluginManager | None = None) -> dict[int, Prediction | CostModelError]:
     """Predict ``config`` at each of ``ranks`` (its own rank is ignored): the same numbers as
@@ -899,10 +916,12 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
     manager = manager or default_plugin_manager()
     wanted = list(dict.fromkeys(int(r) for r in ranks))
     found: dict[int, Prediction | CostModelError] = {}
-    try:
-        shared = _share(config, wanted, manager)
-    except (_NotShared, CostModelError, MixedSizes):
-        shared = None
+    shared = None
+    if _int64_safe(config, wanted):
+        try:
+            shared = _share(config, wanted, manager)
+        except (_NotShared, CostModelError, MixedSizes):
+            shared = None
     if shared is not None:
         model_own = {key: getattr(shared.owners[key[0]], key[1]) for key in shared.dependence.attributes}
         try:

@@ -17,6 +17,7 @@ import pluggy
 
 from costmodel import hookspecs
 from costmodel.errors import CostModelError
+from costmodel.plugin_calls import METHOD_NAMES, ask_every, one_line
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 # The distribution whose entry points are the built-in plugins.
@@ -42,7 +43,8 @@ def _register(manager: pluggy.PluginManager, plugin: object, name: str) -> None:
     try:
         manager.register(plugin, name=name)
     except Exception as error:  # pluggy raises ValueError / PluginValidationError
-        raise CostModelError(f"plugin {name!r} cannot be registered: {error}") from None
+        # pluggy's PluginValidationError spans lines (plugin, definition, problem); the CLI prints one.
+        raise CostModelError(one_line(f"plugin {name!r} cannot be registered: {error}")) from None
 
 
 def create_plugin_manager(extra_plugins: Iterable[object] = (), *, entry_points: bool = True) -> pluggy.PluginManager:
@@ -59,9 +61,9 @@ def create_plugin_manager(extra_plugins: Iterable[object] = (), *, entry_points:
             try:
                 plugin = entry.load()
             except Exception as error:
-                raise CostModelError(
+                raise CostModelError(one_line(
                     f"plugin {entry.name!r} ({entry.value}) failed to load: {type(error).__name__}: {error}"
-                ) from None
+                )) from None
             _register(manager, plugin, entry.name)
     for plugin in extra_plugins:
         name = plugin.__name__ if isinstance(plugin, ModuleType) else f"{type(plugin).__name__}@{id(plugin):x}"
@@ -70,7 +72,7 @@ def create_plugin_manager(extra_plugins: Iterable[object] = (), *, entry_points:
         manager.check_pending()
     except pluggy.PluginValidationError as error:
         name = manager.get_name(error.plugin) or repr(error.plugin)
-        raise CostModelError(f"plugin {name!r} implements a hook that does not exist: {error}") from None
+        raise CostModelError(one_line(f"plugin {name!r} implements a hook that does not exist: {error}")) from None
     return manager
 
 
@@ -86,5 +88,6 @@ def default_plugin_manager() -> pluggy.PluginManager:
 
 
 def method_names(manager: pluggy.PluginManager) -> list[str]:
-    """Every fine-tuning method some plugin provides, sorted."""
-    return sorted({name for names in manager.hook.costmodel_method_names() for name in names})
+    """Every fine-tuning method some plugin provides, sorted; a plugin that answers anything but a
+    list of names is a ``CostModelError`` naming it (``costmodel.plugin_calls``)."""
+    return sorted({name for names in ask_every(manager, METHOD_NAMES) for name in names})

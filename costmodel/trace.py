@@ -30,6 +30,7 @@ from costmodel.costs import PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.models import meta_model
+from costmodel.plugin_calls import PREPARE_METHOD, ask_first
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -259,13 +260,24 @@ class TracedStep:
 
 
 def prepare_method(manager: pluggy.PluginManager, model: nn.Module, config: StepConfig) -> PreparedMethod:
-    """Ask the method plugins to apply ``config.method`` to ``model`` (mutated in place)."""
-    prepared = manager.hook.costmodel_prepare_method(name=config.method, model=model, config=config)
-    if prepared is None:
-        from costmodel.registry import method_names
+    """Ask the method plugins to apply ``config.method`` to ``model`` (mutated in place); a plugin
+    that raises or answers wrongly is a ``CostModelError`` naming it (``costmodel.plugin_calls``).
 
-        known = ", ".join(method_names(manager)) or "none registered"
-        raise CostModelError(f"unknown method {config.method!r}; methods provided by plugins: {known}")
+    The options are checked and coerced against the method's declaration first
+    (``costmodel.options``), so that every entry point (the Python API, sweeps, the CLI) refuses a
+    bad option in one line and the plugin reads ready values. A method that takes no rank still
+    gets ``config.rank`` (the API always has one); its note says the rank is unused."""
+    from dataclasses import replace
+
+    from costmodel.options import checked_config, unknown_method
+
+    config, declared = checked_config(manager, config)
+    prepared = ask_first(manager, PREPARE_METHOD, name=config.method, model=model, config=config)
+    if prepared is None:
+        raise unknown_method(manager, config.method)
+    if declared is not None and not declared.takes_rank:
+        prepared = replace(prepared, note=f"{prepared.note}; rank {config.rank} unused "
+                                          f"({config.method} takes no rank)")
     return prepared
 
 
@@ -385,10 +397,12 @@ class _Recorder(fx.Interpreter):
 def propagate(traced: TracedStep, batch: int, resolution: int) -> _Recorder:
     """Run the graph on a batch of ``batch`` images of ``resolution`` pixels, on meta tensors: the
     recorder holds every node's result and which results are an earlier value itself."""
-    images = torch.empty(batch, IMAGE_CHANNELS, resolution, resolution, device="meta")
-    labels = torch.empty(batch, dtype=torch.long, device="meta")
     recorder = _Recorder(traced.graph_module)
     try:
+        # Inside the try: a batch too large for any tensor (its storage size overflows) is the
+        # user's size, said as such, not an internal error.
+        images = torch.empty(batch, IMAGE_CHANNELS, resolution, resolution, device="meta")
+        labels = torch.empty(batch, dtype=torch.long, device="meta")
         with torch.enable_grad(), meta_kernel_memo():  # repeated kernel calls: costmodel.meta_memo
             recorder.run(images, labels)
     except Exception as error:

@@ -7,11 +7,11 @@ from __future__ import annotations
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import PreparedMethod
+from costmodel.costs import MethodOptions, PreparedMethod
 from costmodel.hookspecs import hookimpl
 from costmodel.models import head_name
 
-from .method_fft import prepare_adamw_method
+from .method_fft import NO_ARGUMENTS, prepare_adamw_method
 
 NAME = "bn_head"
 
@@ -19,6 +19,11 @@ NAME = "bn_head"
 @hookimpl
 def costmodel_method_names() -> list[str]:
     return [NAME]
+
+
+@hookimpl
+def costmodel_method_options(name: str) -> MethodOptions | None:
+    return NO_ARGUMENTS if name == NAME else None
 
 
 @hookimpl

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
-from costmodel.errors import CostModelError
+from costmodel.costs import MethodOptions, ParamGroup, ParamMeta, PreparedMethod
 from costmodel.hookspecs import hookimpl
 
 NAME = "fft"
+# What a method that only chooses which parameters train takes: no rank, no options.
+NO_ARGUMENTS = MethodOptions(takes_rank=False)
 
 
 def trainable_metas(model: nn.Module) -> list[ParamMeta]:
@@ -25,12 +26,16 @@ def costmodel_method_names() -> list[str]:
     return [NAME]
 
 
+@hookimpl
+def costmodel_method_options(name: str) -> MethodOptions | None:
+    return NO_ARGUMENTS if name == NAME else None
+
+
 def prepare_adamw_method(name: str, model: nn.Module, config: StepConfig, trains: Callable[[str], bool],
                          what: str) -> PreparedMethod:
     """A method that only chooses which parameters train (``trains(qualified_name)``) and gives them
-    all to one ``AdamW(lr)`` group; it takes no options."""
-    if config.options:
-        raise CostModelError(f"method {name!r} takes no options, got {', '.join(sorted(config.options))}")
+    all to one ``AdamW(lr)`` group; it takes no rank and no options (``NO_ARGUMENTS``: the engine
+    refuses any before it gets here)."""
     for qualified, parameter in model.named_parameters():
         parameter.requires_grad_(trains(qualified))
     params = trainable_metas(model)

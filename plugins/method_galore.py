@@ -24,12 +24,17 @@ from __future__ import annotations
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import ParamGroup, ParamMeta, PreparedMethod
+from costmodel.costs import MethodOptions, OptionSpec, ParamGroup, ParamMeta, PreparedMethod
 from costmodel.hookspecs import hookimpl
-from costmodel.plugins.method_targets import KNOWN_OPTIONS, check_options, select_targets
+from costmodel.plugins.method_targets import KNOWN_OPTIONS, TARGET_OPTIONS, select_targets
 
 METHOD = "galore"
 GALORE_OPTIONS = KNOWN_OPTIONS - {"include_grouped", "alpha_pattern"}
+ARGUMENTS = MethodOptions(takes_rank=True, options={
+    **{key: spec for key, spec in TARGET_OPTIONS.items() if key in GALORE_OPTIONS},
+    "rank_pattern": OptionSpec("int_pattern", "per-layer projection rank: {layer-name regex: rank}, the first "
+                                              "matching key wins"),
+})
 
 
 def low_rank_settings(config: StepConfig, rank: int) -> dict[str, object]:
@@ -40,7 +45,6 @@ def low_rank_settings(config: StepConfig, rank: int) -> dict[str, object]:
 
 def galore_param_group(model: nn.Module, config: StepConfig) -> ParamGroup:
     """Unfreeze ``model`` and describe GaLoreAdamW over it as one ordered ParamGroup."""
-    check_options(config.options, METHOD, GALORE_OPTIONS)
     targets = select_targets(model, config.rank, float(config.rank), config.options, grouped="all")
     low_rank = {f"{t.name}.weight": low_rank_settings(config, t.rank) for t in targets}
     for param in model.parameters():
@@ -54,6 +58,11 @@ def galore_param_group(model: nn.Module, config: StepConfig) -> ParamGroup:
 @hookimpl
 def costmodel_method_names() -> list[str]:
     return [METHOD]
+
+
+@hookimpl
+def costmodel_method_options(name: str) -> MethodOptions | None:
+    return ARGUMENTS if name == METHOD else None
 
 
 @hookimpl

@@ -71,14 +71,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.config import StepConfig
-from costmodel.costs import ParamGroup, PreparedMethod
+from costmodel.costs import MethodOptions, ParamGroup, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.method_fft import trainable_metas
-from costmodel.plugins.method_targets import (Target, check_options, head_module_names, replace_module,
-                                              select_targets)
+from costmodel.plugins.method_targets import TARGET_OPTIONS, Target, head_module_names, replace_module, select_targets
 
 METHODS: tuple[str, ...] = ("lora", "dora")
+# Both take the adapter rank and every layer-selection option (method_targets).
+ARGUMENTS = MethodOptions(takes_rank=True, options=TARGET_OPTIONS)
 ADAPTER = "default"  # peft's adapter name: parameters are named lora_A.default.weight etc.
 
 
@@ -183,10 +184,10 @@ def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list
     """Freeze ``model`` and wrap its target layers in adapters, as ``inject_adapter_in_model`` does.
 
     Every base parameter is frozen; the head stays fully trainable unless ``adapt_head``. Returns
-    the targets (name, module, rank, alpha) in model order.
+    the targets (name, module, rank, alpha) in model order. ``config.options`` are as the engine
+    coerced them against ``ARGUMENTS`` (``adapt_head`` a real bool, not the string "False").
     """
     method = "dora" if use_dora else "lora"
-    check_options(config.options, method)
     targets = select_targets(model, config.rank, config.lora_alpha, config.options, grouped="divisible")
     if not targets:
         raise CostModelError(f"{method}: the model {config.model!r} has no layer to adapt")
@@ -203,6 +204,11 @@ def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list
 @hookimpl
 def costmodel_method_names() -> list[str]:
     return list(METHODS)
+
+
+@hookimpl
+def costmodel_method_options(name: str) -> MethodOptions | None:
+    return ARGUMENTS if name in METHODS else None
 
 
 @hookimpl

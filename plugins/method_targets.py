@@ -13,12 +13,14 @@ same layers:
   that must match the whole qualified name, a list holds names that match exactly or as a
   ``.``-separated suffix.
 
-Options (``StepConfig.options``), all optional:
+Options (``StepConfig.options``), all optional, declared in :data:`TARGET_OPTIONS` (the methods
+declare them through ``costmodel_method_options``; the engine checks and coerces them before the
+plugin runs, so the functions here read ready values):
 
 ``rank_pattern`` (dict), ``alpha_pattern`` (dict), ``target_modules`` (str | list),
 ``exclude_modules`` (str | list), ``include_grouped`` (bool: also target grouped convolutions
 whose rank is a multiple of ``groups``; LoRA/DoRA only), ``adapt_head`` (bool: treat the head's
-layers like the others instead of training the head in full).
+layers like the others instead of training the head in full; default false).
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ from typing import Any
 
 from torch import nn
 
+from costmodel.costs import OptionSpec
 from costmodel.errors import CostModelError
 from costmodel.models import head_name
 
-KNOWN_OPTIONS: frozenset[str] = frozenset({
-    "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "include_grouped", "adapt_head",
-})
+TARGET_OPTIONS: dict[str, OptionSpec] = {
+    "rank_pattern": OptionSpec("int_pattern", "per-layer rank: {layer-name regex: rank}, the first matching key wins"),
+    "alpha_pattern": OptionSpec("float_pattern", "per-layer lora_alpha: {layer-name regex: alpha}"),
+    "target_modules": OptionSpec("regex_or_names", "the layers to adapt: a regex over the whole qualified "
+                                                   "name, or a list of names (exact or as a suffix)"),
+    "exclude_modules": OptionSpec("regex_or_names", "layers never to adapt, written as target_modules"),
+    "include_grouped": OptionSpec("bool", "also adapt grouped convolutions whose rank is a multiple of groups"),
+    "adapt_head": OptionSpec("bool", "treat the head's layers like the others instead of training the head "
+                                     "in full (default false)"),
+}
+KNOWN_OPTIONS: frozenset[str] = frozenset(TARGET_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -46,15 +57,6 @@ class Target:
     module: nn.Module
     rank: int
     alpha: float
-
-
-def check_options(options: Mapping[str, Any], method: str, known: Iterable[str] = KNOWN_OPTIONS) -> None:
-    """Refuse options this method does not know (a typo must not silently change nothing)."""
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise CostModelError(
-            f"method {method!r} does not know the option(s) {', '.join(map(repr, unknown))}; "
-            f"known: {', '.join(sorted(known))}")
 
 
 def pattern_key(pattern_keys: Iterable[str], name: str) -> str:
@@ -70,12 +72,6 @@ def _matches(spec: str | Sequence[str], name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == key or name.endswith(f".{key}") for key in spec)
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CostModelError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def head_module_names(model: nn.Module) -> set[str]:
@@ -98,22 +94,14 @@ def select_targets(
     them like any weight), ``"divisible"`` (LoRA/DoRA: none unless ``include_grouped``, then those
     whose rank is a multiple of ``groups``). A layer that is explicitly targeted (through
     ``target_modules``) or given a rank by ``rank_pattern`` and cannot take its rank is an error
-    naming the layer.
+    naming the layer. ``options`` are as ``costmodel.options`` coerced them (``TARGET_OPTIONS``).
     """
-    rank_pattern: Mapping[str, Any] = options.get("rank_pattern") or {}
-    alpha_pattern: Mapping[str, Any] = options.get("alpha_pattern") or {}
-    for what, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        if not isinstance(pattern, Mapping):
-            raise CostModelError(f"option {what} must map layer-name patterns to values, got {pattern!r}")
-        for key in pattern:
-            try:
-                re.compile(key)
-            except re.error as error:
-                raise CostModelError(f"option {what}: {key!r} is not a regular expression ({error})") from None
+    rank_pattern: Mapping[str, int] = options.get("rank_pattern") or {}
+    alpha_pattern: Mapping[str, float] = options.get("alpha_pattern") or {}
     target_spec = options.get("target_modules")
     exclude_spec = options.get("exclude_modules")
-    include_grouped = bool(options.get("include_grouped", False))
-    adapt_head = bool(options.get("adapt_head", False))
+    include_grouped: bool = options.get("include_grouped", False)
+    adapt_head: bool = options.get("adapt_head", False)
     head = set() if adapt_head else head_module_names(model)
 
     targets: list[Target] = []
@@ -133,7 +121,7 @@ def select_targets(
         if target_spec is None and name in head:
             continue
         key = pattern_key(rank_pattern.keys(), name)
-        layer_rank = _positive_int(rank_pattern.get(key, rank), f"the rank of layer {name!r}")
+        layer_rank = rank_pattern.get(key, rank)
         layer_alpha = float(alpha_pattern.get(pattern_key(alpha_pattern.keys(), name), alpha))
         groups = getattr(module, "groups", 1)
         if groups > 1 and grouped == "divisible":

@@ -117,10 +117,18 @@ def test_a_rank_a_layer_cannot_take_names_the_layer() -> None:
         mirrored("mobilenet_v2", "lora", 4, target_modules=["features.1.conv.0.0", "features.1.conv.1"])
     with pytest.raises(CostModelError, match=r"features\.2\.conv\.1\.0.*groups=96.*rank 8"):
         mirrored("mobilenet_v2", "dora", 8, include_grouped=True, rank_pattern={"features.2.conv.1.0": 8})
-    with pytest.raises(CostModelError, match="rank of layer 'conv1' must be an integer >= 1"):
-        mirrored("resnet18", "lora", 4, rank_pattern={"conv1": 0})
+    # Option values and keys are the engine's to check (costmodel.options), before the plugin runs.
+    from costmodel.registry import default_plugin_manager
+    from costmodel.trace import prepare_method
+
+    def prepared(options: dict[str, object]) -> None:
+        prepare_method(default_plugin_manager(), build_model("resnet18", device="meta"),
+                       StepConfig(model="resnet18", method="lora", rank=4, options=options))
+
+    with pytest.raises(CostModelError, match="value for key 'conv1' must be an integer >= 1"):
+        prepared({"rank_pattern": {"conv1": 0}})
     with pytest.raises(CostModelError, match="does not know the option"):
-        mirrored("resnet18", "lora", 4, rank_patern={"conv1": 2})
+        prepared({"rank_patern": {"conv1": 2}})
     with pytest.raises(CostModelError, match="matches no"):
         mirrored("resnet18", "lora", 4, target_modules="nothing.*")
 
