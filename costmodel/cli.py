@@ -7,17 +7,26 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost, render_comparison
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a refusal is one line (``costmodel predict: error: argument --rank: ...``)
+    without the usage block, exit status 2, like every other refusal of the CLI."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.exit(2, f"{self.prog}: error: {message.splitlines()[0] if message else 'bad arguments'}\n")
+
+
 def _add_step_options(parser: argparse.ArgumentParser) -> None:
     defaults = StepConfig()
     parser.add_argument("--model", default=defaults.model, help="torchvision model name (default: %(default)s)")
     parser.add_argument("--method", default=defaults.method, help="fft, bn_head, lora, dora, galore, or a plugin's method (default: %(default)s)")
-    parser.add_argument("--rank", type=int, default=defaults.rank, help="adapter / projection rank (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=None, help=f"adapter / projection rank, for methods that take one (default: {defaults.rank})")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA lora_alpha (default: the rank)")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
@@ -48,12 +57,78 @@ def _method_options(pairs: Sequence[str] | None) -> dict[str, object]:
 
 
 def _config(args: argparse.Namespace) -> StepConfig:
+    from costmodel.options import check_method_arguments
+    from costmodel.registry import default_plugin_manager
+
+    _check_models([args.model], "--model")
+    _check_methods([args.method], "--method")
+    # An explicit --rank for a method that takes none is refused (it would be silently ignored).
+    options = check_method_arguments(default_plugin_manager(), args.method, args.rank is not None,
+                                     _method_options(args.option))
     return StepConfig(
-        model=args.model, method=args.method, rank=args.rank, alpha=args.alpha, batch=args.batch,
-        resolution=args.resolution, classes=args.classes, step=args.step,
-        galore_update_proj_gap=args.galore_update_proj_gap,
-        options=_method_options(args.option),
+        model=args.model, method=args.method, rank=StepConfig().rank if args.rank is None else args.rank,
+        alpha=args.alpha, batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
+        galore_update_proj_gap=args.galore_update_proj_gap, options=options,
     )
+
+
+# -- what can be checked before any work: names, paths, counts
+
+def _check_models(names: Sequence[str], option: str) -> tuple[str, ...]:
+    from costmodel.models import check_model_names
+
+    return check_model_names(names, option)
+
+
+def _check_methods(names: Sequence[str], option: str) -> tuple[str, ...]:
+    """Each name a method some registered plugin provides."""
+    from costmodel.registry import default_plugin_manager, method_names
+
+    known = method_names(default_plugin_manager())
+    for name in names:
+        if name not in known:
+            raise CostModelError(f"{option}: unknown method {name!r}; methods provided by plugins: {', '.join(known)}")
+    return tuple(names)
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    """``path`` can be written as a file: not empty, not a directory, in a directory that exists and
+    may be written (checked before the work whose result it will hold; nothing is created yet)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise CostModelError(f"{option}: the path is empty")
+    if os.path.isdir(path):
+        raise CostModelError(f"{option}: {path} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CostModelError(f"{option}: cannot write {path}: no directory {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CostModelError(f"{option}: cannot write {path}: permission denied")
+
+
+# The optional installs (pyproject.toml's extras) and a module each that proves it is there.
+_EXTRAS: dict[str, tuple[str, ...]] = {"validate": ("peft", "galore_torch"), "report": ("matplotlib",)}
+
+
+def _require(extra: str, what: str) -> None:
+    """Refuse, in one line, a command whose optional install is missing (before any work)."""
+    import importlib.util
+
+    missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CostModelError(f"{what} needs the {extra!r} extra ({', '.join(missing)} not installed): "
+                             f"pip install 'costmodel[{extra}]'")
+
+
+def _workers(jobs: int | None) -> int:
+    from costmodel.sweep import default_workers
+
+    if jobs is None:
+        return default_workers()
+    if jobs < 1:
+        raise CostModelError(f"--jobs must be >= 1, got {jobs}")
+    return jobs
 
 
 def _print(cost: StepCost, args: argparse.Namespace, conventions: tuple[str, ...] = FLOP_CONVENTIONS) -> None:
@@ -61,9 +136,12 @@ def _print(cost: StepCost, args: argparse.Namespace, conventions: tuple[str, ...
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from costmodel.validation.measure import measure  # the runtime tools load only when asked for
+    _require("validate", "measuring (the runtime reference)")
+    from costmodel.validation.measure import check_fits_in_memory, measure  # loaded only when asked for
 
-    _print(measure(_config(args), fake=args.fake), args)
+    config = _config(args)
+    check_fits_in_memory(config, args.fake)
+    _print(measure(config, fake=args.fake), args)
     return 0
 
 
@@ -77,12 +155,22 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    _require("validate", "compare (the runtime reference)")
     from costmodel.prediction import predict_config
-    from costmodel.validation.measure import measure
+    from costmodel.validation.measure import check_fits_in_memory, measure
 
     config = _config(args)
     predicted = predict_config(config)
-    measured = measure(config, fake=args.fake)
+    check_fits_in_memory(config, args.fake, predicted)
+    # The measurement runs the step for real and can take a while: say so, where a person watches.
+    if sys.stderr.isatty():
+        print(f"predicted in {predicted.seconds * 1e3:.0f} ms; measuring {config.step} real step(s)"
+              f"{' under FakeTensorMode' if args.fake else ''}...", end="", file=sys.stderr, flush=True)
+    try:
+        measured = measure(config, fake=args.fake)
+    finally:
+        if sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)  # the status line, cleared
     if args.json:
         import json
 
@@ -118,18 +206,19 @@ def _write_text(path: str, text: str, option: str) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from costmodel import sweep
 
+    # Everything that can be refused is refused here, before the first prediction.
     base = _scenario(args)
-    models = sweep.parse_names(args.model, "--model")
-    from costmodel.models import available_models
-
-    available_models()  # loads torchvision (start-up, not prediction: before the sweep's clock starts)
-    methods = None if args.methods is None else sweep.parse_names(args.methods, "--methods")
+    models = _check_models(sweep.parse_names(args.model, "--model"), "--model")
+    methods = None if args.methods is None else _check_methods(sweep.parse_names(args.methods, "--methods"), "--methods")
     ranks = sweep.parse_ranks(args.ranks)
     metrics = sweep.select_metrics(args.metrics)
     if args.measure is not None:
-        sweep.evenly_spread(ranks, args.measure)  # a bad count fails before the predictions
-    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics,
-                         workers=args.jobs or sweep.default_workers())
+        sweep.evenly_spread(ranks, args.measure)
+        _require("validate", "--measure (the runtime reference)")
+    _check_writable(args.csv, "--csv")
+    _check_writable(args.points_csv, "--points-csv")
+    workers = _workers(args.jobs)
+    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics, workers=workers)
     if args.measure is not None:
         sweep.check_laws(result, args.measure, sweep.default_measurer(fake=args.fake))
     if args.csv:
@@ -150,29 +239,32 @@ def _plan(args: argparse.Namespace) -> int:
         flops=None if args.flops is None else plan.parse_flops(args.flops),
         memory_metric=args.memory_metric, flop_convention=args.flops_convention,
     )
-    methods = None if args.methods is None else sweep.parse_names(args.methods, "--methods")
+    base = _scenario(args).replace(model=_check_models([args.model], "--model")[0])
+    methods = None if args.methods is None else _check_methods(sweep.parse_names(args.methods, "--methods"), "--methods")
     ranks = sweep.parse_ranks(args.ranks)
-    result = plan.plan(_scenario(args).replace(model=args.model), budget, sweep.default_predictor(),
-                       ranks, methods, sort=args.sort, workers=args.jobs or sweep.default_workers())
+    workers = _workers(args.jobs)
+    result = plan.plan(base, budget, sweep.default_predictor(), ranks, methods, sort=args.sort, workers=workers)
     print(result.to_json() if args.json else result.render())
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from costmodel import report, sweep
+    _require("report", "report (its figures)")
+    if not args.no_measure:
+        _require("validate", "report's measured columns (the runtime reference; --no-measure skips them)")
+    from costmodel import report
 
-    models = sweep.parse_names(args.models, "--models")
-    ranks = sweep.parse_ranks(args.ranks)
-    measure_ranks = () if args.no_measure else sweep.parse_ranks(args.measure_ranks)
-    written = report.generate(args.out, models=models, ranks=ranks, measure_ranks=measure_ranks,
-                              base=_scenario(args).replace(rank=args.rank), fake=args.fake)
+    base = _scenario(args).replace(rank=args.rank)
+    request = report.parse_request(args.out, args.models, args.ranks, None if args.no_measure else args.measure_ranks)
+    written = report.generate(request.out, models=request.models, ranks=request.ranks,
+                              measure_ranks=request.measure_ranks, base=base, fake=args.fake)
     for path in written:
         print(path)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="costmodel", description=__doc__)
+    parser = OneLineParser(prog="costmodel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     predict = commands.add_parser("predict", help="predict one step's FLOPs and memory analytically")
@@ -233,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a refusal argparse has already printed in one line
+        return done.code if isinstance(done.code, int) else 2
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from fractions import Fraction
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,28 +29,38 @@ MEMORY_METRICS: tuple[str, ...] = ("peak", "sum_of_group_peaks")
 SORT_ORDERS: tuple[str, ...] = ("capacity", "memory", "flops")
 
 _MEMORY_UNITS: dict[str, int] = {
-    "": 1, "b": 1,
+    "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _FLOP_PREFIXES: dict[str, int] = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15}
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?"
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?"
+# Budgets beyond any device: 1 EiB of memory, 10^24 FLOPs (a zettaFLOP-scale step) are refused as
+# typing errors rather than carried into arithmetic that overflows a float.
+MAX_MEMORY = 2**60
+MAX_FLOPS = 10**24
 
 
-def _split(text: str, option: str) -> tuple[float, str]:
+def _split(text: str, option: str) -> tuple[Fraction, str]:
+    """The number (exact: a Fraction, so ``1e400`` cannot overflow a float) and the unit text."""
     match = re.fullmatch(rf"\s*{_NUMBER}\s*([A-Za-z]*)\s*", text)
     if not match:
         raise CostModelError(f"{option}: cannot read {text!r} as a number with a unit")
     mantissa, exponent, unit = match.groups()
-    return float(mantissa) * 10.0 ** int(exponent or 0), unit
+    if exponent is not None and len(exponent.lstrip("+-")) > 3:  # 10**(10**9) would never finish
+        raise CostModelError(f"{option}: the exponent of {text!r} is out of range")
+    return Fraction(mantissa) * Fraction(10) ** int(exponent or 0), unit
 
 
 def parse_memory(text: str) -> int:
-    """Bytes from ``"64MiB"``, ``"1.5GB"``, ``"512 KiB"``, ``"1048576"`` (plain bytes).
+    """Bytes from ``"64MiB"``, ``"1.5GB"``, ``"512 KiB"``, ``"1048576B"``.
 
-    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; a bare K/M/G is refused as
-    ambiguous."""
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; the unit is required (a bare
+    ``64`` could mean bytes or MiB, and a wrong guess gives a plan that looks right), and a bare
+    K/M/G is refused as ambiguous."""
     value, unit = _split(text, "--memory")
+    if not unit:
+        raise CostModelError(f"--memory: {text!r} has no unit; write e.g. {text.strip()}MiB, {text.strip()}MB or {text.strip()}B")
     if unit.lower() not in _MEMORY_UNITS:
         raise CostModelError(
             f"--memory: unknown unit {unit!r} in {text!r}; use B, KB, MB, GB, TB (powers of 1000) "
@@ -57,6 +68,8 @@ def parse_memory(text: str) -> int:
     size = round(value * _MEMORY_UNITS[unit.lower()])
     if size < 1:
         raise CostModelError(f"--memory: the budget must be at least one byte, got {text!r}")
+    if size > MAX_MEMORY:
+        raise CostModelError(f"--memory: {text!r} is more memory than any device has (at most 1 EiB)")
     return size
 
 
@@ -70,6 +83,8 @@ def parse_flops(text: str) -> int:
     count = round(value * _FLOP_PREFIXES[prefix])
     if count < 1:
         raise CostModelError(f"--flops: the budget must be at least one FLOP, got {text!r}")
+    if count > MAX_FLOPS:
+        raise CostModelError(f"--flops: {text!r} is more than any step costs (at most 1e24 FLOP)")
     return count
 
 

@@ -62,16 +62,31 @@ class StepCost:
             f"({self.seconds * 1e3:.1f} ms)",
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
             "",
-            f"{'FLOPs':<12}" + "".join(f"{conv:>20}" for conv in conventions),
         ]
-        for phase in PHASES + ("total",):
-            lines.append(f"{phase:<12}" + "".join(
-                f"{self.flops[conv][phase]:>20,}" for conv in conventions))
-        lines += ["", f"{'memory':<20}{'bytes':>16}{'MiB':>12}"]
-        for name in MEMORY_FIELDS:
-            value = self.memory[name]
-            lines.append(f"{name:<20}{value:>16,}{value / 2**20:>12.3f}")
+        lines += format_table(["FLOPs", *conventions],
+                              [[phase, *(f"{self.flops[conv][phase]:,}" for conv in conventions)]
+                               for phase in PHASES + ("total",)])
+        lines.append("")
+        lines += format_table(["memory", "bytes", "MiB"],
+                              [[name, f"{self.memory[name]:,}", f"{self.memory[name] / 2**20:,.3f}"]
+                               for name in MEMORY_FIELDS])
         return "\n".join(lines)
+
+
+def format_table(header: list[str], rows: list[list[str]], gap: int = 2, last_left: bool = False) -> list[str]:
+    """Lines of a table: the first column left-aligned, the others right-aligned (the last one
+    left-aligned too with ``last_left``, for free text), every column as wide as its widest cell
+    plus ``gap``, so that no two cells ever run together at any size."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = []
+    for row in table:
+        cells = [row[0].ljust(widths[0])]
+        for index, (cell, width) in enumerate(zip(row[1:], widths[1:]), start=1):
+            free_text = last_left and index == len(header) - 1
+            cells.append(" " * gap + cell.ljust(width) if free_text else cell.rjust(width + gap))
+        lines.append("".join(cells).rstrip())
+    return lines
 
 
 def relative_error(predicted: int, measured: int) -> float:
@@ -82,7 +97,7 @@ def relative_error(predicted: int, measured: int) -> float:
 
 
 def render_comparison(predicted: StepCost, measured: StepCost) -> str:
-    """Predicted beside measured, with the difference of every field."""
+    """Predicted beside measured, with the difference of every field (FLOPs, bytes, parameters)."""
     lines = [
         f"{predicted.config.model}, method={predicted.config.method}, rank={predicted.config.rank}, "
         f"batch={predicted.config.batch}, resolution={predicted.config.resolution}, "
@@ -90,16 +105,17 @@ def render_comparison(predicted: StepCost, measured: StepCost) -> str:
         f"predict took {predicted.seconds * 1e3:.1f} ms, measure took {measured.seconds * 1e3:.1f} ms "
         f"({measured.seconds / max(predicted.seconds, 1e-9):.0f}x)",
         "",
-        f"{'':<26}{'predicted':>18}{'measured':>18}{'difference':>14}{'rel. error':>12}",
     ]
 
-    def row(label: str, p: int, m: int) -> str:
-        return f"{label:<26}{p:>18,}{m:>18,}{p - m:>14,}{relative_error(p, m):>12.4%}"
+    def row(label: str, p: int, m: int) -> list[str]:
+        return [label, f"{p:,}", f"{m:,}", f"{p - m:,}", f"{relative_error(p, m):.4%}"]
 
+    rows = []
     for conv in FLOP_CONVENTIONS:
         for phase in PHASES + ("total",):
-            lines.append(row(f"FLOPs {conv} {phase}", predicted.flops[conv][phase], measured.flops[conv][phase]))
+            rows.append(row(f"FLOPs {conv} {phase}", predicted.flops[conv][phase], measured.flops[conv][phase]))
     for name in MEMORY_FIELDS:
-        lines.append(row(f"memory {name}", predicted.memory[name], measured.memory[name]))
-    lines.append(row("trainable parameters", predicted.trainable_params, measured.trainable_params))
+        rows.append(row(f"memory {name} (B)", predicted.memory[name], measured.memory[name]))
+    rows.append(row("trainable parameters", predicted.trainable_params, measured.trainable_params))
+    lines += format_table(["", "predicted", "measured", "difference", "rel. error"], rows)
     return "\n".join(lines)

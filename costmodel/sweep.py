@@ -1,7 +1,7 @@
 """Rank-scaling laws: predict a step's cost over many ranks and fit ``cost = a + b * rank``.
 
 Every metric of a :class:`StepCost` (FLOPs per phase in both conventions, each memory group,
-the peak, trainable parameters) gets its own least-squares line, fitted with scipy, and a verdict
+the peak, trainable parameters) gets its own least-squares line and a verdict
 on whether a line describes it at all. A cost that really is ``max`` of two lines (a peak that
 moves from one phase to another as the rank grows) or that bends (a projection rank capped by a
 small layer) is reported as such, with the break or the local slopes, instead of a misleading
@@ -23,11 +23,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import linregress
 
-from costmodel.config import StepConfig
+from costmodel.config import MAX_INT, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, PHASES, StepCost
+from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, PHASES, StepCost, format_table
 
 Predictor = Callable[[StepConfig], StepCost]
 
@@ -105,22 +104,43 @@ def format_flops(value: float) -> str:
     return f"{sign}{value:,.0f} FLOP"
 
 
+def format_count(value: float, unit: str) -> str:
+    """A plain count: ``12,810 params``, ``-3.5 params``."""
+    text = f"{value:,.0f}" if float(value).is_integer() else f"{value:,.4g}"
+    return f"{text} {unit}"
+
+
 def format_quantity(metric: str, value: float) -> str:
-    """``value`` of ``metric`` in readable units (bytes in KiB/MiB, FLOPs in MFLOP/GFLOP)."""
+    """``value`` of ``metric`` in readable units (bytes in KiB/MiB, FLOPs in MFLOP/GFLOP,
+    parameters as a count)."""
     unit = metric_unit(metric)
     if unit == "B":
         return format_bytes(value)
     if unit == "FLOP":
         return format_flops(value)
-    return f"{value:,.4g}"
+    return format_count(value, unit)
+
+
+def format_slope(metric: str, value: float) -> str:
+    """A law's slope in the metric's readable units per rank: ``15.18 MFLOP/rank``."""
+    return f"{format_quantity(metric, value)}/rank"
 
 
 # --------------------------------------------------------------------------------------------
 # Ranks and methods
 
 
-def parse_ranks(text: str) -> tuple[int, ...]:
-    """``"1-64"``, ``"1,2,4,8"``, ``"1-64:4"`` (every 4th), or a mix: ``"1,2,4-16:4,64"``."""
+# A sweep predicts every rank it is given: past this many the answer is a table nobody reads and
+# the work grows without bound (``--ranks 1-1000000000``), so more is refused before any work.
+MAX_RANKS = 10_000
+
+
+def parse_ranks(text: str, option: str = "--ranks") -> tuple[int, ...]:
+    """``"1-64"``, ``"1,2,4,8"``, ``"1-64:4"`` (every 4th), or a mix: ``"1,2,4-16:4,64"``.
+
+    The count of ranks is found from the ranges before any is expanded, so a huge range is refused
+    at once (at most :data:`MAX_RANKS`); a rank that no configuration can take is refused by
+    :class:`StepConfig`'s bound."""
     ranks: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -133,13 +153,27 @@ def parse_ranks(text: str) -> tuple[int, ...]:
             last = int(last_text) if dash else first
         except ValueError:
             raise CostModelError(
-                f"--ranks: cannot read {part!r}; write ranks as 1-64, 1,2,4,8 or 1-64:4") from None
+                f"{option}: cannot read {part!r}; write ranks as 1-64, 1,2,4,8 or 1-64:4") from None
         if first < 1 or last < first or step < 1:
-            raise CostModelError(f"--ranks: {part!r} is not a range of ranks >= 1 (first <= last, step >= 1)")
-        ranks.update(range(first, last + 1, step))
+            raise CostModelError(f"{option}: {part!r} is not a range of ranks >= 1 (first <= last, step >= 1)")
+        if last > MAX_INT:
+            raise CostModelError(f"{option}: rank {last} is above the largest rank a step can take ({MAX_INT:,})")
+        span_ranks = range(first, last + 1, step)
+        # Counted before expanding, and the set never holds more than twice the bound.
+        if len(span_ranks) > MAX_RANKS or len(ranks) + len(span_ranks) > 2 * MAX_RANKS:
+            raise _too_many(option, text)
+        ranks.update(span_ranks)
+        if len(ranks) > MAX_RANKS:
+            raise _too_many(option, text)
     if not ranks:
-        raise CostModelError("--ranks: no rank given")
+        raise CostModelError(f"{option}: no rank given")
     return tuple(sorted(ranks))
+
+
+def _too_many(option: str, text: str) -> CostModelError:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return CostModelError(f"{option}: {shown!r} asks for more than {MAX_RANKS:,} ranks; "
+                          f"take every k-th rank instead (e.g. 1-100000:100)")
 
 
 def parse_names(text: str, option: str) -> tuple[str, ...]:
@@ -201,13 +235,23 @@ def default_predictor() -> Predictor:
 
 def default_measurer(fake: bool = False) -> Predictor:
     """The runtime reference, loaded only when asked for."""
-    from costmodel.validation.measure import measure
+    from costmodel.validation.measure import check_fits_in_memory, measure
 
-    return lambda config: measure(config, fake=fake)
+    def measure_checked(config: StepConfig) -> StepCost:
+        check_fits_in_memory(config, fake)
+        return measure(config, fake=fake)
+
+    return measure_checked
 
 
 class _NoProgress:
-    def update(self, count: int = 1) -> None:
+    def update(self, count: float = 1) -> None:
+        pass
+
+    def set_description_str(self, description: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
     def __enter__(self) -> "_NoProgress":
@@ -217,13 +261,18 @@ class _NoProgress:
         pass
 
 
-def progress_bar(total: int, description: str, enabled: bool = True) -> Any:
-    """A tqdm bar (on stderr) that appears only once the work has taken more than two seconds."""
-    if not enabled:
+def progress_bar(total: float, description: str, enabled: bool = True, unit: str = "step",
+                 bar_format: str | None = None) -> Any:
+    """A tqdm bar on stderr that appears only once the work has taken more than two seconds and
+    clears itself when done. Only on a terminal: written to a file or a pipe (``2>&1``), the
+    carriage returns that redraw a bar would leave its text in front of the output."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="step", delay=2.0, leave=False)
+    return tqdm(total=total, desc=description, unit=unit, delay=2.0, leave=False, bar_format=bar_format)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,11 +335,15 @@ def _exact_tolerance(values: np.ndarray) -> float:
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
-    """slope, intercept, R^2 (scipy's linregress)."""
+    """slope, intercept, R^2 of the least-squares line, from centred sums (as scipy's linregress
+    computes them; numpy alone, so that a sweep loads no scipy)."""
     if np.ptp(y) == 0:
         return 0.0, float(y[0]), 1.0
-    fit = linregress(x, y)
-    return float(fit.slope), float(fit.intercept), float(fit.rvalue) ** 2
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, sxy, syy = float(dx @ dx), float(dx @ dy), float(dy @ dy)
+    slope = sxy / sxx
+    r = min(1.0, max(-1.0, sxy / float(np.sqrt(sxx * syy))))
+    return slope, float(y.mean() - slope * x.mean()), r * r
 
 
 def _best_single_break(x: np.ndarray, y: np.ndarray) -> tuple[Segment, Segment, float] | None:
@@ -549,39 +602,43 @@ class SweepResult:
         """A readable table of the laws, one block per model and method."""
         worst = self.worst_checks()
         c = self.base
-        lines = [f"rank-scaling laws cost = a + b*rank over ranks {_ranks_text(self.ranks)} "
+        lines = [f"rank-scaling laws cost = a + b*rank over ranks {format_ranks(self.ranks)} "
                  f"(batch={c.batch}, resolution={c.resolution}, classes={c.classes}, step={c.step})"]
         for method, why in self.refused_methods.items():
             lines.append(f"  not predicted: {method}: {why}")
-        header = f"  {'metric':<26}{'slope b':>22}{'intercept a':>20}{'R^2':>10}{'max residual':>26}  shape"
+        header = ["metric", "slope b", "intercept a", "R^2", "max residual", "shape"]
         if self.checks:
-            header += "  | law vs measured, prediction vs measured (worst)"
+            header.append("| law vs measured, prediction vs measured (worst)")
         for s in self.series:
             lines += ["", f"{s.model} / {s.method}" + (" (the rank changes nothing)" if s.rank_independent else "")]
             for rank, why in s.refused.items():
                 lines.append(f"  r={rank} not predicted: {why}")
             if not s.laws:
                 continue
-            lines.append(header)
+            rows = []
             for metric, law in s.laws.items():
-                unit = metric_unit(metric)
                 residual = f"{format_quantity(metric, law.max_residual)} at r={law.max_residual_rank}"
-                row = (f"  {metric:<26}{law.slope:>16,.1f} {unit:<5}{format_quantity(metric, law.intercept):>20}"
-                       f"{law.r_squared:>10.6f}{residual:>26}  {law.shape}")
-                if law.note:
-                    row += f" ({law.note})"
+                row = [metric, format_slope(metric, law.slope), format_quantity(metric, law.intercept),
+                       f"{law.r_squared:.6f}", residual, law.shape + (f" ({law.note})" if law.note else "")]
                 key = (s.model, s.method, metric)
                 if key in worst:
                     law_worst, prediction_worst = worst[key]
-                    row += (f"  | {law_worst.law_error:.3%} at r={law_worst.rank}, "
-                            f"{prediction_worst.prediction_error:.3%} at r={prediction_worst.rank}")
-                lines.append(row)
+                    row.append(f"| {law_worst.law_error:.3%} at r={law_worst.rank}, "
+                               f"{prediction_worst.prediction_error:.3%} at r={prediction_worst.rank}")
+                elif self.checks:
+                    row.append("")
+                rows.append(row)
+            lines += ["  " + line for line in format_table(header, rows, last_left=True)]
         lines += ["", self.timing_line()]
         return "\n".join(lines)
 
 
-def _ranks_text(ranks: Sequence[int]) -> str:
-    if len(ranks) > 2 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+def format_ranks(ranks: Sequence[int]) -> str:
+    """Sorted, distinct ranks as ``parse_ranks`` reads them: ``1-64`` or ``1,2,4``."""
+    if not ranks:
+        return "none"
+    # Consecutive ranks (sorted, distinct) are exactly those whose span equals their count.
+    if len(ranks) > 2 and ranks[-1] - ranks[0] + 1 == len(ranks):
         return f"{ranks[0]}-{ranks[-1]}"
     return ",".join(map(str, ranks))
 
@@ -589,15 +646,27 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[int],
                    predictor: Predictor, progress: Callable[..., Any] | None = None) -> Series:
     """The predictor's cost of ``method`` on ``model`` at every rank; a rank it refuses
-    (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason."""
+    (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason.
+
+    The first rank is predicted alone first: where it and the last rank are refused for the same
+    reason (a resolution too small for the model, an option the method rejects), the reason does
+    not depend on the rank and every rank is refused with it at once, instead of after thousands
+    of predictions that each say the same."""
+    first, refused_alike = _first_answer(base.replace(model=model, method=method), ranks, predictor)
+    if refused_alike:
+        if progress is not None:
+            progress(len(ranks))
+        return _series(model, method, ranks, {rank: first for rank in ranks})
     together = getattr(predictor, "ranks", None)
     if together is not None:
         answers = together(base.replace(model=model, method=method), ranks)
         if progress is not None:
             progress(len(ranks))
         return _series(model, method, ranks, answers)
-    answers = {}
-    for rank in ranks:
+    answers = {ranks[0]: first}
+    if progress is not None:
+        progress()
+    for rank in ranks[1:]:
         try:
             answers[rank] = predictor(base.replace(model=model, method=method, rank=rank))
         except CostModelError as error:
@@ -605,6 +674,24 @@ def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[in
         if progress is not None:
             progress()
     return _series(model, method, ranks, answers)
+
+
+def _first_answer(config: StepConfig, ranks: Sequence[int],
+                  predictor: Predictor) -> tuple[StepCost | CostModelError, bool]:
+    """The answer at the first of ``ranks``, and whether the last rank is refused for the same
+    reason (then the answer is an error that says so)."""
+    try:
+        return predictor(config.replace(rank=ranks[0])), False
+    except CostModelError as error:
+        first = error
+    if len(ranks) == 1:
+        return first, False
+    try:
+        predictor(config.replace(rank=ranks[-1]))
+    except CostModelError as error:
+        if str(error) == str(first):
+            return CostModelError(f"{first} (at the first and the last rank alike)"), True
+    return first, False
 
 
 def _series(model: str, method: str, ranks: Sequence[int],

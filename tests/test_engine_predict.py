@@ -104,7 +104,8 @@ def test_allow_unknown_on_the_command_line(monkeypatch, capsys):
     (["--model", "resnet1000"], "unknown model 'resnet1000'"),
     (["--method", "qlora"], "unknown method 'qlora'; methods provided by plugins: bn_head, dora, fft"),
     (["--batch", "0"], "--batch must be an integer >= 1"),
-    (["--rank", "0"], "--rank must be an integer >= 1"),
+    (["--method", "lora", "--rank", "0"], "--rank must be an integer >= 1"),
+    (["--method", "fft", "--rank", "8"], "--rank: method fft takes no rank"),
     (["--model", "resnet18", "--batch", "1", "--resolution", "32"], "more than 1 value per channel"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

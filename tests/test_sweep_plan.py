@@ -190,7 +190,7 @@ def test_check_laws_reports_law_and_prediction_error_against_measurements() -> N
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000), ("512 kib", 512 * 1024), ("1048576", 1048576),
+    ("64MiB", 64 * 2**20), ("1.5GB", 1_500_000_000), ("512 kib", 512 * 1024), ("1048576B", 1048576),
     ("2e3B", 2000), ("0.5GiB", 2**29),
 ])
 def test_parse_memory(text: str, expected: int) -> None:
@@ -279,11 +279,13 @@ def synthetic_cli(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
                                                           tmp_path) -> None:
-    assert cli.main(["plan", "--model", "m", "--memory", "6000B", "--ranks", "1-8", "--json"]) == 0
+    # The CLI takes torchvision's names only (checked before any prediction); the synthetic cost
+    # ignores the model.
+    assert cli.main(["plan", "--model", "resnet18", "--memory", "6000B", "--ranks", "1-8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fitting"][0]["method"] == "lora" and data["fitting"][0]["rank"] == 5
     csv_path = tmp_path / "laws.csv"
-    assert cli.main(["sweep", "--model", "m", "--methods", "lora", "--ranks", "1-8", "--metrics", "memory.GRAD",
+    assert cli.main(["sweep", "--model", "resnet18", "--methods", "lora", "--ranks", "1-8", "--metrics", "memory.GRAD",
                      "--csv", str(csv_path)]) == 0
     assert "memory.GRAD" in capsys.readouterr().out
     assert "memory.GRAD" in csv_path.read_text()
@@ -296,8 +298,10 @@ def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, c
     (["sweep", "--ranks", "0-3"], "--ranks"),
     (["sweep", "--metrics", "nonsense"], "--metrics"),
     (["sweep", "--measure", "0"], "--measure"),
-    (["sweep", "--model", "m", "--methods", "lora", "--ranks", "1-2", "--csv", "/nonexistent/dir/x.csv"], "cannot write"),
-    (["sweep", "--model", "m", "--methods", "nope", "--ranks", "1-2"], "no rank could be predicted"),
+    (["plan", "--model", "resnet18", "--memory", "64"], "has no unit"),
+    (["plan", "--model", "m", "--memory", "64MiB"], "--model: unknown model 'm'"),
+    (["sweep", "--model", "resnet18", "--methods", "lora", "--ranks", "1-2", "--csv", "/nonexistent/dir/x.csv"], "cannot write"),
+    (["sweep", "--model", "resnet18", "--methods", "nope", "--ranks", "1-2"], "--methods: unknown method 'nope'"),
     (["plan", "--model", "m", "--memory", "1MiB", "--batch", "0"], "--batch"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(synthetic_cli: None, capsys: pytest.CaptureFixture[str],

@@ -119,6 +119,41 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     )
 
 
+def available_memory() -> int | None:
+    """Bytes the machine can still give (MemAvailable), or None where it cannot say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits_in_memory(config: StepConfig, fake: bool, predicted: StepCost | None = None) -> StepCost | None:
+    """A real measurement allocates what the step allocates: refuse one whose predicted peak is
+    more than this machine has left (it would be killed, or take the machine down), before it
+    starts. The prediction is returned for reuse; a step the engine cannot predict is measured as
+    asked (the reference has no other guard)."""
+    if fake:
+        return predicted
+    if predicted is None:
+        from costmodel.prediction import predict_config
+
+        try:
+            predicted = predict_config(config)
+        except CostModelError:
+            return None
+    available = available_memory()
+    needed = predicted.memory["peak"]
+    if available is not None and needed > available:
+        raise CostModelError(f"measuring this step for real needs about {needed / 2**30:,.1f} GiB (its predicted "
+                             f"peak), more than the {available / 2**30:,.1f} GiB this machine has available; "
+                             f"pass --fake to measure it under FakeTensorMode, which allocates nothing")
+    return predicted
+
+
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it."""
     started = time.perf_counter()
