@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predict one step's FLOPs and memory analytically")
     _add_step_options(predict)
     predict.add_argument("--flops", choices=FLOP_CONVENTIONS, default=None, help="show only this FLOP convention in the table")
-    predict.add_argument("--allow-unknown", action="store_true", help="cost ops no plugin covers as a reported gap instead of failing")
+    predict.add_argument("--allow-unknown", action="store_true", help="instead of failing at an op no plugin covers, give a lower bound (marked as such) and the coverage")
     predict.set_defaults(run=_predict)
 
     measure = commands.add_parser("measure", help="run one step for real and measure it (FlopCounterMode, MemTracker)")

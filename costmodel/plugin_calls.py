@@ -19,7 +19,7 @@ the user.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,6 +304,17 @@ class HookAsker:
         """The first answer that is not None (a ``firstresult`` hook), checked; None if nobody answers."""
         if self._through_pluggy:
             return self._through_pluggy_call(kwargs, first=True)
+        return next(self._answers(kwargs), None)
+
+    def every(self, **kwargs: Any) -> list[Any]:
+        """Every answer that is not None (a hook without ``firstresult``), each checked."""
+        if self._through_pluggy:
+            return self._through_pluggy_call(kwargs, first=False)
+        return list(self._answers(kwargs))
+
+    def _answers(self, kwargs: dict[str, Any]) -> Iterator[Any]:
+        """The implementations' answers that are not None, in pluggy's order, each checked as it
+        comes (lazily: ``first`` stops asking at the first one)."""
         check = self.contract.check
         for plugin, function, arguments in self._order:
             try:
@@ -317,28 +328,7 @@ class HookAsker:
                     check(answer)
                 except BadAnswer as bad:
                     raise self._bad((plugin,), kwargs, bad) from None
-                return answer
-        return None
-
-    def every(self, **kwargs: Any) -> list[Any]:
-        """Every answer that is not None (a hook without ``firstresult``), each checked."""
-        if self._through_pluggy:
-            return self._through_pluggy_call(kwargs, first=False)
-        answers = []
-        for plugin, function, arguments in self._order:
-            try:
-                answer = function(*arguments(kwargs))
-            except CostModelError:
-                raise
-            except Exception as error:
-                raise self._raised((plugin,), kwargs, error) from error
-            if answer is not None:
-                try:
-                    self.contract.check(answer)
-                except BadAnswer as bad:
-                    raise self._bad((plugin,), kwargs, bad) from None
-                answers.append(answer)
-        return answers
+                yield answer
 
     def _through_pluggy_call(self, kwargs: dict[str, Any], first: bool) -> Any:
         plugins = self._everyone

@@ -18,7 +18,7 @@ import pluggy
 from torch import nn
 
 from costmodel.config import StepConfig
-from costmodel.costs import Flops, OpCost, ParamGroup, describe_op
+from costmodel.costs import Flops, OpCost, OpNode, ParamGroup, describe_op
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
@@ -68,10 +68,17 @@ class Prediction(StepCost):
     def coverage(self) -> dict[str, Any]:
         return self.details.get("coverage", {})
 
+    @property
+    def lower_bound(self) -> bool:
+        """True when some node was not covered (``allow_unknown``): every FLOP and byte is then at
+        most the true one (see :func:`lower_bound_cost`), not the step's cost."""
+        return bool(self.coverage.get("unknown"))
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         if self.coverage.get("allow_unknown"):
             data["coverage"] = {k: v for k, v in self.coverage.items() if k != "allow_unknown"}
+            data["lower_bound"] = self.lower_bound
         return data
 
     def render(self, conventions: tuple[str, ...] = FLOP_CONVENTIONS) -> str:
@@ -79,8 +86,11 @@ class Prediction(StepCost):
         coverage = self.coverage
         if coverage.get("allow_unknown"):
             text += f"\n\nplugin coverage: {coverage['covered']} of {coverage['nodes']} nodes ({coverage['share']:.1%})"
+            if self.lower_bound:
+                text += ("\nEVERY FIGURE ABOVE IS A LOWER BOUND: the nodes below are not covered (0 FLOPs, "
+                         "nothing saved, gradients passed through)")
             for gap in coverage["unknown"]:
-                text += f"\n  not covered (counted as 0 FLOPs): {gap['op']} at node {gap['node']} ({gap['label']})"
+                text += f"\n  not covered: {gap['op']} at node {gap['node']} ({gap['label']})"
         return text
 
 
@@ -151,10 +161,29 @@ def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, config: StepConf
             if not allow_unknown:
                 raise CostModelError(
                     f"no plugin covers op {gap['op']} at node {gap['node']!r} ({gap['label']}); "
-                    f"add an op plugin for it, or pass --allow-unknown to report the coverage gap")
+                    f"add an op plugin for it, or pass --allow-unknown for a lower bound")
             unknown.append(gap)
+            cost = lower_bound_cost(record.op)
         costs.append(cost)
     return costs, unknown
+
+
+UNCOVERED_NOTE = "not covered by any plugin: a lower bound (0 FLOPs, nothing saved; gradients pass through)"
+
+
+def lower_bound_cost(op: OpNode) -> OpCost:
+    """What an op no plugin covers is taken to cost under ``--allow-unknown``: the least it can.
+
+    Its outputs are new tensors (the engine allocates every fresh output a plugin does not list),
+    it does no arithmetic, saves nothing and allocates nothing else. Its backward still passes
+    the gradient on - to every input and trainable parameter of its own that autograd would give
+    one, as a gradient that aliases the incoming one (0 new bytes) for inputs and a new tensor of
+    the parameter's size for parameters (a ``.grad`` always exists) - so that the nodes before it
+    keep their backward, and the parameters their gradients and optimizer state. Every figure is
+    then at most the true one: a lower bound, and marked as such."""
+    grads = tuple(0 if needed else None for needed in op.needs_input_grad)
+    params = {key: meta.nbytes for key, meta in op.params.items() if meta.trainable and not meta.is_buffer}
+    return OpCost(forward=Flops(), input_grads=grads, param_grads=params, note=UNCOVERED_NOTE)
 
 
 def updated_groups(groups: list[ParamGroup], flow: GradientFlow) -> list[ParamGroup]:
@@ -213,11 +242,12 @@ def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResul
             for conv in FLOP_CONVENTIONS}
 
 
-def _node_costs(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult) -> list[NodeCost]:
+def _node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
+                uncovered: set[str]) -> list[NodeCost]:
     nodes = []
     for record, cost in zip(graph.records, costs):
         ran = record.index in memory.ran_backward
-        if cost is None:
+        if record.name in uncovered:
             nodes.append(NodeCost(record.name, record.label, describe_op(record.op), Flops(), Flops(), ran,
                                   0, False, "not covered by any plugin"))
             continue
@@ -258,7 +288,7 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
         trainable_params=sum(p.numel for p in graph.params if p.trainable),
         total_params=sum(p.numel for p in graph.params),
         seconds=time.perf_counter() - started,
-        details={"nodes": _node_costs(graph, costs, memory), "timeline": memory.timeline, "coverage": coverage,
+        details={"nodes": _node_costs(graph, costs, memory, {gap["node"] for gap in unknown}), "timeline": memory.timeline, "coverage": coverage,
                  "method": traced.prepared.note,
                  "optimizer": [step.cost.note for step in steps]},
     )

@@ -129,3 +129,32 @@ def test_a_closed_pipe_is_no_error() -> None:
     result = subprocess.run(["sh", "-c", "costmodel predict --model resnet18 --batch 2 --resolution 32 | true"],
                             capture_output=True, text=True, timeout=300)
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_an_uncovered_node_gives_a_marked_lower_bound_not_a_cut_gradient(method):
+    """Without the pooling plugin, resnet18's max pool (after the stem) is not covered. The
+    gradient must still reach the stem: every parameter keeps its gradient and optimizer state,
+    the stem's backward runs, and every figure is at most the covered prediction's - and says it
+    is a lower bound."""
+    manager = registry.create_plugin_manager()
+    manager.set_blocked("pooling")
+    config = StepConfig(model="resnet18", method=method, batch=2, resolution=32)
+    bound = predict_config(config, allow_unknown=True, manager=manager)
+    exact = predict_config(config)
+    assert bound.lower_bound and not exact.lower_bound
+    assert bound.to_dict()["lower_bound"] is True and "LOWER BOUND" in bound.render()
+    assert bound.trainable_params == exact.trainable_params
+    for name in ("GRAD", "OPT", "PARAM"):
+        assert bound.memory[name] == exact.memory[name], name
+    for name, value in bound.memory.items():
+        assert value <= exact.memory[name], name
+    for conv in ("torch", "exact"):
+        for phase, value in bound.flops[conv].items():
+            assert value <= exact.flops[conv][phase], (conv, phase)
+    # Only the pools' own arithmetic is missing: the stock counter counts none of it.
+    assert bound.flops["torch"] == exact.flops["torch"]
+    # The stem before the pool still runs its backward (its parameters' gradients say so too).
+    assert [n.ran_backward for n in bound.nodes if n.name.startswith("model_conv1")] == \
+        [n.ran_backward for n in exact.nodes if n.name.startswith("model_conv1")]
+    assert any(n.ran_backward for n in bound.nodes if n.name.startswith("model_conv1"))
