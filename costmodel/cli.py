@@ -32,7 +32,7 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
-    parser.add_argument("--galore-update-proj-gap", type=int, default=defaults.galore_update_proj_gap, help="GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: %(default)s)")
+    parser.add_argument("--galore-update-proj-gap", type=int, default=None, help=f"GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: {defaults.galore_update_proj_gap})")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
@@ -63,12 +63,16 @@ def _config(args: argparse.Namespace) -> StepConfig:
     _check_models([args.model], "--model")
     _check_methods([args.method], "--method")
     # An explicit --rank for a method that takes none is refused (it would be silently ignored).
+    settings = {"alpha": ("--alpha", args.alpha), "galore_update_proj_gap": ("--galore-update-proj-gap", args.galore_update_proj_gap)}
     options = check_method_arguments(default_plugin_manager(), args.method, args.rank is not None,
-                                     _method_options(args.option))
+                                     _method_options(args.option),
+                                     {field: flag for field, (flag, value) in settings.items() if value is not None})
+    defaults = StepConfig()
     return StepConfig(
-        model=args.model, method=args.method, rank=StepConfig().rank if args.rank is None else args.rank,
+        model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
         alpha=args.alpha, batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-        galore_update_proj_gap=args.galore_update_proj_gap, options=options,
+        galore_update_proj_gap=defaults.galore_update_proj_gap if args.galore_update_proj_gap is None
+        else args.galore_update_proj_gap, options=options,
     )
 
 

@@ -293,8 +293,11 @@ class MethodOptions:
     ``takes_rank``: whether the method reads ``StepConfig.rank`` at all (an adapter or projection
     rank); the CLI refuses ``--rank`` for a method that does not, and a prediction's method note
     says the rank is unused. ``options``: every key the method accepts in ``StepConfig.options``
-    with its spec; any other key is refused, naming it and listing these.
+    with its spec; any other key is refused, naming it and listing these. ``settings``: the other
+    ``StepConfig`` fields the method reads (``alpha``, ``galore_update_proj_gap``,
+    ``galore_scale``); the CLI refuses the flag of one it does not read, given explicitly.
     """
 
     takes_rank: bool
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
+    settings: frozenset[str] = frozenset()

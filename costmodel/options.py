@@ -180,13 +180,16 @@ def unknown_method(manager: pluggy.PluginManager, method: str) -> CostModelError
 
 
 def check_method_arguments(manager: pluggy.PluginManager, method: str, rank_given: bool,
-                           options: Mapping[str, Any]) -> dict[str, Any]:
-    """The CLI's check of ``--method``, ``--rank`` and ``--option`` before a step is configured.
+                           options: Mapping[str, Any], settings_given: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The CLI's check of ``--method``, ``--rank``, ``--option`` and the method settings' flags
+    (``settings_given``: ``StepConfig`` field -> the flag that set it explicitly) before a step is
+    configured.
 
     Returns ``options`` coerced to their declared kinds. Raises a one-line CostModelError for an
-    unknown method, an explicit rank (``rank_given``) for a method that takes none, an undeclared
-    option or a value not of its kind. A method provided by a plugin that declares nothing gets its
-    options back unchanged (its plugin checks them).
+    unknown method, an explicit rank (``rank_given``) for a method that takes none, an explicit
+    setting the method does not read (``--alpha`` for fft: silently ignored otherwise), an
+    undeclared option or a value not of its kind. A method provided by a plugin that declares
+    nothing gets its options back unchanged (its plugin checks them).
     """
     declared = method_options(manager, method)
     if declared is None:
@@ -195,6 +198,9 @@ def check_method_arguments(manager: pluggy.PluginManager, method: str, rank_give
         return dict(options)
     if rank_given and not declared.takes_rank:
         raise CostModelError(f"--rank: method {method} takes no rank")
+    for setting, flag in (settings_given or {}).items():
+        if setting not in declared.settings:
+            raise CostModelError(f"{flag}: method {method} does not use it")
     return coerce_options(method, declared, options)
 
 

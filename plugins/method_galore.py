@@ -30,7 +30,7 @@ from costmodel.plugins.method_targets import KNOWN_OPTIONS, TARGET_OPTIONS, sele
 
 METHOD = "galore"
 GALORE_OPTIONS = KNOWN_OPTIONS - {"include_grouped", "alpha_pattern"}
-ARGUMENTS = MethodOptions(takes_rank=True, options={
+ARGUMENTS = MethodOptions(takes_rank=True, settings=frozenset({"galore_update_proj_gap", "galore_scale"}), options={
     **{key: spec for key, spec in TARGET_OPTIONS.items() if key in GALORE_OPTIONS},
     "rank_pattern": OptionSpec("int_pattern", "per-layer projection rank: {layer-name regex: rank}, the first "
                                               "matching key wins"),

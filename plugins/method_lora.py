@@ -79,7 +79,7 @@ from costmodel.plugins.method_targets import TARGET_OPTIONS, Target, head_module
 
 METHODS: tuple[str, ...] = ("lora", "dora")
 # Both take the adapter rank and every layer-selection option (method_targets).
-ARGUMENTS = MethodOptions(takes_rank=True, options=TARGET_OPTIONS)
+ARGUMENTS = MethodOptions(takes_rank=True, options=TARGET_OPTIONS, settings=frozenset({"alpha"}))
 ADAPTER = "default"  # peft's adapter name: parameters are named lora_A.default.weight etc.
 
 

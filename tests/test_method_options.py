@@ -165,8 +165,18 @@ def test_integer_fields_are_bounded(field: str, flag: str, capsys: pytest.Captur
     for bad in (0, MAX_INT + 1, 10**23, True, 2.0):
         with pytest.raises(CostModelError, match=f"{flag} must be an integer >= 1 and <= 2147483647"):
             StepConfig(**{field: bad})
+    method = "galore" if field == "galore_update_proj_gap" else "lora"  # a method that reads the field
     assert f"{flag} must be an integer >= 1 and <= 2147483647" in cli_error(
-        capsys, "--method", "lora", flag, str(10**23))
+        capsys, "--method", method, flag, str(10**23))
+
+
+@pytest.mark.parametrize("method, flag, value", [("fft", "--alpha", "2"), ("bn_head", "--alpha", "8"),
+                                                 ("galore", "--alpha", "4"), ("lora", "--galore-update-proj-gap", "5"),
+                                                 ("fft", "--galore-update-proj-gap", "5")])
+def test_a_setting_the_method_does_not_read_is_refused(method: str, flag: str, value: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--alpha`` for fft was silently ignored: now it says the method does not use it."""
+    assert f"{flag}: method {method} does not use it" in cli_error(capsys, "--method", method, flag, value)
 
 
 # ---------------------------------------------------------------------------------------------
