@@ -35,8 +35,10 @@ def costmodel_op_cost(node: "OpNode", config: "StepConfig") -> "OpCost | None":
     so a third-party plugin can override a built-in rule). A node that no plugin answers is an
     error naming the op, or a reported coverage gap under ``--allow-unknown``.
 
-    The graph is the model and its loss traced together: ``criterion(model(images), labels)`` with
-    ``criterion = nn.CrossEntropyLoss()`` as a ``call_module`` node. Python's in-place operators
+    The graph is the model and its loss traced together (``costmodel.models.TrainingStep``):
+    ``criterion(model(images), labels)`` with ``criterion = nn.CrossEntropyLoss()`` as a
+    ``call_module`` node, for a model with auxiliary outputs the weighted sum of one such node per
+    output (``costmodel.models.training_loss``). Python's in-place operators
     (``out += identity`` in ResNet, ``result += input`` in MobileNetV3) appear as ``call_function``
     nodes whose target is ``operator.iadd`` / ``isub`` / ``imul`` / ``itruediv``: eager PyTorch runs
     the in-place tensor method there (output aliases input 0), not an out-of-place op.

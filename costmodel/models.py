@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import CostModelError
@@ -123,3 +123,106 @@ def make_batch(
     images = torch.randn(batch, 3, resolution, resolution, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
     return images.to(device), labels.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loss, as a function of what the model returns
+
+
+# Auxiliary classifiers and the weight of their losses, by the output's field names. GoogLeNet in
+# train mode returns ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)`` and is trained with
+# ``CE(logits) + 0.3 * (CE(aux_logits1) + CE(aux_logits2))`` (Szegedy et al. 2014, "Going deeper
+# with convolutions", section 5: the auxiliary losses are weighted by 0.3); Inception-v3 returns
+# ``InceptionOutputs(logits, aux_logits)`` and is trained with ``CE(logits) + 0.4 * CE(aux_logits)``
+# (the weight of TF-slim's Inception-v3 training and of PyTorch's fine-tuning tutorial).
+# torchvision's references/classification/train.py itself calls ``criterion(output, target)`` on
+# whatever the model returns, which fails on these tuples. The first entry whose names are all
+# fields of the output applies; the losses are summed in the order listed.
+AUXILIARY_LOSSES: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("aux_logits1", "aux_logits2"), 0.3),
+    (("aux_logits",), 0.4),
+)
+
+
+def _is_structure(output: Any) -> bool:
+    """Whether ``output`` may have fields: not a tensor, nor an fx proxy standing for one while
+    the step is traced (a proxy answers every attribute with a new graph node: never ask it)."""
+    return not isinstance(output, (torch.Tensor, fx.Proxy))
+
+
+def _has_field(output: Any, name: str) -> bool:
+    if not _is_structure(output):
+        return False
+    return name in output if isinstance(output, dict) else hasattr(output, name)
+
+
+def _output_field(output: Any, name: str) -> Any:
+    """``output.name`` (``output[name]`` for a mapping), None when it has no such field."""
+    if not _has_field(output, name):
+        return None
+    return output[name] if isinstance(output, dict) else getattr(output, name)
+
+
+def training_loss(criterion: nn.Module, output: Any, labels: Any) -> Any:
+    """The loss one training step back-propagates, for what the model returned.
+
+    The single definition, called by :class:`TrainingStep` for the analytic engine (traced with
+    torch.fx) and for the runtime reference alike, so that both run the same ops in the same order
+    and keep the same Python locals alive:
+
+    - a tensor: ``criterion(output, labels)``;
+    - an output with ``logits`` and auxiliary logits (:data:`AUXILIARY_LOSSES`):
+      ``criterion(logits) + weight * (criterion(aux_1) + criterion(aux_2) + ...)``, auxiliary
+      fields that are None skipped: one ``add`` per extra auxiliary loss, one ``mul`` by the
+      weight, one ``add`` onto the main loss, each on a 0-d tensor;
+    - any other output with ``logits`` (a namedtuple, a mapping, an object): ``criterion(logits)``.
+
+    Anything else (a plain tuple or list of tensors, an output without logits) is refused with a
+    ``CostModelError``: which element is the prediction is not ours to guess.
+    """
+    logits = _output_field(output, "logits")
+    if logits is None:
+        if isinstance(output, (tuple, list, dict)):
+            raise CostModelError(
+                f"the model returns a {type(output).__name__} without a 'logits' field; the training "
+                f"loss is defined for a tensor of logits or an output with .logits (and auxiliary logits)")
+        return criterion(output, labels)
+    loss = criterion(logits, labels)
+    for names, weight in AUXILIARY_LOSSES:
+        if not all(_has_field(output, name) for name in names):
+            continue
+        auxiliary = None
+        for name in names:
+            value = _output_field(output, name)
+            if value is None:  # an auxiliary head that is off this step
+                continue
+            term = criterion(value, labels)
+            auxiliary = term if auxiliary is None else auxiliary + term
+        if auxiliary is not None:
+            loss = loss + weight * auxiliary
+        break
+    return loss
+
+
+class TrainingStep(nn.Module):
+    """What one step runs forward: ``training_loss(criterion, model(images), labels)``.
+
+    The one definition of the step's forward for the analytic engine (``costmodel.trace`` traces
+    this module with torch.fx: the model is its child ``model``, the loss its child ``criterion``)
+    and for the runtime reference (``costmodel.validation.measure`` calls it), so that both run the
+    same ops in the same order and keep the same Python locals alive.
+
+    The reference calls the step as a module, not the loss as a function, because of MemTracker:
+    its module hooks refuse a top-level module called twice in one tracked iteration ("multiple
+    iterative calls"), and a model with auxiliary logits calls ``criterion`` once per logits. Under
+    this module the criterion is a child, which MemTracker allows to be called repeatedly. The
+    wrapper allocates nothing and runs no op of its own.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return training_loss(self.criterion, self.model(images), labels)

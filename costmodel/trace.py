@@ -29,24 +29,12 @@ from costmodel.config import StepConfig
 from costmodel.costs import PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import meta_model
+from costmodel.models import TrainingStep, meta_model
 from costmodel.plugin_calls import PREPARE_METHOD, ask_first
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
 IMAGE_CHANNELS = 3
-
-
-class TrainingStep(nn.Module):
-    """What one step runs forward: ``criterion(model(images), labels)``."""
-
-    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.criterion(self.model(images), labels)
 
 
 class _InPlaceProxy(fx.Proxy):
@@ -331,7 +319,7 @@ def structure_key(model: nn.Module, prepared: PreparedMethod) -> tuple[Any, ...]
 
 
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> TracedStep:
-    """Trace ``criterion(model(images), labels)`` for a prepared meta-device model."""
+    """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model."""
     step_module = TrainingStep(model, nn.CrossEntropyLoss())
     tracer = StepTracer(tuple(prepared.leaf_modules))
     watcher = _LocalsWatcher(tracer)

@@ -1,5 +1,5 @@
-"""Element-wise ops: activations (ReLU, ReLU6/hardtanh, Hardswish, Hardsigmoid, SiLU, Sigmoid) and
-arithmetic (add, sub, mul), as modules, functions, operators and tensor methods, in place or not.
+"""Element-wise ops: activations (ReLU, ReLU6/hardtanh, Hardswish, Hardsigmoid, SiLU, Sigmoid, Tanh,
+GELU) and arithmetic (add, sub, mul), as modules, functions, operators and tensor methods, in place or not.
 
 FLOPs: 0 in the ``torch`` convention (the stock counter counts none of them). ``exact``
 (docs/flop-convention.md): ``k`` per output element of floating dtype, forward and backward each:
@@ -11,13 +11,26 @@ relu           1        1         the output (also in place: it is the input's s
 hardtanh/ReLU6 2        2         the input
 hardswish      5        6         the input
 hardsigmoid    4        3         the input
-silu           5 *      9 *       the input
-sigmoid        4 *      3 *       the output (also in place)
+silu           5        9         the input
+sigmoid        4        3         the output (also in place)
+tanh           5        3         the output (also in place)
+gelu           5        11        the input (``approximate="none"``)
+gelu (tanh)    13       22        the input (``approximate="tanh"``)
 =============  =======  ========  ===========================================================
 
-``*`` not yet in docs/flop-convention.md (the runtime reference has no row for them): sigmoid
-``1/(1+exp(-x))`` is negate, exp, add, reciprocal; its backward ``grad*y*(1-y)`` 3; silu
-``x*sigmoid(x)`` 5; its backward ``grad*s*(1 + x*(1-s))`` with ``s`` recomputed: 4 + 5.
+The smooth activations (docs/flop-convention.md, "Smooth activations"; the reference's formulas
+in ``validation/flops.py``) count the primitive operations of their CPU kernels, exp and erf 1
+each: sigmoid ``1/(1+exp(-x))`` is negate, exp, add, reciprocal (4); its backward
+``sigmoid_backward(grad, y) = grad*(1-y)*y`` 3. silu ``x*sigmoid(x)`` 5; its backward
+``silu_backward(grad, x) = grad*(s*(1 + x*(1-s)))`` with ``s = sigmoid(x)`` recomputed: 4 + 5 (it
+allocates only the gradient: the fused CPU kernel; the reference keeps the op whole). tanh
+``(exp(2x)-1)/(exp(2x)+1)``: multiply, exp, subtract, add, divide (5); ``tanh_backward(grad, y) =
+grad*(1-y*y)`` 3. gelu ``x*0.5*(1+erf(x/sqrt(2)))`` 5; backward ``grad*(cdf + x*pdf)``: cdf 4,
+pdf ``exp(-x*x/2)/sqrt(2*pi)`` 4, 3 more: 11. gelu tanh ``0.5*x*(1+tanh(sqrt(2/pi)*(x +
+0.044715*x^3)))``: 8 + tanh's 5 = 13; its backward 17 + tanh's 5 = 22 (the derivations in
+``validation/flops.py``). Every one of them runs as one aten op forward (``sigmoid``, ``silu``,
+``tanh``, ``gelu``, or its in-place twin) and one backward, and allocates only its output (none
+in place) and the input's gradient.
 
 Arithmetic: ``add``/``sub`` ``1 + [alpha != 1]`` per output element, ``mul`` 1. Backward, per
 operand that needs its gradient: ``add`` passes the incoming gradient through (0 FLOPs, 0 new
@@ -28,9 +41,9 @@ the sum). Autograd saves nothing for add/sub; for ``mul`` it saves each operand 
 gradient.
 
 In-place variants (torch 2.14.1, CPU): the result aliases the input (no allocation). When the
-backward needs the *original* input (hardtanh, hardswish, hardsigmoid, silu; ``mul_`` when the
+backward needs the *original* input (hardtanh, hardswish, hardsigmoid, silu, gelu; ``mul_`` when the
 other operand needs its gradient), autograd first clones the input and keeps the clone: an
-input-sized ``saved`` allocation. relu_ and sigmoid_ need only their result: no clone. Without
+input-sized ``saved`` allocation. relu_, sigmoid_ and tanh_ need only their result: no clone. Without
 autograd nothing is cloned. An add traced as ``operator.add`` whose result shares the input's
 storage (``out += x`` under a tracer that keeps in-place semantics) is treated as in place.
 """
@@ -74,6 +87,9 @@ HARDSWISH = Activation("hardswish", 5, 6, backward_reads_output=False)
 HARDSIGMOID = Activation("hardsigmoid", 4, 3, backward_reads_output=False)
 SILU = Activation("silu", 5, 9, backward_reads_output=False)
 SIGMOID = Activation("sigmoid", 4, 3, backward_reads_output=True)
+TANH = Activation("tanh", 5, 3, backward_reads_output=True)  # tanh_backward(grad, output)
+GELU = Activation("gelu", 5, 11, backward_reads_output=False)  # gelu_backward(grad, input)
+GELU_TANH = Activation("gelu_tanh", 13, 22, backward_reads_output=False)
 
 
 def activation_cost(node: OpNode, act: Activation, inplace: bool) -> OpCost:
@@ -141,6 +157,12 @@ ACTIVATION_TARGETS: list[tuple[str, object, Activation, InplaceRule]] = [
     ("call_method", "relu_", RELU, _always),
     ("call_method", "sigmoid", SIGMOID, _never),
     ("call_method", "sigmoid_", SIGMOID, _always),
+    ("call_module", nn.Tanh, TANH, _never),
+    ("call_function", torch.tanh, TANH, _never),
+    ("call_function", F.tanh, TANH, _never),
+    ("call_function", torch.tanh_, TANH, _always),
+    ("call_method", "tanh", TANH, _never),
+    ("call_method", "tanh_", TANH, _always),
 ]
 
 
@@ -157,6 +179,32 @@ def _activation_handle(act: Activation, inplace: InplaceRule) -> Callable[[OpNod
 
 for _kind, _target, _act, _rule in ACTIVATION_TARGETS:
     TABLE.register(_kind, _target)(_activation_handle(_act, _rule))
+
+
+# GELU: the count depends on ``approximate`` ("none": erf; "tanh": the tanh approximation).
+GELU_BY_APPROXIMATE: dict[str, Activation] = {"none": GELU, "tanh": GELU_TANH}
+
+
+def _gelu_handle(approximate: Callable[[OpNode], object], inplace: InplaceRule) -> Callable[[OpNode], OpCost | None]:
+    def handle(node: OpNode) -> OpCost | None:
+        act = GELU_BY_APPROXIMATE.get(approximate(node))  # None for a value torch rejects
+        if act is None:
+            return None
+        return _activation_handle(act, inplace)(node)
+
+    handle.__name__ = "gelu_handle"
+    handle.__doc__ = ("gelu: 5 FLOPs per element forward, 11 backward (approximate='none'); 13 and 22 with "
+                      "approximate='tanh' (exact).")
+    return handle
+
+
+TABLE.register("call_module", nn.GELU)(
+    _gelu_handle(lambda node: getattr(node.module, "approximate", None), _never))
+# F.gelu(input, approximate='none') is the builtin torch._C._nn.gelu; gelu_ is its in-place twin
+# (no Tensor method exists for either). ``approximate`` is keyword-only.
+TABLE.register("call_function", F.gelu)(_gelu_handle(lambda node: node.kwargs.get("approximate", "none"), _never))
+TABLE.register("call_function", torch._C._nn.gelu_)(
+    _gelu_handle(lambda node: node.kwargs.get("approximate", "none"), _always))
 
 
 # ---------------------------------------------------------------------------------------------

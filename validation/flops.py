@@ -75,7 +75,8 @@ def _coefficient(value: Any) -> int:
 
 ZERO_FLOP_OPS: tuple[Any, ...] = (
     aten.view, aten._unsafe_view, aten.reshape, aten.t, aten.transpose, aten.permute, aten.expand,
-    aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.as_strided, aten.alias, aten.detach,
+    aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.as_strided, aten.as_strided_, aten.alias,
+    aten.detach,
     aten.clone, aten.copy_, aten._to_copy, aten.cat, aten.stack, aten.split, aten.split_with_sizes,
     aten.unbind, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
     aten.new_empty_strided, aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like,
@@ -448,10 +449,11 @@ class ExactFlopCounterMode(FlopCounterMode):
 
 def make_counter(convention: str) -> FlopCounterMode:
     """A fresh counter for one convention: "torch" (stock) or "exact"."""
+    # keep_whole (the smooth activations section): no decomposition that allocates differently.
     if convention == "torch":
-        return FlopCounterMode(display=False)
+        return keep_whole(FlopCounterMode(display=False))
     if convention == "exact":
-        return ExactFlopCounterMode()
+        return keep_whole(ExactFlopCounterMode())
     raise CostModelError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(FLOP_CONVENTIONS)}")
 
 
@@ -493,3 +495,191 @@ def count_flops(fn: Callable[[], Any], convention: str) -> int:
     if isinstance(counter, ExactFlopCounterMode) and counter.uncovered:
         raise CostModelError(f"ops outside the exact FLOP convention: {', '.join(sorted(counter.uncovered))}")
     return counter.get_total_flops()
+
+
+# =============================================================================================
+# Smooth activations: sigmoid, SiLU, tanh, GELU (EfficientNet, RegNetY, ConvNeXt, ViT, MaxViT).
+# Each op is costed as the primitive operations of its CPU kernel (torch 2.14.1,
+# aten/src/ATen/native/cpu/UnaryOpsKernel.cpp and Activation.cpp). exp and erf count 1 each
+# (one special-function evaluation, as exp and log do above); products with constants fixed by
+# the op (1/sqrt(2), 0.044715, 3*0.044715, ...) count 1 per element when applied to an element,
+# 0 when two constants are combined. tanh is not a primitive: (exp(2x) - 1) / (exp(2x) + 1).
+# What reaches the counter: FlopCounterMode decomposes every op that has a
+# CompositeImplicitAutograd kernel and whose OpOverload is not a key of its table (the table is
+# keyed by packets, so a formula row alone never stops it). ``silu_backward`` has one,
+# ``grad * (s * (1 + x * (1 - s)))`` with s = sigmoid(x) (sigmoid 4, empty_like + fill_ + sub_ for
+# 1 - s 1, mul, add, mul, mul 4: 9 per element, the row below), but CPU autograd runs its fused
+# kernel, which allocates only the gradient. Decomposed under the counters, it would allocate five
+# input-sized temporaries that the memory tracker (below the counters) sees and a real step does
+# not have. So the counters keep it whole (``keep_whole``): the FLOP counts are unchanged (exact: the
+# 9 of the row; torch: 0 either way, the stock table has neither silu_backward nor any op of its
+# decomposition) and the measured memory is the real step's. sigmoid, sigmoid_backward, silu, tanh,
+# tanh_backward, gelu and gelu_backward have no decomposition and arrive whole.
+# =============================================================================================
+
+SIGMOID_FORWARD_K = 4  # 1 / (1 + exp(-x)): negate, exp, add, reciprocal
+SIGMOID_BACKWARD_K = 3  # grad * (1 - y) * y: subtract, two multiplies
+SILU_FORWARD_K = SIGMOID_FORWARD_K + 1  # x * sigmoid(x)
+SILU_BACKWARD_K = SIGMOID_FORWARD_K + 5  # s = sigmoid(x); grad * (s * (1 + x * (1 - s))): 4 + 5
+TANH_FORWARD_K = 5  # e = exp(2x): multiply, exp; (e - 1) / (e + 1): subtract, add, divide
+TANH_BACKWARD_K = 3  # grad * (1 - y * y): multiply, subtract, multiply
+GELU_FORWARD_K = 5  # x * 0.5 * (1 + erf(x * M_SQRT1_2)): multiply, erf, add, multiply, multiply
+GELU_BACKWARD_K = 11  # cdf 4 + pdf 4 + grad * (cdf + x * pdf) 3 (see gelu_backward_flop)
+GELU_TANH_FORWARD_K = 8 + TANH_FORWARD_K  # 13 (see gelu_flop)
+GELU_TANH_BACKWARD_K = 17 + TANH_FORWARD_K  # 22 (see gelu_backward_flop)
+
+_elementwise(SIGMOID_FORWARD_K, "sigmoid 1 / (1 + exp(-x)): negate, exp, add, reciprocal",
+             aten.sigmoid, aten.sigmoid_)
+_elementwise(SIGMOID_BACKWARD_K, "sigmoid_backward(grad, y) = grad * (1 - y) * y: subtract, two multiplies",
+             aten.sigmoid_backward)
+_elementwise(SILU_FORWARD_K, "silu x * sigmoid(x): sigmoid's 4 and a multiply", aten.silu, aten.silu_)
+_elementwise(SILU_BACKWARD_K, "silu_backward(grad, x): s = sigmoid(x) (4), grad * (s * (1 + x * (1 - s))): "
+             "subtract, multiply, add, multiply, multiply (5)", aten.silu_backward)
+_elementwise(TANH_FORWARD_K, "tanh (exp(2x) - 1) / (exp(2x) + 1): multiply, exp, subtract, add, divide",
+             aten.tanh, aten.tanh_)
+_elementwise(TANH_BACKWARD_K, "tanh_backward(grad, y) = grad * (1 - y * y): multiply, subtract, multiply",
+             aten.tanh_backward)
+
+
+def _gelu_approximate(args: Sequence[Any], kwargs: dict[str, Any], position: int) -> str:
+    """GELU's ``approximate`` argument ('none' or 'tanh'); the dispatcher drops it when it is the
+    default 'none'."""
+    value = args[position] if len(args) > position else kwargs.get("approximate", "none")
+    if value not in ("none", "tanh"):
+        raise CostModelError(f"the exact FLOP convention defines gelu for approximate='none' or 'tanh', got {value!r}")
+    return value
+
+
+@_register(aten.gelu, aten.gelu_)
+def gelu_flop(x: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Per output element. approximate='none': ``x * 0.5 * (1 + erf(x * M_SQRT1_2))``: multiply,
+    erf, add, multiply, multiply = 5. approximate='tanh': ``0.5 * x * (1 + tanh(inner))`` with
+    ``inner = sqrt(2/pi) * (x + 0.044715 * x^3)``: x^3 2, * 0.044715 1, + x 1, * sqrt(2/pi) 1
+    (inner 5), tanh 5, 1 + 1, 0.5 * x 1, the product 1 = 13."""
+    tanh = _gelu_approximate(args, kwargs, 0) == "tanh"
+    return (GELU_TANH_FORWARD_K if tanh else GELU_FORWARD_K) * _floating_numel(out_val)
+
+
+@_register(aten.gelu_backward)
+def gelu_backward_flop(grad: Any, x: Any, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Per output element. approximate='none': ``cdf = 0.5 * (1 + erf(x * M_SQRT1_2))`` (multiply,
+    erf, add, multiply: 4), ``pdf = exp(-0.5 * x * x) * (M_2_SQRTPI * M_SQRT1_2 * 0.5)`` (two
+    multiplies, exp, multiply: 4; the constant is folded), ``grad * (cdf + x * pdf)`` (3) = 11.
+    approximate='tanh': ``x_sq = x * x``, ``x_cube = x_sq * x`` (2); ``inner = kBeta * (x + kKappa *
+    x_cube)`` (3); ``t = tanh(inner)`` (5); ``left = 0.5 * x``, ``right = 1 + t`` (2);
+    ``left_derivative = 0.5 * right`` (1); ``tanh_derivative = 1 - t * t`` (2); ``inner_derivative =
+    kBeta * (1 + 3 * kKappa * x_sq)`` (3: ``3 * kKappa`` is one constant); ``right_derivative =
+    left * tanh_derivative * inner_derivative`` (2); ``grad * (left_derivative + right_derivative)``
+    (2) = 17 + 5 = 22."""
+    tanh = _gelu_approximate(args, kwargs, 0) == "tanh"
+    return (GELU_TANH_BACKWARD_K if tanh else GELU_BACKWARD_K) * _floating_numel(out_val)
+
+
+
+# Ops that both counters run whole instead of through their CompositeImplicitAutograd
+# decomposition (see the section's header): OpOverloads, since that is what FlopCounterMode's
+# "can it decompose" test looks up. Each must have an exact row for its packet.
+KEEP_WHOLE_OPS: tuple[Any, ...] = (aten.silu_backward.default,)
+
+
+def _kept_whole(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Never called: FlopCounterMode counts an op by its packet's row; this OpOverload key only
+    stops the decomposition."""
+    raise AssertionError("an OpOverload key of KEEP_WHOLE_OPS was used as a formula")
+
+
+_kept_whole._get_raw = True  # type: ignore[attr-defined]
+
+
+def keep_whole(counter: FlopCounterMode) -> FlopCounterMode:
+    """Make ``counter`` (stock or exact) run ``KEEP_WHOLE_OPS`` whole; returns it."""
+    for op in KEEP_WHOLE_OPS:
+        counter.flop_registry.setdefault(op, _kept_whole)
+    return counter
+
+# ============================ end of the smooth activations section ===========================
+
+
+# =============================================================================================
+# Shape ops: indexing, rolling and padding (ShuffleNetV2, ViT, Swin, ConvNeXt).
+# Pure data movement, 0 FLOPs (docs/flop-convention.md, "Zero FLOPs"): ``select_backward`` and
+# ``slice_backward`` (the backward of ``x[i]`` / ``x[a:b]``: a zero-filled input-sized tensor with
+# the incoming gradient copied into the selected part), ``roll`` (forward, and backward with the
+# shifts negated) and ``constant_pad_nd`` (``F.pad(mode="constant")``: a filled tensor with the
+# input copied in; its backward is ``constant_pad_nd`` with the pads negated, a crop).
+# =============================================================================================
+
+SHAPE_ZERO_FLOP_OPS: tuple[Any, ...] = (aten.select_backward, aten.slice_backward, aten.roll, aten.constant_pad_nd)
+
+_register(*SHAPE_ZERO_FLOP_OPS)(zero_flop)
+
+# ============================ end of the shape ops section ====================================
+
+
+# =============================================================================================
+# Layer and group normalisation: native_layer_norm, native_group_norm and their backwards
+# (nn.LayerNorm / F.layer_norm: ConvNeXt's LayerNorm2d, ViT, Swin, MaxViT; nn.GroupNorm). Counted
+# term by term as batch_norm_flop_count / batch_norm_backward_flop are, with the statistics taken
+# per group of M = E / R elements instead of per channel: E = numel(input), R = numel(mean) (layer
+# norm: the product of the sizes before the normalised dims; group norm: N * group), w / b = a
+# weight / bias is passed. Both ops arrive whole at FlopCounterMode (no CompositeImplicitAutograd
+# kernel); the stock counter has no formula for them (0 in the torch convention).
+# =============================================================================================
+
+def norm_forward_flop_count(numel: int, groups: int, has_weight: bool, has_bias: bool) -> int:
+    """E*(6 + w + b) + 5*R.
+
+    Per element: mean accumulate 1, variance (x - mean)^2 accumulate 3, normalise
+    (x - mean) * rstd 2, scale w, shift b (the weight and bias vary inside a group: one multiply
+    and one add per element, never folded per group). Per group: mean divide 1, variance divide 1,
+    rstd = 1/sqrt(var + eps) 3.
+    """
+    return numel * (6 + int(has_weight) + int(has_bias)) + 5 * groups
+
+
+def norm_backward_flop_count(numel: int, groups: int, has_weight: bool, output_mask: Sequence[bool]) -> int:
+    """g_i*(E*(9 + w) + 4*R) + 4*E*g_w + E*g_b, with (g_i, g_w, g_b) = output_mask.
+
+    grad_input, with dy' = dy * weight (w per element): s = sum(dy') 1 and d = sum(dy' * (x - mean))
+    3 per element, then (dy' - s/M - (x - mean) * d*rstd^2/M) * rstd 5 per element; per group s/M 1
+    and d*rstd^2/M 3 (square, multiply, divide). grad_weight = sum(dy * (x - mean) * rstd) across
+    groups: 4 per element (rstd varies along the sum, so it cannot be applied once per weight
+    element as batch norm does). grad_bias = sum(dy): 1 per element. Unlike batch norm no term is
+    shared: grad_input reduces within a group, grad_weight and grad_bias across groups.
+    """
+    g_i, g_w, g_b = (int(bool(flag)) for flag in output_mask)
+    grad_input = numel * (9 + int(has_weight)) + 4 * groups
+    return g_i * grad_input + g_w * 4 * numel + g_b * numel
+
+
+@_register(aten.native_layer_norm)
+def layer_norm_flop(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float, *, out_val: Any = None) -> int:
+    """norm_forward_flop_count with R = numel(x) / prod(normalized_shape)."""
+    return norm_forward_flop_count(x.numel(), x.numel() // math.prod(normalized_shape), weight is not None,
+                                   bias is not None)
+
+
+@_register(aten.native_layer_norm_backward)
+def layer_norm_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, normalized_shape: Sequence[int],
+                             mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, output_mask: Sequence[bool], *, out_val: Any = None) -> int:
+    """norm_backward_flop_count with R = numel(mean)."""
+    return norm_backward_flop_count(x.numel(), mean.numel(), weight is not None, output_mask)
+
+
+@_register(aten.native_group_norm)
+def group_norm_flop(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, n: int, c: int,
+                    hxw: int, group: int, eps: float, *, out_val: Any = None) -> int:
+    """norm_forward_flop_count with R = N * group."""
+    return norm_forward_flop_count(x.numel(), n * group, weight is not None, bias is not None)
+
+
+@_register(aten.native_group_norm_backward)
+def group_norm_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                             weight: torch.Tensor | None, n: int, c: int, hxw: int, group: int,
+                             output_mask: Sequence[bool], *, out_val: Any = None) -> int:
+    """norm_backward_flop_count with R = N * group."""
+    return norm_backward_flop_count(x.numel(), n * group, weight is not None, output_mask)
+
+# ============================ end of the layer and group normalisation section ================

@@ -4,7 +4,7 @@
 (``validation.methods``), runs steps 1..k-1 untracked, then tracks the whole step k:
 
     optimizer.zero_grad(set_to_none=True)         # tracked, no FLOPs
-    loss = criterion(model(images), labels)      # phase "forward"
+    loss = TrainingStep(model, criterion)(images, labels)  # phase "forward"
     loss.backward()                              # phase "backward"
     optimizer.step()                             # phase "optimizer"
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import build_model, make_batch
+from costmodel.models import TrainingStep, build_model, make_batch
 from costmodel.result import PHASES, StepCost, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
@@ -41,9 +41,11 @@ from costmodel.validation.methods import apply_config
 SEED = 0
 
 
-def _forward_loss(model: nn.Module, criterion: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _forward_loss(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The step's forward and loss, ``costmodel.models.TrainingStep`` (the module the engine
+    traces), with batch norm's one-value-per-channel error said as a size to change."""
     try:
-        return criterion(model(images), labels)
+        return step(images, labels)
     except ValueError as error:
         if "Expected more than 1 value per channel" in str(error):
             raise CostModelError(
@@ -89,10 +91,10 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
     on ``images``/``labels`` with ``nn.CrossEntropyLoss``: any module, any optimizer (call it inside
     the FakeTensorMode that made them, if any)."""
-    criterion = nn.CrossEntropyLoss()
+    training_step = TrainingStep(model, nn.CrossEntropyLoss())
     for _ in range(step - 1):
         optimizer.zero_grad(set_to_none=True)
-        _forward_loss(model, criterion, images, labels).backward()
+        _forward_loss(training_step, images, labels).backward()
         optimizer.step()
 
     tracker = GroupPeakMemTracker()
@@ -101,7 +103,7 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     with tracker:
         optimizer.zero_grad(set_to_none=True)
         with flops.phase("forward"):
-            loss = _forward_loss(model, criterion, images, labels)
+            loss = _forward_loss(training_step, images, labels)
         with flops.phase("backward"):
             loss.backward()
         with flops.phase("optimizer"):
