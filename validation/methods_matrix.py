@@ -8,8 +8,8 @@ on every step) it predicts the step (``costmodel.prediction.predict_config``) an
 (``costmodel.validation.measure.measure``, under FakeTensorMode unless ``--real``: the same
 numbers, far faster), prints one line per configuration, then the worst error of each field for
 each method against the acceptance bars: FLOPs equal per phase in both conventions; PARAM,
-BUFFER, GRAD, OPT and OTH equal to the byte; ACT and peak within 1%; TEMP within 5%. Exits with
-status 1 if any bar is broken.
+BUFFER, GRAD, ACT, TEMP, OPT, OTH and the peak equal to the byte. Exits with status 1 if any bar
+is broken.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from costmodel.result import FLOP_CONVENTIONS, PHASES, StepCost, relative_error
 
 MODELS: tuple[str, ...] = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18")
 METHODS: tuple[str, ...] = ("lora", "dora", "galore")
+# The README's claim: every group and the peak equal to the byte.
 MEMORY_BARS: dict[str, float] = {"PARAM": 0.0, "BUFFER": 0.0, "GRAD": 0.0, "OPT": 0.0, "OTH": 0.0,
-                                 "ACT": 0.01, "peak": 0.01, "TEMP": 0.05}
+                                 "ACT": 0.0, "peak": 0.0, "TEMP": 0.0}
 FLOP_FIELDS: tuple[str, ...] = tuple(f"{conv} {phase}" for conv in FLOP_CONVENTIONS for phase in PHASES)
 
 
