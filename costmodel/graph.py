@@ -35,6 +35,12 @@ class NodeRecord:
     fresh_outputs: tuple[int, ...]
     # The module qualified name (call_module) or the function / method name, for display.
     label: str
+    # An in-place op on a differentiable view that autograd records (its first output is its first
+    # input's very tensor object, a view): autograd rebases the view's history, and the backward
+    # runs through ``CopySlices`` (``costmodel.memory``), whose gradient is that of the view's
+    # *base*, not of the view. This is the value autograd's edge to the base leads to: the base
+    # object's latest value before this node. None for every other node.
+    copy_slices_base: Value | None = None
 
     @property
     def name(self) -> str:
@@ -166,6 +172,9 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     # A result that is an earlier value's very tensor (no autograd node of its own) is that value
     # for its consumers: autograd sends their gradients straight to it.
     same_tensor = propagation.same_tensor
+    identities = propagation.identities
+    # Tensor object id -> the value it holds now (an in-place op gives the same object a new value).
+    latest: dict[int, Value] = {}
 
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -183,6 +192,8 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
             if facts.storage not in seen:
                 seen.add(facts.storage)
                 fresh.append(k)
+        if node.op in ("placeholder", "get_attr"):
+            _note_values(node, len(tensors), identities, same_tensor, latest)
         if node.op == "placeholder":
             placeholders.append(outputs[0])
             continue
@@ -193,9 +204,16 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
 
         op, input_values = node_op(node, results, metas, same_tensor, tuple(outputs),
                                    static.get(node) or static.setdefault(node, _static(traced, node)))
+        base = _copy_slices_base(node, op, input_values, identities, same_tensor, latest)
         position[node] = len(records)
         records.append(NodeRecord(len(records), op, input_values,
-                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh), static[node][3]))
+                                  tuple((node, k) for k in range(len(tensors))), tuple(fresh), static[node][3],
+                                  base))
+        _note_values(node, len(tensors), identities, same_tensor, latest)
+        if base is not None:
+            # The base's gradient edge is CopySlices now: a later in-place op on another view of
+            # it sends its base gradient into this node (exact when the views span the base).
+            latest[identities[input_values[0]][1]] = (node, 0)
 
     if loss is None or len(placeholders) != 2:
         raise AssertionError("a traced training step has two placeholders and one output")
@@ -205,6 +223,31 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
         released_after = traced.graph_cache["released_after"] = _liveness(traced, records, position, loss)
     return StepGraph(records, placeholders[0], placeholders[1], loss, metas[loss], params, buffers,
                      param_storages, buffer_storages, released_after, metas, param_values)
+
+
+def _note_values(node: fx.Node, tensors: int, identities: Mapping[Value, tuple[int, int | None]],
+                 same_tensor: Mapping[Value, Value], latest: dict[int, Value]) -> None:
+    """Record that the tensor objects of ``node``'s result now hold its values."""
+    for k in range(tensors):
+        identity = identities.get((node, k))
+        if identity is not None:
+            latest[identity[0]] = same_tensor.get((node, k), (node, k))
+
+
+def _copy_slices_base(node: fx.Node, op: OpNode, input_values: tuple[Value, ...],
+                      identities: Mapping[Value, tuple[int, int | None]], same_tensor: Mapping[Value, Value],
+                      latest: Mapping[int, Value]) -> Value | None:
+    """The value CopySlices sends the gradient to when ``node`` is an in-place op on a view that
+    autograd records (``NodeRecord.copy_slices_base``), else None. In place means the result is
+    the very object of the first tensor input (a view op returns a new object on the same
+    storage; only identity tells them apart) with a new autograd history: a node that hands its
+    input back untouched (dropout with ``p=0``, ``nn.Identity``) is ``same_tensor``, no op at all."""
+    if not op.records_autograd or not input_values or not op.outputs or (node, 0) in same_tensor:
+        return None
+    output, argument = identities.get((node, 0)), identities.get(input_values[0])
+    if output is None or argument is None or output[0] != argument[0] or argument[1] is None:
+        return None
+    return latest.get(argument[1])
 
 
 def _liveness(traced: TracedStep, records: list[NodeRecord], position: dict[fx.Node, int],

@@ -23,6 +23,12 @@ The simulation mirrors the runtime reference (``validation/memory.py``) rule for
   that node runs once, right after the last backward node that produces a gradient for the
   parameter (it becomes ready then and is first in the ready queue), and moves the buffer into
   ``.grad`` (TEMP -> GRAD, one more snapshot).
+- An in-place op on a differentiable view (``graph.NodeRecord.copy_slices_base``: an in-place
+  ``Dropout``/``ReLU``/``+=`` after ``flatten``, ``view`` or indexing) runs its backward inside
+  autograd's ``CopySlices`` (:func:`_copy_slices`): zeros of the base's storage, a base-sized
+  result, a clone of the gradient's slice, the op's own backward, a copy back; the result is the
+  base's gradient, so the view ops between base and view get none from it. An in-place op on a
+  tensor that is not a view (``out += identity`` after a conv) is unchanged.
 - A result that is an earlier value's very tensor (``nn.Identity``: no autograd node) is that value
   for its consumers (``graph.build_step_graph``), so their gradients meet at the earlier value.
 - The gradient of the loss (``ones_like``) is created before autograd's engine starts (ACT) and held
@@ -213,7 +219,7 @@ def gradient_flow(graph: StepGraph, costs: list[OpCost | None]) -> GradientFlow:
         for i, nbytes in enumerate(cost.input_grads):
             if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
                 continue
-            value = record.input_values[i]
+            value = _gradient_target(record, i)
             parameter = graph.param_values.get(value)
             if parameter is None:
                 reached.add(value)
@@ -349,6 +355,64 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
         mem.release(storage_key(value))
 
 
+def _gradient_target(record: NodeRecord, index: int) -> Value:
+    """The value that receives the gradient ``record``'s backward computes for input ``index``:
+    the input itself, except for the first input of an in-place op on a view, whose gradient
+    CopySlices turns into the base's (:func:`_copy_slices`)."""
+    if index == 0 and record.copy_slices_base is not None:
+        return record.copy_slices_base
+    return record.input_values[index]
+
+
+def _copy_slices(mem: _Storages, record: NodeRecord, incoming: list[object],
+                 metas: dict[Value, TensorMeta]) -> tuple[list[object], object, object]:
+    """The start of an in-place-on-view node's backward (torch 2.14.1, CPU), before the op's own.
+
+    After an in-place op on a view, autograd rebases the view's history: the base's gradient edge
+    becomes a ``CopySlices`` node wrapping the op's backward, and the view's ``grad_fn`` is
+    regenerated from the base as ``AsStridedBackward0``. The view's gradient first goes through
+    that: ``as_strided_backward`` allocates zeros of the base's storage size and scatters the
+    gradient into them (the incoming gradient is then dropped). ``CopySlices::apply``
+    (torch/csrc/autograd/functions/tensor.cpp) then allocates ``result =
+    grad.new_empty_strided(base's sizes and strides)`` (the base's gradient), ``result.copy_(grad)``,
+    takes ``grad_slice = result.as_strided(view geometry)`` and calls the op's backward on
+    ``grad_slice.clone()`` (contiguous, view-sized). :func:`_finish_copy_slices` does the rest.
+
+    Returns the op backward's incoming gradients (the clone), the gradient CopySlices itself holds
+    (the scattered zeros) and ``result``. A snapshot after each allocating op.
+    (Under ``FakeTensorMode`` the regenerated ``grad_fn`` replays the view op instead, a view of the
+    gradient when the view spans its base: the same bytes from ``new_empty_strided`` on.)"""
+    base = metas[record.copy_slices_base]
+    name = record.name
+    scattered = mem.anonymous(base.storage_nbytes, TEMP)
+    mem.snapshot("backward", name, "as_strided_backward")
+    for key in incoming:
+        mem.release(key)
+    result = mem.anonymous(base.nbytes, TEMP)
+    mem.snapshot("backward", name, "copy_slices")
+    clone = mem.anonymous(metas[record.input_values[0]].nbytes, TEMP)
+    mem.snapshot("backward", name, "clone")
+    return [clone], scattered, result
+
+
+def _finish_copy_slices(mem: _Storages, record: NodeRecord, clone: list[object], first: object | None,
+                        produced: list[tuple[Value, object]], result: object) -> list[tuple[Value, object]]:
+    """The end of ``CopySlices::apply``, after the op's backward: the clone goes when the op's
+    backward returns; ``grad_slice.copy_(res[0])`` writes the op's gradient of its first input into
+    ``result`` (a snapshot), and ``res[0]`` goes when ``apply`` returns; ``result`` becomes the
+    base's gradient. Without a gradient for the first input there is no ``copy_`` and ``result`` is
+    dropped. The other inputs' gradients flow on as the op computed them. ``first`` is the op's
+    gradient of its first input (``produced[0]``), None when it computed none."""
+    for key in clone:
+        mem.release(key)
+    if first is not None:
+        mem.snapshot("backward", record.name, "copy_")
+        mem.release(first)
+        return [(record.copy_slices_base, result)] + produced[1:]
+    mem.release(result)
+    return produced
+
+
 def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
                    node_saved: list[object], grads: dict[Value, object], metas: dict[Value, TensorMeta],
                    param_of_value: dict[Value, str], pending: dict[str, int],
@@ -356,8 +420,12 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
     """One node's backward; returns the number of gradient elements it accumulated."""
     op = record.op
     name = record.name
+    copy_slices = record.copy_slices_base is not None
+    if copy_slices:
+        incoming, scattered, result = _copy_slices(mem, record, incoming, metas)
     transients = [mem.anonymous(alloc.nbytes, TEMP) for alloc in cost.backward_allocs]
     produced: list[tuple[Value, object]] = []
+    first: object | None = None  # the gradient of input 0, if computed (CopySlices copies it back)
     for i, nbytes in enumerate(cost.input_grads):
         if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
             continue
@@ -366,7 +434,9 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
             mem.hold(key)
         else:
             key = mem.anonymous(nbytes, TEMP)
-        produced.append((record.input_values[i], key))
+        if i == 0:
+            first = key
+        produced.append((_gradient_target(record, i), key))
     new_param_grads: list[tuple[str, object, int]] = []  # (qualified name, storage, elements)
     for local, nbytes in cost.param_grads.items():
         meta = op.params.get(local)
@@ -376,6 +446,9 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
 
     for key in transients:
         mem.release(key)
+    if copy_slices:
+        produced = _finish_copy_slices(mem, record, incoming, first, produced, result)
+        incoming = [scattered]
     for key in incoming:
         mem.release(key)
     for key in node_saved:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
@@ -29,7 +29,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from costmodel.trace import IMAGE_CHANNELS, TracedStep, _Recorder, iter_params, propagate
+from costmodel.trace import IMAGE_CHANNELS, TracedStep, _Recorder, flatten_tensors, iter_params, propagate
 
 TEMPLATE_AFTER = 3  # distinct shapes propagated concretely before a template is worth its cost
 MAX_TEMPLATES = 4  # per traced structure: batch 1 vs larger, a last stage of 1x1 vs larger...
@@ -49,15 +49,39 @@ class TensorFacts:
     storage_nbytes: int
 
 
+# (node, k) -> (the tensor object, the base object of a differentiable view or None), as small ids.
+Identities = dict[tuple[fx.Node, int], tuple[int, int | None]]
+
+
 @dataclass
 class Propagation:
     """Every node's result with tensors replaced by :class:`TensorFacts`, the step module's
-    parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order, and the
-    results that are an earlier value's very tensor (``_Recorder.same_tensor``; structural)."""
+    parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order, the
+    results that are an earlier value's very tensor (``_Recorder.same_tensor``; structural), and
+    which tensor object each result is and, for a view, which object is its base
+    (:func:`tensor_identities`; structural)."""
 
     results: dict[fx.Node, Any]
     params: list[tuple[str, TensorFacts, bool]]
     same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]]
+    identities: Identities = field(default_factory=dict)
+
+
+def tensor_identities(results: dict[fx.Node, Any]) -> Identities:
+    """For every tensor of every node's result: a small id of the tensor object and, when it is a
+    differentiable view (``_is_view()``: autograd tracks its base), the id of its base (``_base``,
+    always a non-view). Storage ids cannot tell these apart: an in-place op and a view op both
+    return the input's storage, but only the in-place op returns the input object itself, and
+    autograd treats an in-place op on a view specially (``CopySlices``; see ``costmodel.memory``).
+    The results must be alive together (the recorder never frees them), so ids are not reused."""
+    ids: dict[int, int] = {}
+    identities: Identities = {}
+    for node, result in results.items():
+        for k, tensor in enumerate(flatten_tensors(result)):
+            base = tensor._base if tensor._is_view() else None
+            identities[(node, k)] = (ids.setdefault(id(tensor), len(ids)),
+                                     None if base is None else ids.setdefault(id(base), len(ids)))
+    return identities
 
 
 class _StorageIds:
@@ -94,7 +118,7 @@ def recorded_facts(traced: TracedStep, recorder: _Recorder) -> Propagation:
                            value.is_leaf, storage_of(value), int(value.untyped_storage().nbytes()))
 
     return Propagation({node: tree_map(facts, result) for node, result in results.items()}, params,
-                       recorder.same_tensor)
+                       recorder.same_tensor, tensor_identities(results))
 
 
 # -- shape templates
@@ -146,9 +170,11 @@ class ShapeTemplate:
 
     def __init__(self, applies: Callable[[int, int], bool], values: Callable[[int, int], tuple[int, ...]],
                  results: dict[fx.Node, Any], params: list[tuple[str, TensorFacts, bool]],
-                 same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]], source: str) -> None:
+                 same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]], source: str,
+                 identities: Identities | None = None) -> None:
         self._applies = applies
         self._same_tensor = same_tensor
+        self._identities = identities or {}
         self._values = values
         self._results = results
         self._params = params
@@ -162,7 +188,7 @@ class ShapeTemplate:
 
     def evaluate(self, batch: int, resolution: int) -> Propagation:
         return Propagation(fill_slots(self._results, self._values(batch, resolution)), self._params,
-                           self._same_tensor)
+                           self._same_tensor, self._identities)
 
     @classmethod
     def build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate | None":
@@ -211,7 +237,8 @@ class ShapeTemplate:
         applies, values, source = compile_formulas(
             conditions, expressions, (BATCH, RESOLUTION),
             f"shape template of {traced.step_module.model.__class__.__name__}")
-        return cls(applies, values, results, params, recorder.same_tensor, source)
+        return cls(applies, values, results, params, recorder.same_tensor, source,
+                   tensor_identities(recorder.results))
 
 
 class SymbolicSizes:

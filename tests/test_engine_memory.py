@@ -160,3 +160,42 @@ def test_gradient_routing_matches_the_live_measurement(build, step):
     measured = measure_module(build, batch=2, resolution=8, step=step)
     assert predicted.flops == measured["flops"]
     assert predicted.memory == measured["memory"]
+
+
+class InPlaceOnView(nn.Module):
+    """An in-place op on a view (``flatten``/``view``/basic indexing of a conv output): autograd
+    rebases the view's history, and the backward runs the op's own backward inside ``CopySlices``:
+    a regenerated ``AsStridedBackward0`` scatters the gradient into zeros of the base's storage, then
+    a base-sized ``result``, a clone of the gradient's slice for the op's backward, and the op's
+    gradient copied back into ``result``, which is the base's gradient (property test, in-place
+    dropout after ``torch.flatten``). The conv output is large and the rest small, so the CopySlices
+    allocations are the step's peak."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.act = {"dropout": nn.Dropout(0.5, inplace=True), "relu": nn.ReLU(inplace=True),
+                    "hardswish": nn.Hardswish(inplace=True)}.get(kind, nn.Identity())
+        self.shift = nn.Parameter(torch.zeros(128))
+        self.fc = nn.Linear(64 if kind == "slice" else 128, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.kind == "slice":  # a view of part of the base: its gradient is still base-sized
+            return self.fc(x[:, :4].relu_().flatten(1))
+        if self.kind == "add_":  # an in-place op whose backward passes the gradient (the clone) on
+            v = x.view(x.size(0), -1)
+            v += self.shift
+            return self.fc(v)
+        return self.fc(self.act(torch.flatten(x, 1)))
+
+
+@pytest.mark.parametrize("kind", ["dropout", "relu", "hardswish", "add_", "slice"])
+@pytest.mark.parametrize("fake", [True, False])
+def test_in_place_op_on_a_view_matches_the_live_measurement(kind, fake):
+    predicted = predict(InPlaceOnView(kind), "fft", batch=2, resolution=4, classes=2)
+    measured = measure_module(lambda: InPlaceOnView(kind), batch=2, resolution=4, classes=2, fake=fake)
+    assert_matches(predicted, measured)
+    labels = [s.label for s in predicted.timeline if s.phase == "backward"]
+    assert labels.count("copy_slices") == 1  # the conv's output is not a view: unchanged there
