@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +293,25 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
                  "method": traced.prepared.note,
                  "optimizer": [step.cost.note for step in steps]},
     )
+
+
+def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) -> tuple[StepCost | CostModelError, bool]:
+    """The answer at the first of ``ranks``, and whether the last rank is refused for the same
+    reason: then the reason does not depend on the rank (a resolution too small for the model, an
+    option the method rejects), and the answer is an error that says so, for every rank at once
+    instead of after thousands of predictions that each say the same."""
+    try:
+        return predict_at(ranks[0]), False
+    except CostModelError as error:
+        first = error
+    if len(ranks) == 1:
+        return first, False
+    try:
+        predict_at(ranks[-1])
+    except CostModelError as error:
+        if str(error) == str(first):
+            return CostModelError(f"{first} (at the first and the last rank alike)"), True
+    return first, False
 
 
 def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,

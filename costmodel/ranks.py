@@ -62,7 +62,8 @@ from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
 from costmodel.models import meta_model
 from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
-from costmodel.prediction import Prediction, cost_nodes, optimizer_timeline, predict_config, step_flops, traced_step
+from costmodel.prediction import (Prediction, cost_nodes, first_answer, optimizer_timeline, predict_config, step_flops,
+                                  traced_step)
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
                               fill_slots, recorded_facts)
@@ -929,8 +930,15 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
         finally:
             for (owner, attribute), value in model_own.items():
                 object.__setattr__(shared.owners[owner], attribute, value)
-    for rank in wanted:
-        if rank not in found:
+    pending = [rank for rank in wanted if rank not in found]
+    if pending:
+        first, refused_alike = first_answer(
+            lambda rank: predict_config(config.replace(rank=rank), manager=manager), pending)
+        found[pending[0]] = first
+        for rank in pending[1:]:
+            if refused_alike:  # the first and last rank refused for one reason: every rank is
+                found[rank] = first
+                continue
             try:
                 found[rank] = predict_config(config.replace(rank=rank), manager=manager)
             except CostModelError as error:

@@ -646,23 +646,22 @@ def format_ranks(ranks: Sequence[int]) -> str:
 def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[int],
                    predictor: Predictor, progress: Callable[..., Any] | None = None) -> Series:
     """The predictor's cost of ``method`` on ``model`` at every rank; a rank it refuses
-    (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason.
-
-    The first rank is predicted alone first: where it and the last rank are refused for the same
-    reason (a resolution too small for the model, an option the method rejects), the reason does
-    not depend on the rank and every rank is refused with it at once, instead of after thousands
-    of predictions that each say the same."""
-    first, refused_alike = _first_answer(base.replace(model=model, method=method), ranks, predictor)
-    if refused_alike:
-        if progress is not None:
-            progress(len(ranks))
-        return _series(model, method, ranks, {rank: first for rank in ranks})
+    (``CostModelError``, e.g. a rank a layer cannot take) is recorded with its reason; ranks that
+    are all refused alike are refused at once (:func:`first_answer`)."""
     together = getattr(predictor, "ranks", None)
-    if together is not None:
+    if together is not None:  # a predictor of many ranks at once refuses alike ranks itself, at once
         answers = together(base.replace(model=model, method=method), ranks)
         if progress is not None:
             progress(len(ranks))
         return _series(model, method, ranks, answers)
+    from costmodel.prediction import first_answer
+
+    first, refused_alike = first_answer(lambda rank: predictor(base.replace(model=model, method=method, rank=rank)),
+                                        ranks)
+    if refused_alike:
+        if progress is not None:
+            progress(len(ranks))
+        return _series(model, method, ranks, {rank: first for rank in ranks})
     answers = {ranks[0]: first}
     if progress is not None:
         progress()
@@ -674,24 +673,6 @@ def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[in
         if progress is not None:
             progress()
     return _series(model, method, ranks, answers)
-
-
-def _first_answer(config: StepConfig, ranks: Sequence[int],
-                  predictor: Predictor) -> tuple[StepCost | CostModelError, bool]:
-    """The answer at the first of ``ranks``, and whether the last rank is refused for the same
-    reason (then the answer is an error that says so)."""
-    try:
-        return predictor(config.replace(rank=ranks[0])), False
-    except CostModelError as error:
-        first = error
-    if len(ranks) == 1:
-        return first, False
-    try:
-        predictor(config.replace(rank=ranks[-1]))
-    except CostModelError as error:
-        if str(error) == str(first):
-            return CostModelError(f"{first} (at the first and the last rank alike)"), True
-    return first, False
 
 
 def _series(model: str, method: str, ranks: Sequence[int],
