@@ -248,7 +248,9 @@ def fuzz_once(argv: list[str]) -> None:
     except _Hang as hang:
         pytest.fail(f"{argv}: {hang}")
     kind = check_outcome(argv, code, out, err)
-    event(f"{argv[0] if argv else '(none)'}: {kind}")
+    outcome = f"{argv[0] if argv else '(none)'}: {kind}"
+    event(outcome)
+    print(f"fuzz outcome {outcome}")  # visible with -s: a long run's counts so far
 
 
 @pytest.fixture(scope="module")
