@@ -298,8 +298,8 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
 def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) -> tuple[StepCost | CostModelError, bool]:
     """The answer at the first of ``ranks``, and whether the last rank is refused for the same
     reason: then the reason does not depend on the rank (a resolution too small for the model, an
-    option the method rejects), and the answer is an error that says so, for every rank at once
-    instead of after thousands of predictions that each say the same."""
+    option the method rejects), and that error answers for every rank at once instead of after
+    thousands of predictions that each say the same."""
     try:
         return predict_at(ranks[0]), False
     except CostModelError as error:
@@ -309,8 +309,8 @@ def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) ->
     try:
         predict_at(ranks[-1])
     except CostModelError as error:
-        if str(error) == str(first):
-            return CostModelError(f"{first} (at the first and the last rank alike)"), True
+        if str(error) == str(first):  # the same error (its own type: a plugin's failure stays one)
+            return first, True
     return first, False
 
 
