@@ -152,6 +152,14 @@ def no_grads(node: OpNode) -> tuple[None, ...]:
     return (None,) * len(node.inputs)
 
 
+def new_input_grad(node: OpNode, x: TensorMeta, needed: bool) -> tuple[int | None, ...]:
+    """``input_grads`` where only ``x`` may get one: a new tensor of its size when ``needed``."""
+    grads: list[int | None] = list(no_grads(node))
+    if needed:
+        grads[input_index(node, x)] = x.nbytes
+    return tuple(grads)
+
+
 def broadcast_reduced(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
     """Whether a gradient of ``out_shape`` must be summed down to ``shape`` (broadcasting)."""
     return tuple(shape) != tuple(out_shape)

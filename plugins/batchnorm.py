@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
 
-from ._handles import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad, new_output,
+from ._handles import (HandleTable, new_input_grad, add_tensor_argument_grads, input_index, module_param, needs_grad, new_output,
                        no_grads, numel, saved_or_transient, tensor_input, trainable_param)
 
 TABLE = HandleTable()
@@ -70,10 +70,7 @@ def batch_norm_cost(node: OpNode, x: TensorMeta, training: bool, has_weight: boo
         return cost
     cost.backward = Flops(torch=0, exact=batch_norm_backward_flops(elements, channels, training, has_weight, *needs))
     cost.saved = (SavedRef("input", input_index(node, x)),)
-    grads = list(no_grads(node))
-    if needs[0]:
-        grads[input_index(node, x)] = x.nbytes
-    cost.input_grads = tuple(grads)
+    cost.input_grads = new_input_grad(node, x, needs[0])
     return cost
 
 

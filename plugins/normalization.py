@@ -56,7 +56,7 @@ from torch.nn import functional as F
 from costmodel.costs import Flops, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
 
-from ._handles import (HandleTable, add_tensor_argument_grads, input_index, is_float, module_param, needs_grad,
+from ._handles import (HandleTable, new_input_grad, add_tensor_argument_grads, input_index, is_float, module_param, needs_grad,
                        new_output, no_grads, numel, saved_or_transient, tensor_input, trainable_param)
 
 TABLE = HandleTable()
@@ -103,10 +103,7 @@ def norm_cost(node: OpNode, x: TensorMeta, groups: int, has_weight: bool, has_bi
         return cost
     cost.backward = Flops(torch=0, exact=norm_backward_flops(elements, groups, has_weight, *needs))
     cost.saved = (SavedRef("input", input_index(node, x)),)
-    grads = list(no_grads(node))
-    if needs[0]:
-        grads[input_index(node, x)] = x.nbytes
-    cost.input_grads = tuple(grads)
+    cost.input_grads = new_input_grad(node, x, needs[0])
     return cost
 
 
