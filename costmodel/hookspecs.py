@@ -24,16 +24,19 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(firstresult=True)
-def costmodel_op_cost(node: "OpNode", config: "StepConfig") -> "OpCost | None":
+def costmodel_op_cost(node: "OpNode") -> "OpCost | None":
     """Cost one node of the traced graph, or return None if this plugin does not cover it.
 
     Called for every ``call_module``, ``call_function`` and ``call_method`` node, in graph order.
     The answer gives forward FLOPs; when ``node.records_autograd``, the backward FLOPs of exactly
     the gradients needed (``node.needs_input_grad`` and the trainable ``node.params``); the bytes
     the forward allocates and which tensors autograd saves; the backward's gradient and temporary
-    allocations. The first plugin that answers wins (plugins registered later are asked first,
-    so a third-party plugin can override a built-in rule). A node that no plugin answers is an
-    error naming the op, or a reported coverage gap under ``--allow-unknown``.
+    allocations. ``OpCost.param_grads`` is keyed by the keys of ``node.params`` (the parameter's
+    name relative to the node's module, such as ``weight``), which is how the engine looks each
+    one up. ``costmodel.authoring`` has the helpers the built-in op plugins are written with
+    (``docs/plugin-authoring.md``). The first plugin that answers wins (plugins registered later
+    are asked first, so a third-party plugin can override a built-in rule). A node that no plugin
+    answers is an error naming the op, or a reported coverage gap under ``--allow-unknown``.
 
     The graph is the model and its loss traced together (``costmodel.models.TrainingStep``):
     ``criterion(model(images), labels)`` with ``criterion = nn.CrossEntropyLoss()`` as a
@@ -43,9 +46,11 @@ def costmodel_op_cost(node: "OpNode", config: "StepConfig") -> "OpCost | None":
     nodes whose target is ``operator.iadd`` / ``isub`` / ``imul`` / ``itruediv``: eager PyTorch runs
     the in-place tensor method there (output aliases input 0), not an out-of-place op.
 
-    The answer must depend on the node alone (never on ``config.rank``). When the engine predicts
-    many ranks together (``costmodel.ranks``), it asks once for all of them with every
-    rank-dependent size - in shapes, in rank-sized module attributes, in size arguments - a numpy
+    The hook takes the node alone, and the answer must depend on the node alone: the step's
+    configuration (its rank, its method) is not an argument, because one answer may serve many
+    configurations. When the engine predicts many ranks together (``costmodel.ranks``), it asks
+    once for all of them with every rank-dependent size - in shapes, in rank-sized module
+    attributes, in size arguments - a numpy
     integer array with one entry per rank, and expects sizes in the answer as such arrays (or ints
     where they do not vary). Arithmetic, ``math.prod`` and ``costmodel.costs.smaller`` /
     ``differ`` / ``amount`` work on both; a plugin that branches on a size (``if``, ``min``,

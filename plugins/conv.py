@@ -25,11 +25,10 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad,
+                                 new_output, no_grads, numel, tensor_input, trainable_param)
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad, new_output,
-                       no_grads, numel, tensor_input, trainable_param)
 
 TABLE = HandleTable()
 
@@ -109,5 +108,5 @@ def conv_function(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -27,11 +27,9 @@ import operator
 
 import torch
 
-from costmodel.config import StepConfig
+from costmodel.authoring import HandleTable, broadcast_reduced, input_index, is_float, new_output, no_grads, numel
 from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, broadcast_reduced, input_index, is_float, new_output, no_grads, numel
 
 TABLE = HandleTable()
 
@@ -111,5 +109,5 @@ def eye_cost(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: StepConfig) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -39,10 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import StochasticDepth, stochastic_depth
 
+from costmodel.authoring import HandleTable, is_float, new_output, no_grads, numel, saved_or_transient
 from costmodel.costs import Flops, OpCost, OpNode, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, is_float, new_output, no_grads, numel, saved_or_transient
 
 TABLE = HandleTable()
 
@@ -129,5 +128,5 @@ def stochastic_depth_module(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -58,11 +58,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import (HandleTable, broadcast_reduced, input_index, is_float, new_output, no_grads, numel,
+                                 output_aliases_input)
 from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, broadcast_reduced, input_index, is_float, new_output, no_grads, numel, \
-    output_aliases_input
 
 TABLE = HandleTable()
 
@@ -329,5 +328,5 @@ for _kind, _target, _op, _inplace in BINARY_TARGETS:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -31,11 +31,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import (HandleTable, input_index, module_param, needs_grad, new_output, no_grads, numel,
+                                 tensor_input, trainable_param)
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import (HandleTable, input_index, module_param, needs_grad, new_output, no_grads, numel,
-                       tensor_input, trainable_param)
 
 TABLE = HandleTable()
 
@@ -172,5 +171,5 @@ def matmul(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -25,10 +25,9 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import HandleTable, input_index, is_float, new_output, no_grads, numel, saved_or_transient
 from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, input_index, is_float, new_output, no_grads, numel, saved_or_transient
 
 TABLE = HandleTable()
 
@@ -80,5 +79,5 @@ def cross_entropy_function(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

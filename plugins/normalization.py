@@ -53,11 +53,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import (HandleTable, add_tensor_argument_grads, input_index, is_float, module_param,
+                                 needs_grad, new_input_grad, new_output, no_grads, numel, saved_or_transient,
+                                 tensor_input, trainable_param)
 from costmodel.costs import Flops, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import (HandleTable, new_input_grad, add_tensor_argument_grads, input_index, is_float, module_param, needs_grad,
-                       new_output, no_grads, numel, saved_or_transient, tensor_input, trainable_param)
 
 TABLE = HandleTable()
 
@@ -217,5 +217,5 @@ def group_norm_function(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -29,10 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import HandleTable, new_output, no_grads, numel, saved_or_transient
 from costmodel.costs import Flops, OpCost, OpNode, SavedRef
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, new_output, no_grads, numel, saved_or_transient
 
 TABLE = HandleTable()
 
@@ -137,5 +136,5 @@ def adaptive_avg_pool2d(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from costmodel.authoring import HandleTable, new_output, no_grads, numel
 from costmodel.costs import Flops, OpCost, OpNode, TensorMeta
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, new_output, no_grads, numel
 
 TABLE = HandleTable()
 
@@ -82,5 +81,5 @@ def sum_(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

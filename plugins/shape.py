@@ -56,10 +56,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from costmodel.authoring import HandleTable, new_output, no_grads, numel
 from costmodel.costs import Flops, OpCost, OpNode, TensorMeta, differ
 from costmodel.hookspecs import hookimpl
-
-from ._handles import HandleTable, new_output, no_grads, numel
 
 TABLE = HandleTable()
 
@@ -321,5 +320,5 @@ def shape_arithmetic(node: OpNode) -> OpCost | None:
 
 
 @hookimpl
-def costmodel_op_cost(node: OpNode, config: object) -> OpCost | None:
+def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)

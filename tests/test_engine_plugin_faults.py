@@ -37,7 +37,7 @@ def _plugin(name: str, **hooks: object) -> types.ModuleType:
 def _conv_plugin(name: str, answer) -> types.ModuleType:
     """An op plugin that answers ``answer(node)`` for every Conv2d and nothing else."""
     @hookimpl
-    def costmodel_op_cost(node, config):
+    def costmodel_op_cost(node):
         if node.kind == "call_module" and node.target is nn.Conv2d:
             return answer(node)
         return None
@@ -170,11 +170,11 @@ def test_later_registered_plugins_are_asked_first_and_named():
 
 def test_tryfirst_and_trylast_are_respected():
     @hookimpl(tryfirst=True)
-    def eager(node, config):
+    def eager(node):
         return 1 // 0 if node.kind == "call_module" and node.target is nn.Conv2d else None
 
     @hookimpl(trylast=True)
-    def late(node, config):
+    def late(node):
         return -1
 
     manager = registry.create_plugin_manager([_plugin("eager", costmodel_op_cost=eager),
@@ -228,7 +228,7 @@ def test_with_a_hook_wrapper_pluggy_runs_the_call_and_every_implementer_is_named
     # A wrapper runs around the other implementations and cannot be run alone: pluggy makes the
     # call, and the failure names every plugin that may have caused it.
     @hookimpl(wrapper=True)
-    def costmodel_op_cost(node, config):
+    def costmodel_op_cost(node):
         return (yield)
 
     manager = registry.create_plugin_manager([_plugin("wrapping_plugin", costmodel_op_cost=costmodel_op_cost),

@@ -41,7 +41,7 @@ def test_a_third_party_plugin_is_asked_before_the_builtins(monkeypatch):
     module = types.ModuleType("aaa_thirdparty_conv")
 
     @hookimpl
-    def costmodel_op_cost(node, config):
+    def costmodel_op_cost(node):
         if node.kind == "call_module" and node.target.__name__ == "Conv2d":
             return OpCost(forward=Flops.both(1))
         return None
@@ -76,7 +76,7 @@ def test_a_misspelt_hook_is_caught_at_start_up():
     module = types.ModuleType("typo_plugin")
 
     @hookimpl
-    def costmodel_op_costs(node, config):  # one letter too many
+    def costmodel_op_costs(node):  # one letter too many
         return None
 
     module.costmodel_op_costs = costmodel_op_costs
@@ -88,7 +88,7 @@ def test_a_hook_with_a_wrong_argument_is_caught_at_registration():
     module = types.ModuleType("bad_signature_plugin")
 
     @hookimpl
-    def costmodel_op_cost(node, config, extra):
+    def costmodel_op_cost(node, config):  # the op hook takes the node alone: config is refused
         return None
 
     module.costmodel_op_cost = costmodel_op_cost

@@ -361,7 +361,7 @@ def test_every_op_plugin_is_registered_through_the_costmodel_entry_point_group()
         manager.register(registered[module.__name__].load(), name=registered[module.__name__].name)
     manager.check_pending()
     obs = run_module(nn.Conv2d(2, 3, 1), grad(1, 2, 2, 2))
-    assert manager.hook.costmodel_op_cost(node=obs.node, config=None) == plugin_cost(obs.node)
+    assert manager.hook.costmodel_op_cost(node=obs.node) == plugin_cost(obs.node)
 
 
 # ---------------------------------------------------------------------------------------------
