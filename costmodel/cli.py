@@ -27,16 +27,17 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=defaults.model, help="torchvision model name (default: %(default)s)")
     parser.add_argument("--method", default=defaults.method, help="fft, bn_head, lora, dora, galore, or a plugin's method (default: %(default)s)")
     parser.add_argument("--rank", type=int, default=None, help=f"adapter / projection rank, for methods that take one (default: {defaults.rank})")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA lora_alpha (default: the rank)")
+    parser.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA lora_alpha, short for --option alpha=ALPHA (default: the rank)")
     parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
-    parser.add_argument("--galore-update-proj-gap", type=int, default=None, help=f"GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: {defaults.galore_update_proj_gap})")
+    parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T: an SVD on step k when (k-1) %% T == 0, short for --option update_proj_gap=T (default: 200)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
-                             "include_grouped=true, adapt_head=true")
+                             "include_grouped=true, adapt_head=true; LoRA/DoRA alpha=16; GaLore update_proj_gap=50, "
+                             "scale=0.5")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -62,18 +63,27 @@ def _config(args: argparse.Namespace) -> StepConfig:
 
     _check_models([args.model], "--model")
     _check_methods([args.method], "--method")
-    # An explicit --rank for a method that takes none is refused (it would be silently ignored).
-    settings = {"alpha": ("--alpha", args.alpha), "galore_update_proj_gap": ("--galore-update-proj-gap", args.galore_update_proj_gap)}
+    # An explicit --rank for a method that takes none is refused (it would be silently ignored), and
+    # so is a shorthand for an option the method does not declare (--alpha for fft).
     options = check_method_arguments(default_plugin_manager(), args.method, args.rank is not None,
-                                     _method_options(args.option),
-                                     {field: flag for field, (flag, value) in settings.items() if value is not None})
+                                     _method_options(args.option), _shorthands(args))
     defaults = StepConfig()
     return StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
-        alpha=args.alpha, batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-        galore_update_proj_gap=defaults.galore_update_proj_gap if args.galore_update_proj_gap is None
-        else args.galore_update_proj_gap, options=options,
+        batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, options=options,
     )
+
+
+# The flags that are short for a method option: flag's argparse destination -> (option key, flag).
+OPTION_SHORTHANDS: dict[str, tuple[str, str]] = {
+    "alpha": ("alpha", "--alpha"), "galore_update_proj_gap": ("update_proj_gap", "--galore-update-proj-gap"),
+}
+
+
+def _shorthands(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """The shorthand flags given explicitly: option key -> (flag, value)."""
+    return {key: (flag, getattr(args, dest)) for dest, (key, flag) in OPTION_SHORTHANDS.items()
+            if getattr(args, dest, None) is not None}
 
 
 # -- what can be checked before any work: names, paths, counts
@@ -191,12 +201,19 @@ def _add_scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed (default: %(default)s)")
-    parser.add_argument("--galore-update-proj-gap", type=int, default=defaults.galore_update_proj_gap, help="GaLore's T (default: %(default)s)")
+    parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T, for the GaLore predictions (default: 200)")
 
 
 def _scenario(args: argparse.Namespace) -> StepConfig:
+    """The base step of sweep, plan and report: a shorthand flag's option goes to every method that
+    declares it (``StepConfig.shared_options``: T to GaLore) and is ignored by the others."""
+    from costmodel.config import check_int
+
+    shared: dict[str, object] = {}
+    if args.galore_update_proj_gap is not None:
+        shared["update_proj_gap"] = check_int(args.galore_update_proj_gap, "--galore-update-proj-gap")
     return StepConfig(batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-                      galore_update_proj_gap=args.galore_update_proj_gap)
+                      shared_options=shared)
 
 
 def _write_text(path: str, text: str, option: str) -> None:

@@ -19,8 +19,7 @@ MAX_INT = 2**31 - 1
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
-    "step": "--step", "galore_update_proj_gap": "--galore-update-proj-gap", "alpha": "--alpha",
-    "lr": "lr", "galore_scale": "galore_scale",
+    "step": "--step", "lr": "lr",
 }
 
 
@@ -32,8 +31,9 @@ def is_valid_int(value: Any) -> bool:
 def is_valid_positive(value: Any) -> bool:
     """Whether ``value`` is a finite number > 0 (never a bool).
 
-    A LoRA alpha, a GaLore scale or a learning rate of nan, inf, 0 or below is accepted by peft and
-    galore-torch without complaint but trains nothing sensible; it is refused instead."""
+    A learning rate (or a method's ``"float"`` option: LoRA's alpha, GaLore's scale) of nan, inf, 0
+    or below is accepted by torch, peft and galore-torch without complaint but trains nothing
+    sensible; it is refused instead."""
     return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
             and value > 0)
 
@@ -68,28 +68,26 @@ class StepConfig:
     resolution: int = 224
     classes: int = 10
     step: int = 2
+    # The optimizer's learning rate (every method has one).
     lr: float = 1e-3
-    # LoRA/DoRA: lora_alpha; None means alpha = rank (the reference configuration).
-    alpha: float | None = None
-    # GaLore: the projector is refreshed (an SVD) on step k when (k - 1) % T == 0.
-    galore_update_proj_gap: int = 200
-    galore_scale: float = 0.25
-    # Method-specific options that later method plugins define (rank patterns, target rules...).
+    # The options of ``method``, as its plugin declares them (``costmodel_method_options``): its
+    # hyper-parameters (LoRA/DoRA ``alpha``, GaLore ``update_proj_gap`` and ``scale``), rank
+    # patterns, target rules... Checked, coerced and completed with the declared defaults before
+    # the method plugin runs (``costmodel.options.checked_config``); left here as given.
     options: dict[str, Any] = field(default_factory=dict)
+    # Options for whichever method declares them, for a base configuration whose method varies
+    # (sweep, plan, report: ``--galore-update-proj-gap`` applies to GaLore only): a method that
+    # declares a key gets its value unless ``options`` gives one; a method that does not ignores it.
+    shared_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch", "resolution", "classes", "step", "galore_update_proj_gap"):
+        for name in ("rank", "batch", "resolution", "classes", "step"):
             check_int(getattr(self, name), _FIELD_NAMES[name])
-        for name in ("lr", "galore_scale", "alpha"):
-            value = getattr(self, name)
-            if value is not None or name != "alpha":  # alpha None: alpha = rank
-                check_positive(value, _FIELD_NAMES[name])
-        if not isinstance(self.options, dict):
-            raise CostModelError(f"method options must be a dict of option names to values, got {self.options!r}")
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
+        check_positive(self.lr, _FIELD_NAMES["lr"])
+        for name in ("options", "shared_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise CostModelError(f"method {name.replace('_', ' ')} must be a dict of option names to values, "
+                                     f"got {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> "StepConfig":
         return dataclasses.replace(self, **changes)

@@ -106,7 +106,9 @@ class OpNode:
     ``args``/``kwargs`` hold the node's arguments with every tensor replaced by its
     :class:`TensorMeta`; ``inputs`` lists those tensor arguments in order.
     ``needs_input_grad[i]`` says whether autograd must compute the gradient of ``inputs[i]``.
-    ``params`` are the module's own parameters and buffers (``call_module`` only).
+    ``params`` are the module's own parameters and buffers (``call_module`` only), keyed by their
+    names relative to the module (``weight``, or ``base_layer.weight`` inside a wrapper); these
+    keys are what ``OpCost.param_grads`` takes.
     """
 
     name: str
@@ -182,8 +184,12 @@ class OpCost:
     autograd keeps until backward.
     Backward memory: ``input_grads[i]`` is the number of bytes newly allocated for the gradient of
     ``inputs[i]`` (0 when it aliases the incoming gradient, None when not computed);
-    ``param_grads`` maps a trainable parameter's name to its gradient bytes; ``backward_allocs``
-    are transients freed when the node's backward finishes, in order, before the gradients.
+    ``param_grads`` maps each of the node's own trainable parameters that gets a gradient to the
+    gradient's bytes, keyed by its key in ``OpNode.params`` - the name relative to the node's
+    module (``weight``, ``bias``, ``base_layer.weight``), not the qualified
+    ``ParamMeta.name``; the engine looks each key up in ``OpNode.params`` to find the parameter.
+    ``backward_allocs`` are transients freed when the node's backward finishes, in order, before
+    the gradients.
     """
 
     forward: Flops
@@ -275,10 +281,17 @@ class OptionSpec:
     as ``True``/``False`` even when typed ``--option adapt_head=no``, an ``"int"`` as an ``int``, a
     ``"float"`` as a ``float``, a ``"regex"`` as the (compilable) string, ``"names"`` as a list of
     strings, a pattern as a ``dict`` - and refuses anything else, so a plugin reads ready values.
+
+    ``default``: the value the method uses when the option is not given (None: no default, the
+    option is simply absent - e.g. LoRA's ``alpha``, which then equals the rank). The engine fills
+    the defaults into the ``config.options`` a method plugin receives, so a plugin reads
+    ``config.options[key]`` for an option with a default; the user's configuration is left as
+    given (a default given explicitly or left out prices the same step).
     """
 
     kind: str
     help: str = ""
+    default: Any = None
 
     def __post_init__(self) -> None:
         # A misspelt kind is the plugin author's mistake: say so when the plugin is imported.
@@ -293,11 +306,12 @@ class MethodOptions:
     ``takes_rank``: whether the method reads ``StepConfig.rank`` at all (an adapter or projection
     rank); the CLI refuses ``--rank`` for a method that does not, and a prediction's method note
     says the rank is unused. ``options``: every key the method accepts in ``StepConfig.options``
-    with its spec; any other key is refused, naming it and listing these. ``settings``: the other
-    ``StepConfig`` fields the method reads (``alpha``, ``galore_update_proj_gap``,
-    ``galore_scale``); the CLI refuses the flag of one it does not read, given explicitly.
+    with its spec; any other key is refused, naming it and listing these. A method's own
+    hyper-parameters are options too (LoRA's ``alpha``, GaLore's ``update_proj_gap`` and
+    ``scale``): ``StepConfig`` holds only what every method has; the CLI's ``--alpha`` and
+    ``--galore-update-proj-gap`` are shorthands for ``--option alpha=...`` and
+    ``--option update_proj_gap=...``, refused for a method that does not declare the option.
     """
 
     takes_rank: bool
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
-    settings: frozenset[str] = frozenset()

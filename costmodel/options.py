@@ -4,7 +4,15 @@ Method plugins declare what they take (``costmodel_method_options`` -> :class:`M
 option an :class:`OptionSpec` of one kind); this module is the one place that holds a given value
 against its declaration. The engine's ``prepare_method`` calls :func:`checked_config` before every
 ``costmodel_prepare_method``, so the Python API is as safe as the CLI; the CLI calls
-:func:`check_method_arguments` first to refuse an explicit ``--rank`` for a method that takes none.
+:func:`check_method_arguments` first to refuse an explicit ``--rank`` for a method that takes none
+and to turn the shorthand flags (``--alpha``, ``--galore-update-proj-gap``) into options.
+
+A method's hyper-parameters are options like any other (LoRA/DoRA ``alpha``, GaLore
+``update_proj_gap`` and ``scale``), their defaults in the plugin's declaration
+(``OptionSpec.default``): the plugin receives its options completed with them, while the user's
+``StepConfig`` keeps only what was given (so its JSON shows what the user asked for). A base step
+whose method varies (sweep, plan, report) carries ``StepConfig.shared_options``, which reach only
+the methods that declare them.
 
 Values arrive typed (the Python API) or from ``--option KEY=VALUE`` (parsed as JSON, else kept as a
 string), so each kind accepts the spellings a user types: a bool from ``true``/``False``/``yes``/
@@ -154,12 +162,18 @@ def coerce_options(method: str, declared: MethodOptions, options: Mapping[str, A
 
 
 def _check_method_options(answer: Any) -> None:
-    """A MethodOptions whose every option is an OptionSpec (a plugin's declaration, checked once)."""
+    """A MethodOptions whose every option is an OptionSpec with a default of its kind (or None):
+    a plugin's declaration, checked once."""
     if not isinstance(answer, MethodOptions):
         raise BadAnswer(f"the answer is {type(answer).__name__}, not costmodel.costs.MethodOptions")
     for key, spec in answer.options.items():
         if not isinstance(key, str) or not isinstance(spec, OptionSpec):
             raise BadAnswer(f"option {key!r} is declared as {type(spec).__name__}, not costmodel.costs.OptionSpec")
+        if spec.default is not None:
+            try:
+                COERCE[spec.kind](spec.default)
+            except _Refused as refused:
+                raise BadAnswer(f"option {key!r} has the default {spec.default!r}, not {refused.expected}") from None
 
 
 # Asked through costmodel.plugin_calls like every hook: a plugin that raises or declares nonsense is
@@ -180,37 +194,76 @@ def unknown_method(manager: pluggy.PluginManager, method: str) -> CostModelError
 
 
 def check_method_arguments(manager: pluggy.PluginManager, method: str, rank_given: bool,
-                           options: Mapping[str, Any], settings_given: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The CLI's check of ``--method``, ``--rank``, ``--option`` and the method settings' flags
-    (``settings_given``: ``StepConfig`` field -> the flag that set it explicitly) before a step is
-    configured.
+                           options: Mapping[str, Any],
+                           shorthands: Mapping[str, tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """The CLI's check of ``--method``, ``--rank``, ``--option`` and the options' shorthand flags
+    (``shorthands``: option key -> (the flag, its value), only those given explicitly: ``--alpha 8``
+    is ``{"alpha": ("--alpha", 8.0)}``) before a step is configured.
 
-    Returns ``options`` coerced to their declared kinds. Raises a one-line CostModelError for an
-    unknown method, an explicit rank (``rank_given``) for a method that takes none, an explicit
-    setting the method does not read (``--alpha`` for fft: silently ignored otherwise), an
-    undeclared option or a value not of its kind. A method provided by a plugin that declares
-    nothing gets its options back unchanged (its plugin checks them).
+    Returns ``options`` coerced to their declared kinds, with the shorthands' values added under
+    their keys. Raises a one-line CostModelError for an unknown method, an explicit rank
+    (``rank_given``) for a method that takes none, a shorthand for an option the method does not
+    declare (``--alpha`` for fft: ``--alpha: method fft does not use it``), a shorthand's value not
+    of its kind (``--alpha must be a finite number > 0, got nan``), a shorthand and an ``--option``
+    of the same key with different values, an undeclared option or a value not of its kind. A
+    method provided by a plugin that declares nothing gets its options (and shorthands) back
+    unchanged (its plugin checks them).
     """
     declared = method_options(manager, method)
+    shorthands = dict(shorthands or {})
     if declared is None:
         if method not in method_names(manager):
             raise unknown_method(manager, method)
-        return dict(options)
+        return {**options, **{key: value for key, (_, value) in shorthands.items() if key not in options}}
     if rank_given and not declared.takes_rank:
         raise CostModelError(f"--rank: method {method} takes no rank")
-    for setting, flag in (settings_given or {}).items():
-        if setting not in declared.settings:
+    for key, (flag, _) in shorthands.items():
+        if key not in declared.options:
             raise CostModelError(f"{flag}: method {method} does not use it")
-    return coerce_options(method, declared, options)
+    coerced = coerce_options(method, declared, options)
+    for key, (flag, value) in shorthands.items():
+        try:
+            value = COERCE[declared.options[key].kind](value)
+        except _Refused as refused:
+            raise CostModelError(f"{flag} must be {refused.expected}, got {value!r}") from None
+        if key in coerced and coerced[key] != value:
+            raise CostModelError(f"{flag} {value!r} and --option {key}={coerced[key]!r} disagree: give one")
+        coerced[key] = value
+    return coerced
+
+
+def resolved_options(method: str, declared: MethodOptions, config: StepConfig) -> dict[str, Any]:
+    """The options ``method`` runs with under ``config``: ``config.shared_options`` that ``method``
+    declares, overridden by ``config.options``, coerced to their kinds, then every declared default
+    of an option not given (an option whose default is None stays absent)."""
+    given = {key: value for key, value in config.shared_options.items() if key in declared.options}
+    given.update(config.options)
+    options = coerce_options(method, declared, given)
+    for key, spec in declared.options.items():
+        if key not in options and spec.default is not None:
+            options[key] = spec.default
+    return options
 
 
 def checked_config(manager: pluggy.PluginManager, config: StepConfig) -> tuple[StepConfig, MethodOptions | None]:
-    """``config`` with its options checked and coerced for ``config.method`` (the same ``config``
-    when nothing changes), and the method's declaration (None when it makes none)."""
+    """``config`` as ``config.method``'s plugin receives it: its options checked, coerced and
+    completed with the declared defaults (:func:`resolved_options`; the shared options merged in),
+    the same ``config`` when nothing changes; and the method's declaration (None when it makes
+    none: then the options go to the plugin as given and the shared options are ignored)."""
     declared = method_options(manager, config.method)
     if declared is None:
         return config, None
-    if not config.options:
+    if not config.options and not config.shared_options and all(
+            spec.default is None for spec in declared.options.values()):
         return config, declared
     # Always the coerced copy: a value equal but not identical (1 == True) must still arrive coerced.
-    return config.replace(options=coerce_options(config.method, declared, config.options)), declared
+    return config.replace(options=resolved_options(config.method, declared, config), shared_options={}), declared
+
+
+def option_value(manager: pluggy.PluginManager, config: StepConfig, key: str) -> Any:
+    """The value of option ``key`` that ``config.method`` runs with (given, shared or its declared
+    default; None when absent or the method declares no such option)."""
+    declared = method_options(manager, config.method)
+    if declared is None or key not in declared.options:
+        return None
+    return resolved_options(config.method, declared, config).get(key)

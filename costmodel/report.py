@@ -500,7 +500,7 @@ def build_claims(data: ReportData) -> list[ClaimRow]:
                       t.relative(method, "fft", flops, "reduction"), _percent)
     b = data.base
     svd_config = (f"B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, {b.classes} classes, "
-                  f"step 1 (T={b.galore_update_proj_gap}: GaLore refreshes its projector with an SVD)")
+                  f"step 1 (T={_galore_option(b, 'update_proj_gap')}: GaLore refreshes its projector with an SVD)")
     for model, paper in for_models({}, "10-30%"):
         t.compare("GaLore FLOP overhead vs FFT (SVD step)", paper, model, "GaLore/FFT - 1, both at step 1",
                   FLOP_VARIANTS, t.relative("galore", "fft", flops, "overhead", step=1), _percent, svd_config)
@@ -838,10 +838,21 @@ def regenerate_command(out: str | Path, models: Sequence[str], ranks: Sequence[i
     if fake:
         parts.append("--fake")
     defaults = StepConfig()
-    for name in ("rank", "batch", "resolution", "classes", "step", "galore_update_proj_gap"):
+    for name in ("rank", "batch", "resolution", "classes", "step"):
         if getattr(base, name) != getattr(defaults, name):
             parts += [f"--{name.replace('_', '-')}", str(getattr(base, name))]
+    if "update_proj_gap" in base.shared_options:
+        parts += ["--galore-update-proj-gap", str(base.shared_options["update_proj_gap"])]
     return " ".join(parts)
+
+
+def _galore_option(base: StepConfig, key: str) -> Any:
+    """The GaLore option ``key`` the report's GaLore rows run with (given in the base step, else
+    the plugin's declared default)."""
+    from costmodel.options import option_value
+    from costmodel.registry import default_plugin_manager
+
+    return option_value(default_plugin_manager(), base.replace(method="galore"), key)
 
 
 def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, str], command: str) -> str:
@@ -854,8 +865,8 @@ def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, st
         f"Paper: *{PAPER_TITLE}*.",
         "",
         f"Configuration unless a row says otherwise: batch {b.batch}, {b.resolution}x{b.resolution} images, "
-        f"{b.classes} classes, rank {b.rank} (LoRA/DoRA alpha = rank, GaLore scale {b.galore_scale}, "
-        f"T = {b.galore_update_proj_gap}, proj_type std), AdamW lr {b.lr}, measured step {b.step} "
+        f"{b.classes} classes, rank {b.rank} (LoRA/DoRA alpha = rank, GaLore scale {_galore_option(b, 'scale')}, "
+        f"T = {_galore_option(b, 'update_proj_gap')}, proj_type std), AdamW lr {b.lr}, measured step {b.step} "
         "(step 1 creates the optimizer state). Models: torchvision, weights=None.",
         "",
         "- *predicted*: `costmodel predict` (analytic, nothing runs); *measured*: `costmodel measure` "

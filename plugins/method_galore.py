@@ -15,8 +15,10 @@ settings in ``options["low_rank"]``: GaLoreAdamW's step keeps its temporaries in
 that live on from one parameter to the next, across its parameter groups, so only the whole step
 can be costed to the byte (see ``galore_adamw``).
 
-Options: those of ``method_targets`` except ``include_grouped`` (every convolution is projected
-anyway) and ``alpha_pattern``; ``rank_pattern`` gives a layer its own projection rank.
+Options: ``update_proj_gap`` (T, default 200; the CLI's ``--galore-update-proj-gap``) and
+``scale`` (default 0.25), then those of ``method_targets`` except ``include_grouped`` (every
+convolution is projected anyway) and ``alpha_pattern``; ``rank_pattern`` gives a layer its own
+projection rank.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from costmodel.plugins.method_targets import KNOWN_OPTIONS, TARGET_OPTIONS, sele
 
 METHOD = "galore"
 GALORE_OPTIONS = KNOWN_OPTIONS - {"include_grouped", "alpha_pattern"}
-ARGUMENTS = MethodOptions(takes_rank=True, settings=frozenset({"galore_update_proj_gap", "galore_scale"}), options={
+# The reference configuration's T and scale (the GaLore paper's).
+UPDATE_PROJ_GAP = 200
+SCALE = 0.25
+ARGUMENTS = MethodOptions(takes_rank=True, options={
+    "update_proj_gap": OptionSpec("int", "T: the projector is refreshed (an SVD) on step k when (k - 1) % T == 0 "
+                                         f"(the CLI's --galore-update-proj-gap; default {UPDATE_PROJ_GAP})",
+                                  default=UPDATE_PROJ_GAP),
+    "scale": OptionSpec("float", f"the factor of the projected-back update (default {SCALE})", default=SCALE),
     **{key: spec for key, spec in TARGET_OPTIONS.items() if key in GALORE_OPTIONS},
     "rank_pattern": OptionSpec("int_pattern", "per-layer projection rank: {layer-name regex: rank}, the first "
                                               "matching key wins"),
@@ -38,9 +47,16 @@ ARGUMENTS = MethodOptions(takes_rank=True, settings=frozenset({"galore_update_pr
 
 
 def low_rank_settings(config: StepConfig, rank: int) -> dict[str, object]:
-    """The low-rank group's settings, as the runtime reference passes them to GaLoreAdamW."""
-    return {"rank": rank, "update_proj_gap": config.galore_update_proj_gap,
-            "scale": config.galore_scale, "proj_type": "std"}
+    """The low-rank group's settings, as the runtime reference passes them to GaLoreAdamW
+    (T and the scale: ``config.options``, else the declared defaults)."""
+    return {"rank": rank, "update_proj_gap": galore_option(config, "update_proj_gap"),
+            "scale": galore_option(config, "scale"), "proj_type": "std"}
+
+
+def galore_option(config: StepConfig, key: str) -> object:
+    """Option ``key`` of ``config`` or its declared default (the engine fills the defaults in; a
+    caller of :func:`galore_param_group` on a bare config gets them here)."""
+    return config.options.get(key, ARGUMENTS.options[key].default)
 
 
 def galore_param_group(model: nn.Module, config: StepConfig) -> ParamGroup:
@@ -73,5 +89,5 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     return PreparedMethod(
         param_groups=[group],
         note=f"galore: {len(group.options['low_rank'])} projected weights at rank {config.rank}, "
-             f"T={config.galore_update_proj_gap}; every parameter trains",
+             f"T={galore_option(config, 'update_proj_gap')}; every parameter trains",
         affine_in_rank=True)  # the rank is only the low-rank group's projection rank

@@ -74,15 +74,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.config import StepConfig
-from costmodel.costs import MethodOptions, ParamGroup, PreparedMethod
+from costmodel.costs import MethodOptions, OptionSpec, ParamGroup, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.method_fft import trainable_metas
 from costmodel.plugins.method_targets import TARGET_OPTIONS, Target, head_module_names, replace_module, select_targets
 
 METHODS: tuple[str, ...] = ("lora", "dora")
-# Both take the adapter rank and every layer-selection option (method_targets).
-ARGUMENTS = MethodOptions(takes_rank=True, options=TARGET_OPTIONS, settings=frozenset({"alpha"}))
+# Both take the adapter rank, peft's lora_alpha (the CLI's --alpha; absent: alpha = rank, the
+# reference configuration, so the scaling alpha / rank is 1 at every rank) and every
+# layer-selection option (method_targets).
+ARGUMENTS = MethodOptions(takes_rank=True, options={
+    "alpha": OptionSpec("float", "peft's lora_alpha: the adapters' scaling is alpha / rank (default: the rank)"),
+    **TARGET_OPTIONS,
+})
 ADAPTER = "default"  # peft's adapter name: parameters are named lora_A.default.weight etc.
 
 
@@ -217,7 +222,8 @@ def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list
     coerced them against ``ARGUMENTS`` (``adapt_head`` a real bool, not the string "False").
     """
     method = "dora" if use_dora else "lora"
-    targets = select_targets(model, config.rank, config.lora_alpha, config.options, grouped="divisible")
+    alpha = float(config.options.get("alpha", config.rank))  # absent: alpha = rank
+    targets = select_targets(model, config.rank, alpha, config.options, grouped="divisible")
     if not targets:
         raise CostModelError(f"{method}: the model {config.model!r} has no layer to adapt")
     head = head_module_names(model)
@@ -254,7 +260,7 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     # unless a pattern pins some layers' rank or alpha, or a grouped convolution accepts only some
     # ranks.
     options = config.options
-    affine = (config.alpha is None and not options.get("rank_pattern") and not options.get("alpha_pattern")
+    affine = ("alpha" not in options and not options.get("rank_pattern") and not options.get("alpha_pattern")
               and not options.get("include_grouped") and all(getattr(t.module, "groups", 1) == 1 for t in targets))
     return PreparedMethod(
         param_groups=[group],

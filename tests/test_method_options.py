@@ -110,9 +110,10 @@ def test_a_bad_option_value_is_one_line_from_the_cli(key: str, value: object, me
 def test_an_unknown_option_is_named_with_the_methods_options(capsys: pytest.CaptureFixture[str]) -> None:
     line = cli_error(capsys, "--method", "lora", "--option", "adapt_heads=true")
     assert "--option adapt_heads: method 'lora' does not know the option(s) 'adapt_heads'; known: adapt_head, " \
-           "alpha_pattern, exclude_modules, include_grouped, rank_pattern, target_modules" in line
+           "alpha, alpha_pattern, exclude_modules, include_grouped, rank_pattern, target_modules" in line
     line = cli_error(capsys, "--method", "galore", "--option", "alpha_pattern={}")
-    assert "'alpha_pattern'; known: adapt_head, exclude_modules, rank_pattern, target_modules" in line
+    assert ("'alpha_pattern'; known: adapt_head, exclude_modules, rank_pattern, scale, target_modules, "
+            "update_proj_gap") in line
     assert "--option adapt_head: method 'fft' takes no options" in cli_error(
         capsys, "--method", "fft", "--option", "adapt_head=true")
     with pytest.raises(CostModelError, match="method 'bn_head' takes no options"):
@@ -143,9 +144,13 @@ def test_good_values_are_coerced_to_their_kind() -> None:
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-inf", "-5", "0"])
 def test_alpha_must_be_a_finite_number_above_zero(alpha: str, capsys: pytest.CaptureFixture[str]) -> None:
     # peft 0.21.2 takes any lora_alpha (its scaling is alpha / r, unchecked): refused here.
-    with pytest.raises(CostModelError, match=r"--alpha must be a finite number > 0"):
-        StepConfig(method="lora", alpha=float(alpha))
+    with pytest.raises(CostModelError, match=r"--option alpha \(method lora\): expected a finite number > 0"):
+        predict_config(StepConfig(method="lora", **SMALL, options={"alpha": float(alpha)}))
+    with pytest.raises(CostModelError, match=r"^alpha must be a finite number > 0"):
+        costmodel.predict("mobilenet_v2", "lora", **SMALL, alpha=float(alpha))
     assert "--alpha must be a finite number > 0" in cli_error(capsys, "--method", "lora", f"--alpha={alpha}")
+    assert "--option alpha (method lora): expected a finite number > 0" in cli_error(
+        capsys, "--method", "lora", "--option", f"alpha={alpha}")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, 0.0, -0.25])
@@ -153,21 +158,72 @@ def test_galore_scale_and_lr_must_be_finite_and_above_zero(value: float) -> None
     # galore-torch 1.0 multiplies the projected update by scale unchecked.
     with pytest.raises(CostModelError, match="galore_scale must be a finite number > 0"):
         costmodel.predict("mobilenet_v2", "galore", **SMALL, galore_scale=value)
+    with pytest.raises(CostModelError, match=r"--option scale \(method galore\): expected a finite number > 0"):
+        costmodel.predict("mobilenet_v2", "galore", **SMALL, scale=value)
     with pytest.raises(CostModelError, match="lr must be a finite number > 0"):
         StepConfig(lr=value)
 
 
 @pytest.mark.parametrize("field, flag", [("rank", "--rank"), ("batch", "--batch"), ("resolution", "--resolution"),
-                                         ("classes", "--classes"), ("step", "--step"),
-                                         ("galore_update_proj_gap", "--galore-update-proj-gap")])
+                                         ("classes", "--classes"), ("step", "--step")])
 def test_integer_fields_are_bounded(field: str, flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert getattr(StepConfig(**{field: MAX_INT}), field) == MAX_INT
     for bad in (0, MAX_INT + 1, 10**23, True, 2.0):
         with pytest.raises(CostModelError, match=f"{flag} must be an integer >= 1 and <= 2147483647"):
             StepConfig(**{field: bad})
-    method = "galore" if field == "galore_update_proj_gap" else "lora"  # a method that reads the field
     assert f"{flag} must be an integer >= 1 and <= 2147483647" in cli_error(
-        capsys, "--method", method, flag, str(10**23))
+        capsys, "--method", "lora", flag, str(10**23))
+
+
+def test_the_galore_update_proj_gap_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    """T is GaLore's option (``update_proj_gap``), as strict as the integer fields."""
+    manager = default_plugin_manager()
+    assert check_method_arguments(manager, "galore", False, {"update_proj_gap": MAX_INT}) == {"update_proj_gap": MAX_INT}
+    for bad in (0, MAX_INT + 1, 10**23, True, 2.0):
+        with pytest.raises(CostModelError, match=r"^--option update_proj_gap \(method galore\): expected an integer "
+                                                 r">= 1 and <= 2147483647"):
+            predict_config(StepConfig(method="galore", **SMALL, options={"update_proj_gap": bad}))
+        with pytest.raises(CostModelError, match="^galore_update_proj_gap must be an integer >= 1 and <= 2147483647"):
+            costmodel.predict("mobilenet_v2", "galore", **SMALL, galore_update_proj_gap=bad)
+    flag = "--galore-update-proj-gap"
+    assert f"{flag} must be an integer >= 1 and <= 2147483647" in cli_error(
+        capsys, "--method", "galore", flag, str(10**23))
+    for command, more in (("sweep", ()), ("plan", ("--memory", "64MiB"))):  # T for their GaLore predictions
+        assert f"{flag} must be an integer >= 1 and <= 2147483647" in cli_error(capsys, flag, "0", *more,
+                                                                                 command=command)
+
+
+def test_the_shorthands_are_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--alpha`` / ``--galore-update-proj-gap`` and the API keywords set the methods' options;
+    an absent option and its declared default price the same step."""
+    manager = default_plugin_manager()
+    assert check_method_arguments(manager, "lora", True, {}, {"alpha": ("--alpha", 8.0)}) == {"alpha": 8.0}
+    assert check_method_arguments(manager, "lora", True, {"alpha": 8}, {"alpha": ("--alpha", 8.0)}) == {"alpha": 8.0}
+    with pytest.raises(CostModelError, match=r"^--alpha 8.0 and --option alpha=4.0 disagree"):
+        check_method_arguments(manager, "lora", True, {"alpha": 4}, {"alpha": ("--alpha", 8.0)})
+    assert "disagree" in cli_error(capsys, "--method", "galore", "--galore-update-proj-gap", "5",
+                                   "--option", "update_proj_gap=6")
+    with pytest.raises(CostModelError, match=r"^galore_scale=0.5 and scale=0.3 disagree"):
+        costmodel.predict("mobilenet_v2", "galore", **SMALL, galore_scale=0.5, scale=0.3)
+    keyword = costmodel.predict("mobilenet_v2", "lora", rank=4, **SMALL, alpha=8)
+    option = predict_config(StepConfig(method="lora", rank=4, **SMALL, options={"alpha": 8.0}))
+    assert keyword.config.options == {"alpha": 8.0} and keyword.flops == option.flops
+    assert keyword.memory == option.memory
+    # alpha = rank (absent) and alpha = 2 * rank differ only by the scaling, not the cost.
+    assert predict_config(StepConfig(method="lora", rank=4, **SMALL)).memory == option.memory
+    plain = predict_config(StepConfig(method="galore", **SMALL, step=3))
+    default = predict_config(StepConfig(method="galore", **SMALL, step=3,
+                                        options={"update_proj_gap": 200, "scale": 0.25}))
+    assert (plain.flops, plain.memory) == (default.flops, default.memory)
+    refresh = costmodel.predict("mobilenet_v2", "galore", **SMALL, step=3, galore_update_proj_gap=1)
+    assert refresh.config.options == {"update_proj_gap": 1} and refresh.flops != plain.flops
+    # A base step's shared option reaches only the methods that declare it.
+    shared = StepConfig(**SMALL, step=3, shared_options={"update_proj_gap": 1})
+    assert predict_config(shared.replace(method="galore")).flops == refresh.flops
+    assert predict_config(shared.replace(method="lora")).flops == predict_config(
+        StepConfig(method="lora", **SMALL, step=3)).flops
+    with pytest.raises(CostModelError, match=r"--option update_proj_gap: method 'lora' does not know"):
+        costmodel.predict("mobilenet_v2", "lora", **SMALL, galore_update_proj_gap=5)
 
 
 @pytest.mark.parametrize("method, flag, value", [("fft", "--alpha", "2"), ("bn_head", "--alpha", "8"),

@@ -75,7 +75,7 @@ def measure_step(rank: int, gap: int, step: int) -> tuple[int, dict[str, int]]:
 
 
 def predict_step(rank: int, gap: int, step: int) -> tuple[int, dict[str, int]]:
-    config = StepConfig(method="galore", rank=rank, galore_update_proj_gap=gap)
+    config = StepConfig(method="galore", rank=rank, options={"update_proj_gap": gap})
     group = galore_param_group(AllKinds().to("meta"), config)
     cost = galore_step(group.params, group.options["low_rank"], step)
     return opt_maximum(cost, step), {"torch": cost.flops.torch, "exact": cost.flops.exact}
@@ -126,7 +126,7 @@ def test_prediction_equals_measurement(model_name: str, rank: int, step: int, ga
     from costmodel.validation.measure import measure
 
     config = StepConfig(model=model_name, method="galore", rank=rank, batch=8, resolution=32, step=step,
-                        galore_update_proj_gap=gap)
+                        options={"update_proj_gap": gap})
     predicted, measured = predict_config(config), measure(config, fake=True)
     assert_matches(predicted, measured)
     assert predicted.trainable_params == measured.trainable_params == measured.total_params

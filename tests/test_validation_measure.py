@@ -21,8 +21,11 @@ MODELS = ("mobilenet_v2", "resnet18")
 
 
 @lru_cache(maxsize=None)
-def measured(model: str, method: str, fake: bool = False, **changes: int) -> StepCost:
-    return measure(StepConfig(model=model, method=method, batch=BATCH, resolution=RESOLUTION, **changes), fake=fake)
+def measured(model: str, method: str, fake: bool = False, update_proj_gap: int | None = None,
+             **changes: int) -> StepCost:
+    options = {} if update_proj_gap is None else {"update_proj_gap": update_proj_gap}  # GaLore's T
+    return measure(StepConfig(model=model, method=method, batch=BATCH, resolution=RESOLUTION, options=options,
+                              **changes), fake=fake)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -82,7 +85,7 @@ def test_fake_equals_real(model: str, method: str) -> None:
 def test_galore_refresh_step_adds_the_svd() -> None:
     """With T = 1 step 2 refreshes every projector: exactly one thin SVD per low-rank weight more."""
     model, rank = "resnet18", 4
-    plain, refresh = measured(model, "galore", fake=True), measured(model, "galore", fake=True, galore_update_proj_gap=1)
+    plain, refresh = measured(model, "galore", fake=True), measured(model, "galore", fake=True, update_proj_gap=1)
     svd = unused_product = 0
     parameters = dict(build_model(model).named_parameters())
     for name in low_rank_weights(build_model(model)):
@@ -135,8 +138,9 @@ def test_options_prediction_equals_measurement(case: str) -> None:
     from costmodel.prediction import predict_config
 
     model, method, rank, step, options = {**OPTION_CASES, **SLOW_OPTION_CASES}[case]
+    # T = 1 for GaLore (an SVD every step); the other methods ignore the shared option.
     config = StepConfig(model=model, method=method, rank=rank, batch=8, resolution=32, step=step,
-                        galore_update_proj_gap=1, options=options)
+                        shared_options={"update_proj_gap": 1}, options=options)
     predicted, measured_cost = predict_config(config), measure(config, fake=True)
     assert_matches(predicted, measured_cost)
     assert predicted.trainable_params == measured_cost.trainable_params

@@ -37,6 +37,11 @@ predictor's method plugins accept, with the same meaning; any other is a CostMod
   ``get_pattern_key`` does), ``target_modules``, ``exclude_modules`` (matched by peft's own
   ``check_target_module_exists``, as for LoRA), ``adapt_head`` (the head's weights projected too).
 - fft, bn_head: none.
+
+The methods' hyper-parameters are options too (``StepConfig.options``, as the method plugins
+declare them; ``apply_method``'s keywords): lora/dora ``alpha`` (peft's ``lora_alpha``; absent:
+the rank), galore ``update_proj_gap`` (T, default 200) and ``scale`` (default 0.25).
+``StepConfig.shared_options`` (a sweep's base step) give each method the hyper-parameters it takes.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from costmodel.config import StepConfig
+from costmodel.config import StepConfig, check_int, check_positive
 from costmodel.errors import CostModelError
 from costmodel.models import head_name
 
@@ -99,6 +104,10 @@ LORA_OPTIONS: frozenset[str] = frozenset({
 GALORE_OPTIONS: frozenset[str] = frozenset({"rank_pattern", "target_modules", "exclude_modules", "adapt_head"})
 OPTIONS_BY_METHOD: dict[str, frozenset[str]] = {
     "fft": frozenset(), "bn_head": frozenset(), "lora": LORA_OPTIONS, "dora": LORA_OPTIONS, "galore": GALORE_OPTIONS,
+}
+# The hyper-parameters among a method's options: apply_method's keywords of the same names.
+SETTINGS_BY_METHOD: dict[str, frozenset[str]] = {
+    "lora": frozenset({"alpha"}), "dora": frozenset({"alpha"}), "galore": frozenset({"update_proj_gap", "scale"}),
 }
 
 
@@ -344,6 +353,11 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
         raise CostModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise CostModelError(f"--rank must be an integer >= 1, got {rank!r}")
+    # peft and galore-torch take any alpha, T and scale unchecked: the same bounds as the predictor's.
+    if alpha is not None:
+        alpha = check_positive(alpha, "option alpha")
+    update_proj_gap = check_int(update_proj_gap, "option update_proj_gap")
+    scale = check_positive(scale, "option scale")
     check_layer_options(method, options or {})
     settings = MethodOptions(rank=rank, alpha=alpha, lr=lr, update_proj_gap=update_proj_gap, scale=scale,
                              layer_options=dict(options or {}))
@@ -364,7 +378,12 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
 
 def apply_config(model: nn.Module, config: StepConfig,
                  materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
-    """``apply_method`` with the method, rank, hyper-parameters and options of ``config``."""
-    return apply_method(model, config.method, rank=config.rank, alpha=config.alpha, lr=config.lr,
-                        update_proj_gap=config.galore_update_proj_gap, scale=config.galore_scale,
-                        options=config.options, materialize=materialize)
+    """``apply_method`` with the method, rank, learning rate and options of ``config``: its
+    hyper-parameters (``SETTINGS_BY_METHOD``: ``config.options``, else ``config.shared_options``)
+    as keywords, every other option as a layer option."""
+    taken = SETTINGS_BY_METHOD.get(config.method, frozenset())
+    options = {key: value for key, value in config.shared_options.items() if key in taken}
+    options.update(config.options)
+    settings = {key: options.pop(key) for key in taken if key in options}
+    return apply_method(model, config.method, rank=config.rank, lr=config.lr, **settings,
+                        options=options, materialize=materialize)

@@ -60,15 +60,15 @@ def configurations(models: Sequence[str], methods: Sequence[str], ranks: Sequenc
                    shapes: Sequence[tuple[int, int]], steps: Sequence[int],
                    gaps: Sequence[int]) -> Iterator[StepConfig]:
     for model, method, rank, (batch, resolution), step in itertools.product(models, methods, ranks, shapes, steps):
-        for gap in (gaps if method == "galore" else (StepConfig().galore_update_proj_gap,)):
+        for gap in (gaps if method == "galore" else (None,)):
             yield StepConfig(model=model, method=method, rank=rank, batch=batch, resolution=resolution, step=step,
-                             galore_update_proj_gap=gap)
+                             options={} if gap is None else {"update_proj_gap": gap})
 
 
 def describe(config: StepConfig) -> str:
     text = (f"{config.model} {config.method} r={config.rank} B={config.batch} R={config.resolution} "
             f"k={config.step}")
-    return text + (f" T={config.galore_update_proj_gap}" if config.method == "galore" else "")
+    return text + (f" T={config.options.get('update_proj_gap', 200)}" if config.method == "galore" else "")
 
 
 def summary(results: list[Errors]) -> str:
