@@ -72,7 +72,7 @@ class StepGraph:
         return iter(self.records)
 
 
-def _tensor_meta(facts: TensorFacts) -> TensorMeta:
+def tensor_meta(facts: TensorFacts) -> TensorMeta:
     return TensorMeta(facts.shape, facts.dtype, facts.requires_grad, facts.storage, facts.storage_nbytes)
 
 
@@ -186,7 +186,7 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
         outputs: list[TensorMeta] = []
         fresh: list[int] = []
         for k, facts in enumerate(tensors):
-            meta = _tensor_meta(facts)
+            meta = tensor_meta(facts)
             metas[(node, k)] = meta
             outputs.append(meta)
             if facts.storage not in seen:

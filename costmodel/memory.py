@@ -119,7 +119,10 @@ class MemoryResult:
 
 
 class _Storages:
-    """Live storages with reference counts and categories, and the running per-group totals."""
+    """Live storages with reference counts and categories, and the running per-group totals.
+
+    A total is replaced, never changed in place: with sizes as arrays over ranks, each snapshot of
+    the timeline then keeps the arrays of its own moment."""
 
     def __init__(self, record_timeline: bool) -> None:
         self.current = [0] * len(MEMORY_GROUPS)
@@ -140,7 +143,7 @@ class _Storages:
         self.nbytes[key] = nbytes
         self.group[key] = group
         self.refs[key] = refs
-        self.current[group] += nbytes
+        self.current[group] = self.current[group] + nbytes
         return key
 
     def anonymous(self, nbytes: int, group: int) -> object:
@@ -155,17 +158,18 @@ class _Storages:
             self.refs[key] = left
             return
         del self.refs[key]
-        self.current[self.group.pop(key)] -= self.nbytes.pop(key)
+        group = self.group.pop(key)
+        self.current[group] = self.current[group] - self.nbytes.pop(key)
 
     def retag(self, key: object, group: int) -> None:
         old = self.group[key]
         if old != group:
             self.group[key] = group
-            self.current[old] -= self.nbytes[key]
-            self.current[group] += self.nbytes[key]
+            self.current[old] = self.current[old] - self.nbytes[key]
+            self.current[group] = self.current[group] + self.nbytes[key]
 
     def add(self, group: int, nbytes: int) -> None:
-        self.current[group] += nbytes
+        self.current[group] = self.current[group] + nbytes
 
     def snapshot(self, phase: str, node: str, label: str) -> None:
         current = self.current

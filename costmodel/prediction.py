@@ -3,6 +3,31 @@
 Nothing here runs backward, an optimizer, ``FlopCounterMode`` or ``MemTracker``: the model is built
 on the meta device, traced with torch.fx, its shapes propagated on meta tensors, and every FLOP and
 byte comes from a plugin rule (``costmodel.hookspecs``).
+
+What is cached, by which key (everything here; nothing else in the engine keeps state between
+predictions). Every cache holds what a pure function of its key gives, so a hit never changes a
+number (``tests/test_engine_speed.py`` holds each against the path it short-cuts):
+
+====================  ==========================================  ==========================================
+cache                 key                                         holds
+====================  ==========================================  ==========================================
+traced steps          the configuration without batch,            the prepared, traced step
+(``traced_step``)     resolution and step, and the plugin manager (``trace.TracedStep``)
+structures            the prepared model's structure fingerprint  one traced step per structure, shared by
+                      (``trace.structure_key``)                   configurations that prepare alike
+shapes                (batch, resolution), per structure          propagated facts (``shapes.shape_facts``)
+shape templates       per structure; a template covers the        facts as formulas in batch and resolution
+                      (batch, resolution) its guards accept       (``shapes.ShapeTemplate``)
+graph statics         per structure                               what a node is without its sizes, and
+                                                                  when each value dies (``graph``)
+meta kernels          an op and its inputs' sizes, dtypes,        the op's meta outputs
+                      strides (``meta_memo``)                     (``meta_memo.meta_kernel_memo``)
+pristine models       model name and classes                      the torchvision model built on the meta
+                                                                  device, copied before each use
+====================  ==========================================  ==========================================
+
+:func:`clear_cache` empties the first two (and with them the per-structure ones);
+``meta_memo.clear_meta_memo`` the meta kernels.
 """
 
 from __future__ import annotations
@@ -51,6 +76,46 @@ class NodeCost:
                 "backward": {"torch": self.backward.torch, "exact": self.backward.exact},
                 "ran_backward": self.ran_backward, "allocated": self.allocated, "covered": self.covered,
                 "note": self.note}
+
+
+class Deferred:
+    """A detail computed on first use: a prediction of many ranks at once (``costmodel.ranks``)
+    finds each rank's per-node breakdown, timeline and notes only when someone reads them."""
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self._compute: Callable[[], Any] | None = compute
+        self._value: Any = None
+
+    def value(self) -> Any:
+        if self._compute is not None:
+            self._value, self._compute = self._compute(), None
+        return self._value
+
+
+class Details(dict):
+    """A prediction's details; a :class:`Deferred` value is computed when first read."""
+
+    def __getitem__(self, key: Any) -> Any:
+        value = super().__getitem__(key)
+        if isinstance(value, Deferred):
+            value = value.value()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def items(self):  # type: ignore[override]
+        return [(key, self[key]) for key in self]
+
+    def values(self):  # type: ignore[override]
+        return [self[key] for key in self]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, dict) and dict(self.items()) == dict(other.items() if not isinstance(other, Details)
+                                                                      else other.items())
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class Prediction(StepCost):
@@ -148,15 +213,14 @@ def clear_cache() -> None:
 
 # -- costing
 
-def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, config: StepConfig,
-               allow_unknown: bool) -> tuple[list[OpCost | None], list[dict[str, str]]]:
+def cost_nodes(graph: StepGraph, manager: pluggy.PluginManager, allow_unknown: bool) -> tuple[list[OpCost | None], list[dict[str, str]]]:
     """Ask the op plugins about every node; an unanswered node is an error unless ``allow_unknown``,
     and a plugin that raises or answers wrongly is one naming it (``costmodel.plugin_calls``)."""
     ask = HookAsker(manager, OP_COST).first
     costs: list[OpCost | None] = []
     unknown: list[dict[str, str]] = []
     for record in graph.records:
-        cost = ask(node=record.op, config=config)
+        cost = ask(node=record.op)
         if cost is None:
             gap = {"node": record.name, "label": record.label, "op": describe_op(record.op)}
             if not allow_unknown:
@@ -243,8 +307,62 @@ def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResul
             for conv in FLOP_CONVENTIONS}
 
 
-def _node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
-                uncovered: set[str]) -> list[NodeCost]:
+@dataclass(frozen=True)
+class StepTotals:
+    """What one simulated step adds up to: FLOPs per convention and phase, the memory fields and
+    the parameter counts. Each number is an int, or (many ranks simulated at once) a numpy array
+    with one entry per rank; :meth:`at` picks one rank's."""
+
+    flops: dict[str, dict[str, Any]]
+    memory: dict[str, Any]
+    trainable_params: Any
+    total_params: Any
+
+    def at(self, index: int | None) -> "StepTotals":
+        if index is None:
+            return self
+        return StepTotals({conv: {phase: at_index(v, index) for phase, v in phases.items()}
+                           for conv, phases in self.flops.items()},
+                          {name: at_index(v, index) for name, v in self.memory.items()},
+                          at_index(self.trainable_params, index), at_index(self.total_params, index))
+
+
+def at_index(value: Any, index: int) -> int:
+    """One rank's entry of a size that is an int (the same at every rank) or an array over ranks."""
+    return int(value[index]) if hasattr(value, "shape") else int(value)
+
+
+def step_totals(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
+                steps: list[OptimizerStep]) -> StepTotals:
+    return StepTotals(step_flops(graph, costs, memory, steps), memory.fields(),
+                      sum(p.numel for p in graph.params if p.trainable), sum(p.numel for p in graph.params))
+
+
+def build_prediction(config: StepConfig, totals: StepTotals, seconds: float, details: dict[str, Any]) -> Prediction:
+    """The one place a :class:`Prediction` is made, for one rank or for each of many ranks
+    predicted together (with the same details: ``nodes``, ``timeline``, ``coverage``, ``method``,
+    ``optimizer``; any of them may be :class:`Deferred`)."""
+    return Prediction(config=config, source="predict", flops=totals.flops, memory=totals.memory,
+                      trainable_params=totals.trainable_params, total_params=totals.total_params,
+                      seconds=seconds, details=Details(details))
+
+
+def coverage(graph: StepGraph, unknown: list[dict[str, str]], allow_unknown: bool) -> dict[str, Any]:
+    """Which share of the graph's nodes a plugin covered, and the ones none did."""
+    covered = len(graph.records) - len(unknown)
+    return {"allow_unknown": allow_unknown, "nodes": len(graph.records), "covered": covered,
+            "share": covered / len(graph.records) if graph.records else 1.0, "unknown": unknown}
+
+
+def node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
+               uncovered: set[str] = frozenset(), index: int | None = None) -> list[NodeCost]:
+    """Each node's share of the step (``index``: one rank's, where sizes are arrays over ranks)."""
+    if index is not None:
+        nodes = node_costs(graph, costs, memory, uncovered)
+        return [dataclasses.replace(n, forward=Flops(at_index(n.forward.torch, index), at_index(n.forward.exact, index)),
+                                    backward=Flops(at_index(n.backward.torch, index),
+                                                   at_index(n.backward.exact, index)),
+                                    allocated=at_index(n.allocated, index)) for n in nodes]
     nodes = []
     for record, cost in zip(graph.records, costs):
         ran = record.index in memory.ran_backward
@@ -271,28 +389,15 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
     manager = manager or default_plugin_manager()
     traced = trace_config(config, manager, model) if model is not None else traced_step(config, manager)
     graph = build_step_graph(traced, shape_facts(traced, config.batch, config.resolution))
-    costs, unknown = cost_nodes(graph, manager, config, allow_unknown)
+    costs, unknown = cost_nodes(graph, manager, allow_unknown)
 
     flow = gradient_flow(graph, costs)
     steps, state_before, grads_before = optimizer_timeline(traced.prepared.param_groups, flow, manager, config)
     memory = simulate(graph, costs, flow, steps, state_before, grads_before)
-    flops = step_flops(graph, costs, memory, steps)
-
-    covered = len(graph.records) - len(unknown)
-    coverage = {"allow_unknown": allow_unknown, "nodes": len(graph.records), "covered": covered,
-                "share": covered / len(graph.records) if graph.records else 1.0, "unknown": unknown}
-    return Prediction(
-        config=config,
-        source="predict",
-        flops=flops,
-        memory=memory.fields(),
-        trainable_params=sum(p.numel for p in graph.params if p.trainable),
-        total_params=sum(p.numel for p in graph.params),
-        seconds=time.perf_counter() - started,
-        details={"nodes": _node_costs(graph, costs, memory, {gap["node"] for gap in unknown}), "timeline": memory.timeline, "coverage": coverage,
-                 "method": traced.prepared.note,
-                 "optimizer": [step.cost.note for step in steps]},
-    )
+    details = {"nodes": node_costs(graph, costs, memory, {gap["node"] for gap in unknown}),
+               "timeline": memory.timeline, "coverage": coverage(graph, unknown, allow_unknown), "method": traced.prepared.note,
+               "optimizer": [step.cost.note for step in steps]}
+    return build_prediction(config, step_totals(graph, costs, memory, steps), time.perf_counter() - started, details)
 
 
 def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) -> tuple[StepCost | CostModelError, bool]:
@@ -316,15 +421,31 @@ def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) ->
 
 def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,
             resolution: int = 224, classes: int = 10, step: int = 2, lr: float = 1e-3, alpha: float | None = None,
-            galore_update_proj_gap: int = 200, galore_scale: float = 0.25, allow_unknown: bool = False,
-            manager: pluggy.PluginManager | None = None, **options: Any) -> Prediction:
+            galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
+            allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+            **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
     ``predict("mobilenet_v2", "lora", rank=8, batch=4)``; ``predict(my_model, "fft")``. A module is
     fed ``batch`` images of 3 x ``resolution`` x ``resolution`` and integer labels through
     ``nn.CrossEntropyLoss``; it is copied to the meta device and never modified. Extra keyword
-    arguments are method options (``StepConfig.options``).
+    arguments are method options (``StepConfig.options``). ``alpha``, ``galore_update_proj_gap``
+    and ``galore_scale`` are shorthands for the options ``alpha`` (LoRA/DoRA; None: the rank),
+    ``update_proj_gap`` and ``scale`` (GaLore; None: the method's defaults, 200 and 0.25); a method
+    that does not declare the option refuses it.
     """
+    from costmodel.config import check_int, check_positive
+
+    shorthands = {"alpha": ("alpha", alpha, check_positive),
+                  "update_proj_gap": ("galore_update_proj_gap", galore_update_proj_gap, check_int),
+                  "scale": ("galore_scale", galore_scale, check_positive)}
+    for key, (keyword, value, check) in shorthands.items():
+        if value is None:
+            continue
+        value = check(value, keyword)
+        if key in options and options[key] != value:
+            raise CostModelError(f"{keyword}={value!r} and {key}={options[key]!r} disagree: give one")
+        options[key] = value
     module = None
     if isinstance(model_or_name, nn.Module):
         module = model_or_name
@@ -334,6 +455,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     else:
         raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
-                        step=step, lr=lr, alpha=alpha, galore_update_proj_gap=galore_update_proj_gap,
-                        galore_scale=galore_scale, options=dict(options))
+                        step=step, lr=lr, options=dict(options))
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

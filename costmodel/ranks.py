@@ -13,9 +13,11 @@ does that work once and only the rank-dependent rest per rank:
    identical, and parameter sizes reach the graph only as traced values.
 2. **Sizes as formulas.** The graph is propagated once on meta tensors, at the first probe. The
    nodes that depend on the rank (one that reads a rank-sized parameter, a leaf module with a
-   rank-sized attribute, a node fed a rank-sized value) run again with the rank as a symbol
-   (meta tensors with sizes from a ``ShapeEnv``): each rank-dependent size becomes a formula in the
-   rank and each decision a kernel took on it a guard. A rank whose guards fail (rank 1, say: a
+   rank-sized attribute, a node fed a rank-sized value) run again with the rank as a symbol,
+   through the engine's one symbolic mechanism (``costmodel.shapes``: ``symbolic_mode``, a
+   :class:`~costmodel.shapes.SizeTemplate`, the same as shape templates over batch and resolution):
+   each rank-dependent size becomes a formula in the rank and each decision a kernel took on it a
+   guard. A rank whose guards fail (rank 1, say: a
    size of 1 is specialised) gets a template of its own.
 3. **Costs as arrays.** Op plugins answer once for every node that does not depend on the rank,
    and once for all ranks for each node that does: every rank-dependent size is then a numpy
@@ -36,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import time
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Sequence
@@ -49,25 +50,24 @@ import pluggy
 import sympy
 import torch
 from torch import fx, nn
-from torch._dispatch.python import enable_python_dispatcher
-from torch._dynamo.source import ConstantSource
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import tree_flatten, tree_map
 
+from costmodel import nested
 from costmodel.config import StepConfig
 from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
 from costmodel.errors import CostModelError
-from costmodel.graph import StepGraph, Value, _tensor_meta, build_step_graph, node_op
+from costmodel.graph import StepGraph, Value, tensor_meta, build_step_graph, node_op
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.memory import GradientFlow, MixedSizes, OptimizerStep, gradient_flow, simulate
+from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, Snapshot, gradient_flow, simulate
 from costmodel.models import meta_model
 from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
-from costmodel.prediction import (Prediction, cost_nodes, first_answer, optimizer_timeline, predict_config, step_flops,
-                                  traced_step)
+from costmodel.prediction import (Deferred, NodeCost, Prediction, at_index, build_prediction, cost_nodes, coverage,
+                                  first_answer, node_costs, optimizer_timeline, predict_config, step_totals, traced_step)
 from costmodel.registry import default_plugin_manager
-from costmodel.shapes import (_Slot, _TensorTemplate, Propagation, SymbolicSizes, TensorFacts, compile_formulas,
-                              fill_slots, recorded_facts)
-from costmodel.trace import _CONTAINERS, MODEL_PREFIX, TracedStep, _state_key, prepare_method, propagate
+from costmodel.shapes import (Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts, TensorTemplate,
+                              recorded_facts, symbolic_mode, symbolic_size, template_of)
+from costmodel.trace import MODEL_PREFIX, MODULE_CONTAINERS, TracedStep, altered_copy, prepare_method, propagate, state_key
 
 RANK = sympy.Symbol("rank", integer=True, positive=True)
 PROBES = 3
@@ -94,11 +94,11 @@ class Affine:
         line = Affine(slope, v0 - slope * r0)
         return line if all(line.exact(r) == v for r, v in points) else None
 
-    def __post_init__(self) -> None:
-        # at() in integer arithmetic: (numerator_slope * rank + numerator_intercept) / denominator
+    @functools.cached_property
+    def _integers(self) -> tuple[int, int, int]:
+        """at() in integer arithmetic: (numerator_slope * rank + numerator_intercept) / denominator."""
         denominator = self.slope.denominator * self.intercept.denominator
-        object.__setattr__(self, "_integers", (int(self.slope * denominator), int(self.intercept * denominator),
-                                               denominator))
+        return int(self.slope * denominator), int(self.intercept * denominator), denominator
 
     def exact(self, rank: int) -> Fraction:
         return self.slope * rank + self.intercept
@@ -106,7 +106,7 @@ class Affine:
     def at(self, rank: Any) -> Any:
         """The size at an int ``rank`` (refused where it is not an integer), or as a ``SymInt`` of
         a symbolic one (exact wherever the int form is)."""
-        slope, intercept, denominator = self._integers  # type: ignore[attr-defined]
+        slope, intercept, denominator = self._integers
         if not isinstance(rank, int):
             numerator = slope * rank + intercept
             return numerator if denominator == 1 else numerator // denominator
@@ -116,74 +116,55 @@ class Affine:
         return value
 
 
-_PLAIN = frozenset({int, float, str, bool, type(None)})
+def _flatten(value: Any) -> tuple[list[Any], nested.Structure]:
+    return nested.flatten(value, leaf_types=(Affine,))
 
 
-def _vary(values: Sequence[Any], probes: Sequence[int], where: str) -> Any:
-    """One template for the same thing at each probe rank: equal parts as they are, integers that
-    differ as an :class:`Affine`, containers and dataclasses part by part."""
-    first = values[0]
-    kind = type(first)
-    if any(type(v) is not kind for v in values):
+def _vary_leaf(column: Sequence[Any], probes: Sequence[int], where: str) -> Any:
+    """One leaf at each probe rank -> the leaf (the same at every rank) or an :class:`Affine`."""
+    first = column[0]
+    if any(type(v) is not type(first) for v in column):
         raise _NotShared(f"{where} changes type with the rank")
-    if kind in _PLAIN and all(v == first for v in values[1:]):
-        return first
-    if kind is int:
-        if all(v == first for v in values):
+    if type(first) is int:
+        if all(v == first for v in column):
             return first
-        line = Affine.through(list(zip(probes, values)))
+        line = Affine.through(list(zip(probes, column)))
         if line is None:
-            raise _NotShared(f"{where} is not affine in the rank ({', '.join(map(str, values))})")
+            raise _NotShared(f"{where} is not affine in the rank ({', '.join(map(str, column))})")
         return line
-    if isinstance(first, dict):
-        if any(list(v) != list(first) for v in values):
-            raise _NotShared(f"{where} has other keys at another rank")
-        return type(first)((k, _vary([v[k] for v in values], probes, f"{where}[{k!r}]")) for k in first)
-    if isinstance(first, (list, tuple)) and not hasattr(first, "_fields"):
-        if any(len(v) != len(first) for v in values):
-            raise _NotShared(f"{where} has another length at another rank")
-        return type(first)(_vary([v[i] for v in values], probes, f"{where}[{i}]") for i in range(len(first)))
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(first, **{f.name: _vary([getattr(v, f.name) for v in values], probes,
-                                                           f"{where}.{f.name}")
-                                             for f in dataclasses.fields(first)})
-    if isinstance(first, torch.Tensor):
-        keys = [_state_key(v) for v in values]
-    else:
-        keys = [v if isinstance(v, (str, float, bool, type(None))) else _state_key(v) for v in values]
+    keys = [v if isinstance(v, (str, float, bool, type(None))) else state_key(v) for v in column]
     if any(k != keys[0] for k in keys):
         raise _NotShared(f"{where} changes with the rank")
     return first
 
 
+def _same_structure(values: Sequence[Any], where: str) -> tuple[list[list[Any]], nested.Structure]:
+    """The leaves of each value and their one structure (refused if the values differ in it)."""
+    flat = [_flatten(v) for v in values]
+    structure = flat[0][1]
+    if any(f[1] != structure for f in flat[1:]):
+        raise _NotShared(f"{where} changes form with the rank")
+    return [leaves for leaves, _ in flat], structure
+
+
+def _vary(values: Sequence[Any], probes: Sequence[int], where: str) -> Any:
+    """One template for the same thing at each probe rank: equal leaves as they are, integers
+    that differ as an :class:`Affine`."""
+    rows, structure = _same_structure(values, where)
+    return nested.unflatten(structure, [_vary_leaf(column, probes, where) for column in zip(*rows)])
+
+
 def _has_affine(template: Any) -> bool:
-    if isinstance(template, Affine):
-        return True
-    if isinstance(template, dict):
-        return any(_has_affine(v) for v in template.values())
-    if isinstance(template, (list, tuple)):
-        return any(_has_affine(v) for v in template)
-    if dataclasses.is_dataclass(template) and not isinstance(template, type):
-        return any(_has_affine(getattr(template, f.name)) for f in dataclasses.fields(template))
-    return False
+    return any(isinstance(leaf, Affine) for leaf in _flatten(template)[0])
 
 
 def _instantiator(template: Any) -> Callable[[int], Any]:
-    """``rank -> the template's value at rank`` (an int, or a ``SymInt`` of a symbolic rank), with the
-    walk over the template's unchanging parts done once."""
-    if not _has_affine(template):
+    """``rank -> the template's value at rank`` (an int, or a ``SymInt`` of a symbolic rank)."""
+    leaves, structure = _flatten(template)
+    if not any(isinstance(leaf, Affine) for leaf in leaves):
         return lambda rank: template
-    if isinstance(template, Affine):
-        return template.at
-    if isinstance(template, dict):
-        kind, parts = type(template), [(k, _instantiator(v)) for k, v in template.items()]
-        return lambda rank: kind((k, part(rank)) for k, part in parts)
-    if isinstance(template, (list, tuple)):
-        kind, items = type(template), [_instantiator(v) for v in template]
-        return lambda rank: kind(item(rank) for item in items)
-    varying = [(f.name, _instantiator(getattr(template, f.name))) for f in dataclasses.fields(template)
-               if _has_affine(getattr(template, f.name))]
-    return lambda rank: dataclasses.replace(template, **{name: part(rank) for name, part in varying})
+    return lambda rank: nested.unflatten(structure, [leaf.at(rank) if isinstance(leaf, Affine) else leaf
+                                                     for leaf in leaves])
 
 
 @dataclass
@@ -216,7 +197,7 @@ def rank_dependence(models: Sequence[nn.Module], groups: Sequence[list[ParamGrou
         name, module = entries[0]
         if any(n != name or type(m) is not type(module) for n, m in entries):
             raise _NotShared(f"module {name!r} differs between ranks")
-        states = [{k: v for k, v in vars(m).items() if k not in _CONTAINERS} for _, m in entries]
+        states = [{k: v for k, v in vars(m).items() if k not in MODULE_CONTAINERS} for _, m in entries]
         for attribute in states[0].keys() | set().union(*states[1:]):
             if any(attribute not in s for s in states):
                 raise _NotShared(f"attribute {name}.{attribute} exists at some ranks only")
@@ -248,35 +229,6 @@ def rank_dependence(models: Sequence[nn.Module], groups: Sequence[list[ParamGrou
 
 # -- 2. sizes as formulas: the rank-dependent nodes, run with a symbolic rank
 
-@dataclass
-class RankTemplate:
-    """Every rank-dependent value's facts as formulas in the rank, valid where ``applies`` says."""
-
-    applies: Callable[[int], bool]
-    values: Callable[[int], tuple[int, ...]]
-    results: dict[fx.Node, Any]  # node -> its result with _Slot sizes and _TensorTemplate tensors
-    source: str
-
-    def covers(self, rank: int) -> bool:
-        try:
-            return bool(self.applies(rank))
-        except (ArithmeticError, ValueError):
-            return False
-
-    def evaluate(self, rank: int) -> dict[fx.Node, Any]:
-        return self.fill(self.values(rank))
-
-    def evaluate_many(self, ranks: Sequence[int]) -> dict[fx.Node, Any]:
-        """The results at every rank at once: each rank-dependent size an array over ``ranks``."""
-        rows = [self.values(rank) for rank in ranks]
-        columns = [_column(np.array(column, dtype=np.int64)) for column in zip(*rows)]
-        return self.fill(columns)
-
-    def fill(self, values: Sequence[Any]) -> dict[fx.Node, Any]:
-        """The results with each slot's value (an int, or an array over ranks) filled in."""
-        return fill_slots(self.results, values)
-
-
 def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
@@ -292,21 +244,16 @@ def _alias_pattern(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> l
 
 
 def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, dependence: RankDependence,
-                      hint: int, symbolic: bool = True) -> tuple[RankTemplate, set[fx.Node]]:
+                      hint: int, symbolic: bool = True) -> tuple[SizeTemplate, set[fx.Node]]:
     """Run the rank-dependent nodes with a symbolic rank hinted ``hint`` (or, without
     ``symbolic``, on meta tensors at rank ``hint``: a template for that rank alone); the other
     nodes keep the results of ``base`` (the concrete propagation at another rank). Returns the
     template and the nodes that depend on the rank."""
     env = ShapeEnv()
-    symbol: sympy.Basic = sympy.Integer(hint)
-    if symbolic:
-        symbol = env.create_symbol(hint, ConstantSource("rank"), dynamic_dim=DimDynamic.DYNAMIC)
-    rank = env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
+    rank = symbolic_size(env, "rank", hint) if symbolic else hint
     gm = traced.graph_module
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    # Meta tensors with symbolic sizes: PyTorch's meta kernels compute on SymInts directly (the
-    # Python dispatcher routes the ops decomposed in Python); FakeTensorMode would add only cost.
-    mode = enable_python_dispatcher() if symbolic else meta_kernel_memo()
+    mode = symbolic_mode(env) if symbolic else meta_kernel_memo()
 
     def module_prefix(node: fx.Node) -> str:
         target = str(node.target)
@@ -315,7 +262,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
     dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
     rank_sized: set[fx.Node] = set()  # nodes whose result still depends on the rank
     templates: dict[fx.Node, Any] = {}
-    formulas = SymbolicSizes(env, {symbol: RANK} if isinstance(symbol, sympy.Symbol) else {}, (RANK,), _NotShared)
+    formulas = SymbolicSizes(env, {rank.node.expr: RANK} if isinstance(rank, torch.SymInt) else {}, (RANK,), _NotShared)
     size = formulas.size
 
     # Module name -> the rank-sized tensors and attributes at or below it.
@@ -367,32 +314,25 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
             base_inputs = [t for t in tree_flatten(_args_of_base(base, node))[0] if isinstance(t, torch.Tensor)]
             if _alias_pattern(fake_tensors, fake_inputs) != _alias_pattern(base_tensors, base_inputs):
                 raise _NotShared(f"node {node.name} aliases its inputs differently at another rank")
-            facts = [f for f in tree_flatten(base_facts.results[node])[0] if isinstance(f, TensorFacts)]
-            tensor_index = iter(range(len(fake_tensors)))
-
-            def template(leaf: Any) -> Any:
-                if isinstance(leaf, torch.Tensor):
-                    k = next(tensor_index)
-                    return _TensorTemplate(tuple(size(s) for s in leaf.shape), leaf.dtype, bool(leaf.requires_grad),
-                                           leaf.is_leaf, facts[k].storage, size(leaf.untyped_storage().nbytes()))
-                return size(leaf)
-
-            templates[node] = tree_map(template, result)
+            # Each tensor keeps the storage id the concrete run gave it (aliasing is the same).
+            storages = iter([f.storage for f in tree_flatten(base_facts.results[node])[0]
+                             if isinstance(f, TensorFacts)])
+            templates[node] = tree_map(lambda leaf: template_of(leaf, size, next(storages))
+                                       if isinstance(leaf, torch.Tensor) else size(leaf), result)
             if _mentions_slot(templates[node]) or not _same_facts(templates[node], base_facts.results[node]):
                 rank_sized.add(node)
             else:
                 interpreter.env[node] = base_result  # the same at every rank from here on
 
     conditions = formulas.ranges(rank, hint, RANK) + formulas.guards()
-    applies, values, source = compile_formulas(conditions, formulas.expressions, (RANK,),
-                                               f"rank template of {type(traced.model).__name__}")
-    return RankTemplate(applies, values, templates, source), dependent
+    return SizeTemplate((RANK,), conditions, formulas, templates, f"rank template of {type(traced.model).__name__}"), \
+        dependent
 
 
 def _same_facts(template: Any, facts: Any) -> bool:
     """Whether a template without slots says what the concrete propagation found."""
     def plain(leaf: Any) -> Any:
-        if isinstance(leaf, (_TensorTemplate, TensorFacts)):
+        if isinstance(leaf, (TensorTemplate, TensorFacts)):
             return (leaf.shape, leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage, leaf.storage_nbytes)
         return leaf
 
@@ -408,8 +348,8 @@ def _prefixes(name: str, include_self: bool) -> list[str]:
 
 def _mentions_slot(template: Any) -> bool:
     leaves = tree_flatten(template)[0]
-    return any(isinstance(leaf, _Slot) or (isinstance(leaf, _TensorTemplate) and (
-        isinstance(leaf.storage_nbytes, _Slot) or any(isinstance(s, _Slot) for s in leaf.shape))) for leaf in leaves)
+    return any(isinstance(leaf, Slot) or (isinstance(leaf, TensorTemplate) and (
+        isinstance(leaf.storage_nbytes, Slot) or any(isinstance(s, Slot) for s in leaf.shape))) for leaf in leaves)
 
 
 def _args_of(interpreter: fx.Interpreter, node: fx.Node) -> tuple[Any, ...]:
@@ -420,80 +360,53 @@ def _args_of_base(base: Any, node: fx.Node) -> tuple[Any, ...]:
     return fx.node.map_arg((node.args, node.kwargs), lambda n: base.results.get(n))
 
 
+def _relative(changes: dict[Any, Any], prefix: str) -> dict[Any, Any]:
+    """Changes keyed by qualified names (or ``(qualified owner, attribute)``) re-keyed relative
+    to the module ``prefix``."""
+    def below(name: str) -> str:
+        return "" if name == prefix else name[len(prefix) + 1:]
+
+    return {(below(key[0]), key[1]) if isinstance(key, tuple) else below(key): value for key, value in changes.items()}
+
+
 def _run_with(interpreter: fx.Interpreter, node: fx.Node, model: nn.Module, tensors: dict[str, torch.Tensor],
               attributes: dict[tuple[str, str], Any]) -> Any:
-    """Run ``node`` with some of the model's parameters and attributes swapped, then put them back."""
-    saved: list[tuple[Any, str, Any, bool]] = []
-    try:
-        for qualified, tensor in tensors.items():
-            owner_name, _, local = qualified.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            container = owner._parameters if local in owner._parameters else owner._buffers
-            saved.append((container, local, container[local], True))
-            container[local] = tensor
-        for (owner_name, attribute), value in attributes.items():
-            owner = model.get_submodule(owner_name)
-            saved.append((owner, attribute, getattr(owner, attribute), False))
-            object.__setattr__(owner, attribute, value)
+    """Run ``node`` as if some of the model's parameters and attributes were others: a
+    ``call_module`` node calls a copy of its module with them replaced (``trace.altered_copy``);
+    the shared, cached model is never modified."""
+    if node.op != "call_module" or not (tensors or attributes):
         return interpreter.run_node(node)
-    finally:
-        for target, key, value, is_item in reversed(saved):
-            if is_item:
-                target[key] = value
-            else:
-                object.__setattr__(target, key, value)
+    prefix = str(node.target)[len(MODEL_PREFIX):]
+    module = altered_copy(model.get_submodule(prefix), _relative(tensors, prefix), _relative(attributes, prefix))
+    args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
+    return module(*args, **kwargs)
 
 
 # -- 3. costs as arrays
 
-def _stack(values: Sequence[Any], where: str) -> Any:
-    """One value per rank -> one value whose sizes are arrays over the ranks (equal ones stay ints)."""
-    first = values[0]
-    if isinstance(first, bool) or first is None or isinstance(first, str):
-        if any(v != first for v in values):
-            raise _NotShared(f"{where} changes with the rank")
-        return first
-    if isinstance(first, int):
-        if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+def _stack_leaf(column: Sequence[Any], where: str) -> Any:
+    first = column[0]
+    if type(first) is int:
+        if any(type(v) is not int for v in column):
             raise _NotShared(f"{where} changes type with the rank")
-        if all(v == first for v in values):
-            return first
-        return np.array(values, dtype=np.int64)
-    if isinstance(first, dict):
-        if any(list(v) != list(first) for v in values):
-            raise _NotShared(f"{where} has other keys at another rank")
-        return {k: _stack([v[k] for v in values], f"{where}[{k!r}]") for k in first}
-    if isinstance(first, (list, tuple)):
-        if any(len(v) != len(first) for v in values):
-            raise _NotShared(f"{where} has another length at another rank")
-        return type(first)(_stack([v[i] for v in values], f"{where}[{i}]") for i in range(len(first)))
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        if any(type(v) is not type(first) for v in values):
-            raise _NotShared(f"{where} changes type with the rank")
-        changes = {}
-        for f in dataclasses.fields(first):
-            column = [getattr(v, f.name) for v in values]
-            changes[f.name] = column[0] if f.name == "note" else _stack(column, f"{where}.{f.name}")
-        return dataclasses.replace(first, **changes)
-    if any(v != first for v in values):
+        return first if all(v == first for v in column) else np.array(column, dtype=np.int64)
+    if any(type(v) is not type(first) or v != first for v in column):
         raise _NotShared(f"{where} changes with the rank")
     return first
 
 
+def _stack(values: Sequence[Any], where: str) -> Any:
+    """One value per rank -> one value whose sizes are arrays over the ranks (equal ones stay
+    ints; notes are the first rank's)."""
+    rows, structure = _same_structure(values, where)
+    return nested.unflatten(structure, [_stack_leaf(column, where) for column in zip(*rows)])
+
+
 def _signature(value: Any) -> Any:
     """The form of a plugin's answer without its sizes: ranks whose answers share it stack."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int
-    if isinstance(value, dict):
-        return tuple((k, _signature(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_signature(v) for v in value))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return (type(value).__name__, tuple(_signature(getattr(value, f.name)) for f in dataclasses.fields(value)
-                                            if f.name != "note"))
-    return repr(value)
+    leaves, structure = _flatten(value)
+    return structure, tuple(int if type(leaf) is int else (leaf if isinstance(leaf, (str, bool, type(None)))
+                                                            else repr(leaf)) for leaf in leaves)
 
 
 def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> tuple[list[OptimizerStep], Any]:
@@ -535,46 +448,26 @@ def _column(values: np.ndarray) -> int | np.ndarray:
     return int(values[0]) if (values == values[0]).all() else values
 
 
-@functools.cache
-def _compared_fields(kind: type) -> tuple[str, ...]:
-    """A dataclass's fields that carry numbers (its free-text ``note`` left out)."""
-    return tuple(f.name for f in dataclasses.fields(kind) if f.name != "note")
-
-
 def _conforms(value: Any, count: int) -> bool:
     """Whether an answer given for many ranks holds only integers, flags, text and integer arrays
-    with one entry per rank."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, np.ndarray):
-        return value.ndim == 1 and len(value) == count and np.issubdtype(value.dtype, np.integer)
-    if isinstance(value, dict):
-        return all(_conforms(v, count) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return all(_conforms(v, count) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return all(_conforms(getattr(value, name), count) for name in _compared_fields(type(value)))
-    return False
+    with one entry per rank (notes aside)."""
+    return all(leaf is None or isinstance(leaf, (bool, int, str)) or (
+        isinstance(leaf, np.ndarray) and leaf.ndim == 1 and len(leaf) == count and np.issubdtype(leaf.dtype, np.integer))
+        for leaf in _flatten(value)[0])
 
 
 def _agrees(together: Any, alone: Any, i: int) -> bool:
     """Whether entry ``i`` of an answer for many ranks is the answer for that rank alone (notes
     left out)."""
-    if isinstance(together, np.ndarray):
-        return type(alone) is int and int(together[i]) == alone
-    if isinstance(together, dict):
-        return (isinstance(alone, dict) and together.keys() == alone.keys()
-                and all(_agrees(v, alone[k], i) for k, v in together.items()))
-    if isinstance(together, (list, tuple)):
-        return (type(alone) is type(together) and len(alone) == len(together)
-                and all(_agrees(a, b, i) for a, b in zip(together, alone)))
-    if dataclasses.is_dataclass(together) and not isinstance(together, type):
-        return type(alone) is type(together) and all(
-            _agrees(getattr(together, name), getattr(alone, name), i) for name in _compared_fields(type(together)))
-    return type(together) is type(alone) and together == alone
+    leaves, structure = _flatten(together)
+    alone_leaves, alone_structure = _flatten(alone)
+    if structure != alone_structure:
+        return False
+    return all(type(b) is int and int(a[i]) == b if isinstance(a, np.ndarray) else (type(a) is type(b) and a == b)
+               for a, b in zip(leaves, alone_leaves))
 
 
-def _batch(shared: _Shared, template: RankTemplate, ranks: list[int]) -> _RankCosts:
+def _batch(shared: _Shared, template: SizeTemplate, ranks: list[int]) -> _RankCosts:
     """The answers for ``ranks`` (all covered by ``template``), each plugin asked once for all of
     them where it can answer so: an answer for many ranks is checked against the plugin's own
     answer at the first rank, and a node whose plugin cannot answer for many ranks, or answers
@@ -604,14 +497,15 @@ class _Shared:
     facts: Propagation
     graph: StepGraph
     nodes: list[fx.Node]  # record index -> its graph node
-    templates: list[RankTemplate] = field(default_factory=list)
+    templates: list[SizeTemplate] = field(default_factory=list)
     dependent: set[fx.Node] = field(default_factory=set)
     static_costs: dict[int, OpCost] = field(default_factory=dict)
     # Filled once the dependent nodes are known: (record index, node, its static facts) of each,
     # the rank-sized parameters' metas at the first probe, and the modules with rank-sized attributes.
     dependent_records: list[tuple[int, fx.Node, tuple[Any, ...]]] = field(default_factory=list)
     rank_sized: dict[str, ParamMeta] = field(default_factory=dict)
-    owners: dict[str, nn.Module] = field(default_factory=dict)
+    # Leaf module name -> the rank-sized attributes ``(owner, attribute)`` at or below it.
+    attributes_below: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -627,36 +521,32 @@ class _RankCosts:
     state_before: int = 0
 
 
-def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[int],
+def _rank_costs(shared: _Shared, template: SizeTemplate, rank: int | Sequence[int],
                 records: Iterable[int] | None = None) -> _RankCosts:
     """Ask the op plugins about the rank-dependent nodes (all, or those of ``records``) at ``rank``,
     or at many ranks at once (every rank-dependent size an array over them; see
-    ``costmodel.hookspecs.costmodel_op_cost``). The rank-sized attributes of leaf modules are set
-    to the rank's values while the plugins answer; :func:`predict_ranks` puts the model's own back."""
+    ``costmodel.hookspecs.costmodel_op_cost``). The rank-sized attributes of leaf modules are
+    seen by the plugins through a copy of their module with the rank's values (``trace.altered_copy``)."""
     dependence, graph = shared.dependence, shared.graph
     many = not isinstance(rank, int)
-    overlay = template.evaluate_many(rank) if many else template.evaluate(rank)
+    overlay = template.evaluate_many([(r,) for r in rank]) if many else template.evaluate(rank)
     results = ChainMap(overlay, shared.facts.results)
     metas: dict[Value, TensorMeta] = {}
     for node, result in overlay.items():
         if isinstance(result, TensorFacts):
-            metas[(node, 0)] = _tensor_meta(result)
+            metas[(node, 0)] = tensor_meta(result)
             continue
         for k, facts in enumerate(f for f in tree_flatten(result)[0] if isinstance(f, TensorFacts)):
-            metas[(node, k)] = _tensor_meta(facts)
+            metas[(node, k)] = tensor_meta(facts)
     all_metas = ChainMap(metas, graph.metas)
     if many:
         params = {name: dataclasses.replace(meta, shape=_stack([dependence.shape_at[name](r) for r in rank], name))
                   for name, meta in shared.rank_sized.items()}
         attributes = _stack([dependence.attributes_at(r) for r in rank], "the rank-sized attributes")
-        config = shared.config
     else:
         params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](rank))
                   for name, meta in shared.rank_sized.items()}
         attributes = dependence.attributes_at(rank)
-        config = shared.config.replace(rank=rank)
-    for (owner, attribute), value in attributes.items():
-        object.__setattr__(shared.owners[owner], attribute, value)
     costs: dict[int, OpCost] = {}
     ask = HookAsker(shared.manager, OP_COST).first
     wanted = None if records is None else set(records)
@@ -667,11 +557,15 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[in
         if any(p.name in params for p in node_params.values()):
             node_params = {local: params.get(p.name, p) for local, p in node_params.items()}
         outputs = tuple(all_metas[v] for v in record.output_values)
+        prefix = str(node.target)[len(MODEL_PREFIX):] if node.op == "call_module" else None
+        own = shared.attributes_below.get(prefix, ()) if prefix is not None else ()
+        if own:  # the plugin sees the module with this rank's attributes (a copy; the model stays)
+            module = altered_copy(module, {}, _relative({key: attributes[key] for key in own}, prefix))
         op, _ = node_op(node, results, all_metas, shared.facts.same_tensor, outputs,
                         (module, node_params, target, label))
         if many:
             try:
-                cost = ask(node=op, config=config)
+                cost = ask(node=op)
             except CostModelError:
                 # A plugin that branches on a size (its exception arrives as a PluginFailure), or
                 # whose answer for the arrays breaks the contract: asked rank by rank, where a
@@ -680,7 +574,7 @@ def _rank_costs(shared: _Shared, template: RankTemplate, rank: int | Sequence[in
             if cost is not None and _conforms(cost, len(rank)):
                 costs[index] = cost
             continue
-        cost = ask(node=op, config=config)
+        cost = ask(node=op)
         if cost is None:
             raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
         costs[index] = cost
@@ -738,35 +632,49 @@ def _vector_graph(shared: _Shared, batch: _RankCosts) -> tuple[StepGraph, list[O
     return vector, costs
 
 
-def _pick(value: int | np.ndarray, i: int) -> int:
-    return int(value[i]) if isinstance(value, np.ndarray) else int(value)
-
-
 def _predict_together(shared: _Shared, batch: _RankCosts, started: float) -> dict[int, Prediction]:
-    """One simulation over the ranks of a batch of answers."""
+    """One simulation over the ranks of a batch of answers, each rank's prediction made by the
+    engine's one builder (``prediction.build_prediction``) with the same details a prediction of
+    that rank alone has; its per-node breakdown, timeline and notes are found when first read."""
     graph, costs = _vector_graph(shared, batch)
     flow = gradient_flow(graph, costs)
     steps, state_before = _optimizer_steps(shared, flow, batch.rank)
     grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
-    memory = simulate(graph, costs, flow, steps, state_before, grads_before, record_timeline=False)
-    flops = step_flops(graph, costs, memory, steps)
-    fields = memory.fields()
-    trainable = sum(p.numel for p in graph.params if p.trainable)
-    total = sum(p.numel for p in graph.params)
+    memory = simulate(graph, costs, flow, steps, state_before, grads_before)
+    totals = step_totals(graph, costs, memory, steps)
     seconds = (time.perf_counter() - started) / len(batch.rank)
-    predictions = {}
-    for i, rank in enumerate(batch.rank):
-        predictions[rank] = Prediction(
-            config=shared.config.replace(rank=rank),
-            source="predict",
-            flops={conv: {phase: _pick(v, i) for phase, v in phases.items()} for conv, phases in flops.items()},
-            memory={name: _pick(v, i) for name, v in fields.items()},
-            trainable_params=_pick(trainable, i),
-            total_params=_pick(total, i),
-            seconds=seconds,
-            details={"batched": f"one of {len(batch.rank)} ranks predicted together (costmodel.ranks)"},
-        )
-    return predictions
+    note = f"one of {len(batch.rank)} ranks predicted together (costmodel.ranks)"
+    return {rank: build_prediction(shared.config.replace(rank=rank), totals.at(i), seconds,
+                                   _rank_details(shared, graph, costs, memory, flow, rank, i, note))
+            for i, rank in enumerate(batch.rank)}
+
+
+def _rank_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
+                  flow: GradientFlow, rank: int, index: int, note: str) -> dict[str, Any]:
+    """Rank ``rank``'s details (entry ``index`` of a simulation over many ranks), each computed
+    when first read, as a prediction of that rank alone computes it."""
+    config = shared.config.replace(rank=rank)
+
+    def method_note() -> str:  # the method's own words at this rank (it may name the rank)
+        return prepare_method(shared.manager, meta_model(config.model, config.classes), config).note
+
+    def optimizer_notes() -> list[str]:
+        steps, _, _ = optimizer_timeline(shared.dependence.groups_at(rank), flow, shared.manager, config)
+        return [step.cost.note for step in steps]
+
+    def nodes() -> list[NodeCost]:
+        # The plugins' notes may name sizes: the rank-dependent nodes are asked again at this rank.
+        template = _template_for(shared, rank)
+        alone = _rank_costs(shared, template, rank).costs if template is not None else {}
+        own = [dataclasses.replace(cost, note=alone[i].note) if cost is not None and i in alone else cost
+               for i, cost in enumerate(costs)]
+        return node_costs(graph, own, memory, index=index)
+
+    def timeline() -> list[Snapshot]:
+        return [dataclasses.replace(s, groups=tuple(at_index(g, index) for g in s.groups)) for s in memory.timeline]
+
+    return {"nodes": Deferred(nodes), "timeline": Deferred(timeline), "coverage": coverage(graph, [], False),
+            "method": Deferred(method_note), "optimizer": Deferred(optimizer_notes), "batched": note}
 
 
 def _predict_groups(shared: _Shared, answers: list[_RankCosts], started: float) -> dict[int, Prediction]:
@@ -837,16 +745,19 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
     shared.dependent_records = [(record.index, node, static[node]) for record, node in zip(graph.records, shared.nodes)
                                 if node in shared.dependent]
     shared.rank_sized = {p.name: p for p in (*graph.params, *graph.buffers) if p.name in dependence.tensors}
-    shared.owners = {owner: traced.model.get_submodule(owner) for owner, _ in dependence.attributes}
+    for leaf in leaves:
+        own = tuple(key for key in dependence.attributes if key[0] == leaf or key[0].startswith(leaf + "."))
+        if own:
+            shared.attributes_below[leaf] = own
     # Every node as a prediction at the first probe costs it (an uncovered one raises there too);
     # those that do not depend on the rank keep that answer for all ranks.
-    costs, _ = cost_nodes(graph, manager, shared.config, allow_unknown=False)
+    costs, _ = cost_nodes(graph, manager, allow_unknown=False)
     shared.static_costs = {record.index: cost for record, node, cost in zip(graph.records, shared.nodes, costs)
                            if node not in shared.dependent}
     return shared
 
 
-def _template_for(shared: _Shared, rank: int) -> RankTemplate | None:
+def _template_for(shared: _Shared, rank: int) -> SizeTemplate | None:
     """A template that covers ``rank``: the symbolic one, or one run on meta tensors at this rank
     alone (where the symbolic run's guards exclude it: rank 1, whose sizes of 1 are specialised)."""
     for template in shared.templates:
@@ -867,7 +778,7 @@ def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[i
     """The ranks that share ``shared``'s structure: those of one template together (each plugin
     asked once for all of them where it can), and where a batch does not hold together, rank by
     rank answers grouped by form."""
-    by_template: dict[int, tuple[RankTemplate, list[int]]] = {}
+    by_template: dict[int, tuple[SizeTemplate, list[int]]] = {}
     for rank in ranks:
         template = _template_for(shared, rank)
         if template is not None:
@@ -907,12 +818,6 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
     """Predict ``config`` at each of ``ranks`` (its own rank is ignored): the same numbers as
     ``predict_config(config.replace(rank=r))`` for every ``r``, found together. A rank the method
     refuses maps to the :class:`CostModelError` that says why."""
-    if gc.isenabled():  # a batch allocates many objects and few cycles: collect after, not during
-        gc.disable()
-        try:
-            return predict_ranks(config, ranks, manager=manager)
-        finally:
-            gc.enable()
     started = time.perf_counter()
     manager = manager or default_plugin_manager()
     wanted = list(dict.fromkeys(int(r) for r in ranks))
@@ -924,12 +829,7 @@ def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
         except (_NotShared, CostModelError, MixedSizes):
             shared = None
     if shared is not None:
-        model_own = {key: getattr(shared.owners[key[0]], key[1]) for key in shared.dependence.attributes}
-        try:
-            found.update(_predict_shared(shared, wanted, started))
-        finally:
-            for (owner, attribute), value in model_own.items():
-                object.__setattr__(shared.owners[owner], attribute, value)
+        found.update(_predict_shared(shared, wanted, started))
     pending = [rank for rank in wanted if rank not in found]
     if pending:
         first, refused_alike = first_answer(

@@ -24,12 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import sympy
 import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from costmodel.trace import IMAGE_CHANNELS, TracedStep, _Recorder, flatten_tensors, iter_params, propagate
+from costmodel.trace import IMAGE_CHANNELS, TracedStep, Recorder, flatten_tensors, iter_params, propagate
 
 TEMPLATE_AFTER = 3  # distinct shapes propagated concretely before a template is worth its cost
 MAX_TEMPLATES = 4  # per traced structure: batch 1 vs larger, a last stage of 1x1 vs larger...
@@ -57,7 +58,7 @@ Identities = dict[tuple[fx.Node, int], tuple[int, int | None]]
 class Propagation:
     """Every node's result with tensors replaced by :class:`TensorFacts`, the step module's
     parameters and buffers ``(qualified name, facts, is_buffer)`` in registration order, the
-    results that are an earlier value's very tensor (``_Recorder.same_tensor``; structural), and
+    results that are an earlier value's very tensor (``Recorder.same_tensor``; structural), and
     which tensor object each result is and, for a view, which object is its base
     (:func:`tensor_identities`; structural)."""
 
@@ -105,7 +106,7 @@ def concrete(traced: TracedStep, batch: int, resolution: int) -> Propagation:
     return recorded_facts(traced, propagate(traced, batch, resolution))
 
 
-def recorded_facts(traced: TracedStep, recorder: _Recorder) -> Propagation:
+def recorded_facts(traced: TracedStep, recorder: Recorder) -> Propagation:
     """The facts of a concrete propagation's results."""
     results = recorder.results
     storage_of = _StorageIds()
@@ -124,20 +125,20 @@ def recorded_facts(traced: TracedStep, recorder: _Recorder) -> Propagation:
 # -- shape templates
 
 @dataclass(frozen=True)
-class _Slot:
+class Slot:
     """A size computed by the template's function: ``values[index]``."""
 
     index: int
 
 
 @dataclass(frozen=True)
-class _TensorTemplate:
-    shape: tuple[int | _Slot, ...]
+class TensorTemplate:
+    shape: tuple[int | Slot, ...]
     dtype: torch.dtype
     requires_grad: bool
     is_leaf: bool
     storage: int
-    storage_nbytes: int | _Slot
+    storage_nbytes: int | Slot
 
 
 BATCH, RESOLUTION = sympy.symbols("batch resolution", integer=True, positive=True)
@@ -147,48 +148,99 @@ def fill_slots(results: dict[fx.Node, Any], values: Sequence[Any]) -> dict[fx.No
     """Template results with each slot's value filled in (tensors become :class:`TensorFacts`)."""
 
     def fill(leaf: Any) -> Any:
-        if isinstance(leaf, _Slot):
+        if isinstance(leaf, Slot):
             return values[leaf.index]
-        if isinstance(leaf, _TensorTemplate):
-            return TensorFacts(tuple(values[s.index] if isinstance(s, _Slot) else s for s in leaf.shape),
+        if isinstance(leaf, TensorTemplate):
+            return TensorFacts(tuple(values[s.index] if isinstance(s, Slot) else s for s in leaf.shape),
                                leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
-                               values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, _Slot)
+                               values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, Slot)
                                else leaf.storage_nbytes)
         return leaf
 
     # Most nodes return one tensor: filled directly, the rest through pytree.
-    return {node: fill(result) if isinstance(result, (_TensorTemplate, _Slot)) else tree_map(fill, result)
+    return {node: fill(result) if isinstance(result, (TensorTemplate, Slot)) else tree_map(fill, result)
             for node, result in results.items()}
 
 
-class _UnsupportedTemplate(Exception):
-    """The symbolic run produced something a template cannot express (left to concrete propagation)."""
+class UnsupportedTemplate(Exception):
+    """A symbolic run produced something a template cannot express (left to concrete work)."""
 
 
-class ShapeTemplate:
-    """Formulas for every size of one traced structure, valid where ``applies`` says so."""
+def symbolic_mode(env: Any) -> Any:
+    """The one way the engine runs ops with symbolic sizes: ``FakeTensorMode`` over the sizes of
+    ``env`` (a ``ShapeEnv``). Its Python meta kernels keep every size a formula where PyTorch's
+    C++ meta kernels would specialise one (the loss's ``nll_loss`` fixes the batch); inputs that
+    are plain meta tensors (a concrete propagation's results) are taken in as they are."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def __init__(self, applies: Callable[[int, int], bool], values: Callable[[int, int], tuple[int, ...]],
-                 results: dict[fx.Node, Any], params: list[tuple[str, TensorFacts, bool]],
-                 same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]], source: str,
-                 identities: Identities | None = None) -> None:
-        self._applies = applies
-        self._same_tensor = same_tensor
-        self._identities = identities or {}
-        self._values = values
-        self._results = results
-        self._params = params
-        self.source = source  # the generated code, for inspection
+    return FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
 
-    def applies(self, batch: int, resolution: int) -> bool:
+
+def symbolic_size(env: Any, name: str, hint: int) -> Any:
+    """A size named ``name`` that may take any value, hinted ``hint`` (a ``SymInt``; the int
+    itself where the environment specialises it, as it does 0 and 1)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    symbol = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+    return env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint
+
+
+def template_of(value: Any, size: Callable[[Any], Any], storage: int) -> Any:
+    """One result leaf of a symbolic run as a template: a tensor as a :class:`TensorTemplate`
+    (``storage``: its storage id), a size as its slot or int (``size``: ``SymbolicSizes.size``)."""
+    if isinstance(value, torch.Tensor):
+        return TensorTemplate(tuple(size(s) for s in value.shape), value.dtype, bool(value.requires_grad),
+                              value.is_leaf, storage, size(value.untyped_storage().nbytes()))
+    return size(value)
+
+
+class SizeTemplate:
+    """Every size of a symbolic run as formulas in named parameters (``batch`` and
+    ``resolution`` for a whole propagation, ``rank`` for the rank-dependent nodes of one), valid
+    where ``covers`` says so: every guard the run's kernels took holds. ``results`` maps each
+    node run to its result with :class:`Slot` sizes and :class:`TensorTemplate` tensors."""
+
+    def __init__(self, parameters: tuple[sympy.Symbol, ...], conditions: list[sympy.Basic], formulas: "SymbolicSizes",
+                 results: dict[fx.Node, Any], label: str) -> None:
+        self.parameters = parameters
+        self._applies, self._values, self.source = compile_formulas(conditions, formulas.expressions, parameters,
+                                                                    label)
+        self.results = results
+
+    def covers(self, *values: int) -> bool:
         try:
-            return bool(self._applies(batch, resolution))
+            return bool(self._applies(*values))
         except (ArithmeticError, ValueError):
             return False
 
+    def evaluate(self, *values: int) -> dict[fx.Node, Any]:
+        """The results at these parameter values (tensors as :class:`TensorFacts`)."""
+        return fill_slots(self.results, self._values(*values))
+
+    def evaluate_many(self, rows: Sequence[tuple[int, ...]]) -> dict[fx.Node, Any]:
+        """The results at many parameter values at once: each size that varies a numpy integer
+        array with one entry per row (one that does not, an int)."""
+        columns = [np.array(column, dtype=np.int64) for column in zip(*(self._values(*row) for row in rows))]
+        return fill_slots(self.results, [int(c[0]) if (c == c[0]).all() else c for c in columns])
+
+
+class ShapeTemplate:
+    """A whole propagation's facts as formulas in the batch and the resolution."""
+
+    def __init__(self, sizes: SizeTemplate, params: list[tuple[str, TensorFacts, bool]],
+                 same_tensor: dict[tuple[fx.Node, int], tuple[fx.Node, int]], identities: Identities) -> None:
+        self.sizes = sizes
+        self._params = params
+        self._same_tensor = same_tensor
+        self._identities = identities
+        self.source = sizes.source  # the generated code, for inspection
+
+    def applies(self, batch: int, resolution: int) -> bool:
+        return self.sizes.covers(batch, resolution)
+
     def evaluate(self, batch: int, resolution: int) -> Propagation:
-        return Propagation(fill_slots(self._results, self._values(batch, resolution)), self._params,
-                           self._same_tensor, self._identities)
+        return Propagation(self.sizes.evaluate(batch, resolution), self._params, self._same_tensor, self._identities)
 
     @classmethod
     def build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate | None":
@@ -196,49 +248,36 @@ class ShapeTemplate:
         the run cannot be expressed as a template."""
         try:
             return cls._build(traced, batch, resolution)
-        except Exception:  # a kernel without symbolic support, a data-dependent size...: stay concrete
+        except (UnsupportedTemplate, RuntimeError, TypeError, ValueError, ArithmeticError, AssertionError):
+            # What a symbolic run can meet and a concrete one does not: a kernel without symbolic
+            # support (NotImplementedError, a RuntimeError), a size that depends on data
+            # (GuardOnDataDependentSymNode, one too), a size the template cannot express. The
+            # shapes are then propagated concretely; any other exception is a bug and propagates.
             return None
 
     @classmethod
     def _build(cls, traced: TracedStep, batch: int, resolution: int) -> "ShapeTemplate":
-        from torch._dynamo.source import ConstantSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         env = ShapeEnv()
-        inputs = []
-        for name, hint in (("batch", batch), ("resolution", resolution)):
-            symbol = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
-            inputs.append(env.create_symintnode(symbol, hint=hint) if isinstance(symbol, sympy.Symbol) else hint)
-        b, r = inputs
-        recorder = _Recorder(traced.graph_module)
-        with FakeTensorMode(shape_env=env, allow_non_fake_inputs=True), torch.enable_grad():
+        b, r = symbolic_size(env, "batch", batch), symbolic_size(env, "resolution", resolution)
+        recorder = Recorder(traced.graph_module)
+        with symbolic_mode(env), torch.enable_grad():
             images = torch.empty(b, IMAGE_CHANNELS, r, r, device="meta")
             labels = torch.empty(b, dtype=torch.long, device="meta")
             recorder.run(images, labels)
 
         formulas = SymbolicSizes(env, {v.node.expr: name for v, name in ((b, BATCH), (r, RESOLUTION))
-                                       if isinstance(v, torch.SymInt)}, (BATCH, RESOLUTION), _UnsupportedTemplate)
+                                       if isinstance(v, torch.SymInt)}, (BATCH, RESOLUTION), UnsupportedTemplate)
         conditions = formulas.ranges(b, batch, BATCH) + formulas.ranges(r, resolution, RESOLUTION) + formulas.guards()
-        size = formulas.size
-        expressions = formulas.expressions
-
         storage_of = _StorageIds()
         params = _params(traced, storage_of)
-
-        def template(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return _TensorTemplate(tuple(size(s) for s in value.shape), value.dtype, bool(value.requires_grad),
-                                       value.is_leaf, storage_of(value), size(value.untyped_storage().nbytes()))
-            return size(value)
-
-        results = {node: tree_map(template, result) for node, result in recorder.results.items()}
-
-        applies, values, source = compile_formulas(
-            conditions, expressions, (BATCH, RESOLUTION),
-            f"shape template of {traced.step_module.model.__class__.__name__}")
-        return cls(applies, values, results, params, recorder.same_tensor, source,
-                   tensor_identities(recorder.results))
+        results = {node: tree_map(lambda leaf: template_of(leaf, formulas.size, storage_of(leaf))
+                                  if isinstance(leaf, torch.Tensor) else formulas.size(leaf), result)
+                   for node, result in recorder.results.items()}
+        sizes = SizeTemplate((BATCH, RESOLUTION), conditions, formulas, results,
+                             f"shape template of {traced.step_module.model.__class__.__name__}")
+        return cls(sizes, params, recorder.same_tensor, tensor_identities(recorder.results))
 
 
 class SymbolicSizes:
@@ -255,7 +294,7 @@ class SymbolicSizes:
         self.allowed = set(allowed)
         self.error = error
         self.expressions: list[sympy.Basic] = []
-        self._slots: dict[sympy.Basic, _Slot] = {}
+        self._slots: dict[sympy.Basic, Slot] = {}
 
     def canonical(self, expr: sympy.Basic) -> sympy.Basic:
         expr = self.env.replace(expr).xreplace(self.rename)
@@ -270,7 +309,7 @@ class SymbolicSizes:
             if expr.is_Integer:
                 return int(expr)
             if expr not in self._slots:
-                self._slots[expr] = _Slot(len(self.expressions))
+                self._slots[expr] = Slot(len(self.expressions))
                 self.expressions.append(expr)
             return self._slots[expr]
         if isinstance(value, (torch.SymFloat, torch.SymBool)):

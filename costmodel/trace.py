@@ -16,7 +16,7 @@ import sys
 import sysconfig
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,16 +285,18 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 # A module's own containers, fingerprinted separately (parameters, buffers) or through the walk
 # (submodules).
-_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})
+MODULE_CONTAINERS = frozenset({"_parameters", "_buffers", "_modules"})
 
 
-def _state_key(value: Any) -> Any:
+def state_key(value: Any) -> Any:
+    """A hashable fingerprint of a module attribute's value: tensors by shape, dtype, device and
+    ``requires_grad``; containers item by item; anything else by its repr."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), value.dtype, value.device.type, bool(value.requires_grad))
     if isinstance(value, (dict, OrderedDict)):
-        return tuple((repr(k), _state_key(v)) for k, v in value.items())
+        return tuple((repr(k), state_key(v)) for k, v in value.items())
     if isinstance(value, (list, tuple, set, frozenset)):
-        items = [_state_key(v) for v in value]
+        items = [state_key(v) for v in value]
         return (type(value).__name__, tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items))
     # Anything else by its repr: an object without a value-like repr shows its address, so two
     # different objects never look alike (no reuse rather than a wrong one).
@@ -308,14 +310,49 @@ def structure_key(model: nn.Module, prepared: PreparedMethod) -> tuple[Any, ...]
     so they can share one trace (only ``prepared.param_groups`` may differ)."""
     modules = []
     for name, module in model.named_modules(remove_duplicate=False):
-        state = tuple((attr, _state_key(value)) for attr, value in sorted(vars(module).items())
-                      if attr not in _CONTAINERS)
-        tensors = tuple((local, _state_key(t)) for local, t in
+        state = tuple((attr, state_key(value)) for attr, value in sorted(vars(module).items())
+                      if attr not in MODULE_CONTAINERS)
+        tensors = tuple((local, state_key(t)) for local, t in
                         (*module._parameters.items(), *module._buffers.items()))
         modules.append((name, type(module), state, tensors))
     # Shared parameters: which names point at one tensor.
     shared = tuple(name for name, _ in model.named_parameters(remove_duplicate=False))
     return (tuple(modules), shared, tuple(prepared.leaf_modules))
+
+
+def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
+                 attributes: Mapping[tuple[str, str], Any]) -> nn.Module:
+    """A copy of ``module`` in which some parameters or buffers (``tensors``: qualified name below
+    ``module`` -> tensor) and some plain attributes (``(submodule name, attribute)`` -> value, ``""``
+    for ``module`` itself) are replaced. Only the modules on the way to a change are copied
+    (shallowly: their containers are new dicts); everything else, ``module`` included, is shared and
+    never modified, so a cached traced model can be run or costed at another size by many callers."""
+    copies: dict[str, nn.Module] = {}
+
+    def copy_of(path: str) -> nn.Module:
+        found = copies.get(path)
+        if found is not None:
+            return found
+        if path:
+            parent_path, _, local = path.rpartition(".")
+            parent = copy_of(parent_path)
+            duplicate = copy.copy(parent._modules[local])
+            parent._modules[local] = duplicate
+        else:
+            duplicate = copy.copy(module)
+        for container in MODULE_CONTAINERS:  # the copy's own dicts: changing them changes only it
+            object.__setattr__(duplicate, container, dict(getattr(duplicate, container)))
+        copies[path] = duplicate
+        return duplicate
+
+    for qualified, tensor in tensors.items():
+        owner_path, _, local = qualified.rpartition(".")
+        owner = copy_of(owner_path)
+        container = owner._parameters if local in owner._parameters else owner._buffers
+        container[local] = tensor
+    for (owner_path, attribute), value in attributes.items():
+        object.__setattr__(copy_of(owner_path), attribute, value)
+    return copy_of("") if (tensors or attributes) else module
 
 
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> TracedStep:
@@ -348,7 +385,7 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
     return trace_model(model, prepared, config.model)
 
 
-class _Recorder(fx.Interpreter):
+class Recorder(fx.Interpreter):
     """Runs the graph on meta tensors and keeps every node's result (never freed during the run,
     so that storage identities stay unique).
 
@@ -382,10 +419,10 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def propagate(traced: TracedStep, batch: int, resolution: int) -> _Recorder:
+def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:
     """Run the graph on a batch of ``batch`` images of ``resolution`` pixels, on meta tensors: the
     recorder holds every node's result and which results are an earlier value itself."""
-    recorder = _Recorder(traced.graph_module)
+    recorder = Recorder(traced.graph_module)
     try:
         # Inside the try: a batch too large for any tensor (its storage size overflows) is the
         # user's size, said as such, not an internal error.

@@ -23,8 +23,14 @@ from engine_live import assert_matches
 
 
 def _fields(prediction) -> dict:
+    """Every field of a prediction but its wall-clock time and whether it was predicted together:
+    the numbers, and the details (per-node breakdown, timeline, coverage, the method's and the
+    optimizer's notes)."""
     return {"flops": prediction.flops, "memory": prediction.memory, "trainable": prediction.trainable_params,
-            "total": prediction.total_params, "config": prediction.config}
+            "total": prediction.total_params, "config": prediction.config,
+            "nodes": [n.as_dict() for n in prediction.nodes], "timeline": [s.as_dict() for s in prediction.timeline],
+            "coverage": prediction.coverage, "method": prediction.details["method"],
+            "optimizer": prediction.details["optimizer"]}
 
 
 def _batched(prediction) -> bool:
@@ -64,7 +70,7 @@ def test_ranks_together_equal_a_live_measurement():
 def test_a_scaling_that_changes_with_the_rank_is_predicted_rank_by_rank():
     """alpha fixed: LoRA's scaling alpha / rank is a number baked into the traced graph, so the
     ranks do not share one graph: the LoRA plugin makes no promise."""
-    assert_same_as_one_by_one(StepConfig(model="resnet18", method="lora", alpha=16.0, resolution=64),
+    assert_same_as_one_by_one(StepConfig(model="resnet18", method="lora", options={"alpha": 16.0}, resolution=64),
                               [2, 3, 4, 5], batched=False)
 
 
@@ -83,7 +89,7 @@ class _BranchingConv:
     once, so the engine asks it rank by rank; the numbers must not change."""
 
     @hookimpl
-    def costmodel_op_cost(self, node, config):
+    def costmodel_op_cost(self, node):
         if node.kind == "call_module" and isinstance(node.module, nn.Conv2d) and node.module.out_channels < 10:
             from costmodel.plugins.conv import conv_module
 
