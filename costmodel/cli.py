@@ -31,6 +31,7 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
+    parser.add_argument("--channels", type=int, default=defaults.channels, help="image channels: 3 for RGB, 1 for grey-scale, ... (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T: an SVD on step k when (k-1) %% T == 0, short for --option update_proj_gap=T (default: 200)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -70,7 +71,8 @@ def _config(args: argparse.Namespace) -> StepConfig:
     defaults = StepConfig()
     return StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
-        batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, options=options,
+        batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, channels=args.channels,
+        options=options,
     )
 
 

@@ -19,7 +19,7 @@ MAX_INT = 2**31 - 1
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
-    "step": "--step", "lr": "lr",
+    "step": "--step", "channels": "--channels", "lr": "lr",
 }
 
 
@@ -57,7 +57,7 @@ class StepConfig:
     """One fine-tuning step, as DEVELOPERS.md and the runtime-reference issue define it.
 
     The model is ``torchvision.models.<model>(weights=None, num_classes=classes)`` in train mode,
-    fed ``batch`` images of 3 x ``resolution`` x ``resolution`` with integer labels through
+    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` with integer labels through
     ``nn.CrossEntropyLoss``; the measured step is number ``step`` (step 1 creates optimizer state).
     """
 
@@ -68,6 +68,9 @@ class StepConfig:
     resolution: int = 224
     classes: int = 10
     step: int = 2
+    # Image channels: 3 for RGB, 1 for a grey-scale or thermal sensor, 4 for RGB + depth... (a
+    # torchvision model's first layer takes 3; a model of one's own, whatever it was built for).
+    channels: int = 3
     # The optimizer's learning rate (every method has one).
     lr: float = 1e-3
     # The options of ``method``, as its plugin declares them (``costmodel_method_options``): its
@@ -81,7 +84,7 @@ class StepConfig:
     shared_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch", "resolution", "classes", "step"):
+        for name in ("rank", "batch", "resolution", "classes", "step", "channels"):
             check_int(getattr(self, name), _FIELD_NAMES[name])
         check_positive(self.lr, _FIELD_NAMES["lr"])
         for name in ("options", "shared_options"):

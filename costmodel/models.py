@@ -16,10 +16,6 @@ from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import CostModelError
 
-# The head is the model's first submodule with one of these names, taken as a whole
-# (MobileNetV3's classifier holds two Linear layers).
-HEAD_NAMES: tuple[str, ...] = ("fc", "classifier", "heads", "head")
-
 
 @lru_cache(maxsize=1)
 def available_models() -> tuple[str, ...]:
@@ -104,23 +100,25 @@ def meta_model(name: str, num_classes: int = 10) -> nn.Module:
 
 
 def head_name(model: nn.Module) -> str:
-    """The qualified name of the model's classification head."""
-    children = dict(model.named_children())
-    for name in HEAD_NAMES:
-        if name in children:
-            return name
-    raise CostModelError(
-        f"cannot find the classification head of {type(model).__name__}: "
-        f"no child module named one of {', '.join(HEAD_NAMES)}"
-    )
+    """The qualified name of the model's classification head: its last direct child that holds
+    parameters, taken as a whole (MobileNetV3's ``classifier`` holds two Linear layers and a
+    dropout). Found by structure, not by name, so that a model of one's own (an ``nn.Sequential``
+    whose last layer is ``"7"``) has a head too; on every torchvision classifier it is the child
+    the model's authors named ``fc``, ``classifier``, ``heads`` or ``head`` (checked by
+    ``tests/test_models.py`` over all of them)."""
+    with_params = [name for name, child in model.named_children() if next(child.parameters(), None) is not None]
+    if not with_params:
+        raise CostModelError(f"cannot find the classification head of {type(model).__name__}: "
+                             f"no child module holds parameters")
+    return with_params[-1]
 
 
 def make_batch(
-    batch: int, resolution: int, classes: int, device: str | torch.device = "cpu", seed: int = 0
+    batch: int, resolution: int, classes: int, device: str | torch.device = "cpu", seed: int = 0, channels: int = 3
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A generated batch: images 3 x resolution x resolution and integer labels."""
+    """A generated batch: images channels x resolution x resolution and integer labels."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, resolution, resolution, generator=generator)
+    images = torch.randn(batch, channels, resolution, resolution, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
     return images.to(device), labels.to(device)
 

@@ -193,10 +193,10 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     if traced is None:
         model = meta_model(config.model, config.classes)
         prepared = prepare_method(manager, model, config)
-        structure = (manager, structure_key(model, prepared))
+        structure = (manager, config.channels, structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
-            traced = trace_model(model, prepared, config.model)
+            traced = trace_model(model, prepared, config.model, config.channels)
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -420,14 +420,14 @@ def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) ->
 
 
 def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,
-            resolution: int = 224, classes: int = 10, step: int = 2, lr: float = 1e-3, alpha: float | None = None,
+            resolution: int = 224, classes: int = 10, step: int = 2, channels: int = 3, lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
     ``predict("mobilenet_v2", "lora", rank=8, batch=4)``; ``predict(my_model, "fft")``. A module is
-    fed ``batch`` images of 3 x ``resolution`` x ``resolution`` and integer labels through
+    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and integer labels through
     ``nn.CrossEntropyLoss``; it is copied to the meta device and never modified. Extra keyword
     arguments are method options (``StepConfig.options``). ``alpha``, ``galore_update_proj_gap``
     and ``galore_scale`` are shorthands for the options ``alpha`` (LoRA/DoRA; None: the rank),
@@ -455,5 +455,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     else:
         raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
-                        step=step, lr=lr, options=dict(options))
+                        step=step, lr=lr, channels=channels, options=dict(options))
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

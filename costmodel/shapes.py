@@ -30,7 +30,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from costmodel.trace import IMAGE_CHANNELS, TracedStep, Recorder, flatten_tensors, iter_params, propagate
+from costmodel.trace import TracedStep, Recorder, flatten_tensors, iter_params, propagate
 
 TEMPLATE_AFTER = 3  # distinct shapes propagated concretely before a template is worth its cost
 MAX_TEMPLATES = 4  # per traced structure: batch 1 vs larger, a last stage of 1x1 vs larger...
@@ -263,7 +263,7 @@ class ShapeTemplate:
         b, r = symbolic_size(env, "batch", batch), symbolic_size(env, "resolution", resolution)
         recorder = Recorder(traced.graph_module)
         with symbolic_mode(env), torch.enable_grad():
-            images = torch.empty(b, IMAGE_CHANNELS, r, r, device="meta")
+            images = torch.empty(b, traced.channels, r, r, device="meta")
             labels = torch.empty(b, dtype=torch.long, device="meta")
             recorder.run(images, labels)
 

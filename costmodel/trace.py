@@ -34,7 +34,6 @@ from costmodel.plugin_calls import PREPARE_METHOD, ask_first
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
-IMAGE_CHANNELS = 3
 
 
 class _InPlaceProxy(fx.Proxy):
@@ -241,6 +240,9 @@ class TracedStep:
     concrete_shapes: int = 0
     # What costmodel.graph derives from the structure alone (module parameters, liveness).
     graph_cache: dict[str, Any] = field(default_factory=dict)
+    # The images' channels (``StepConfig.channels``): part of the structure, since every size
+    # propagated from the input depends on it.
+    channels: int = 3
 
     @property
     def graph(self) -> fx.Graph:
@@ -355,7 +357,7 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
     return copy_of("") if (tensors or attributes) else module
 
 
-def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> TracedStep:
+def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model."""
     step_module = TrainingStep(model, nn.CrossEntropyLoss())
     tracer = StepTracer(tuple(prepared.leaf_modules))
@@ -372,7 +374,8 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "") -> T
             f"can keep the offending module whole by listing its type in PreparedMethod.leaf_modules"
         ) from None
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
-    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after)
+    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
+                      channels=channels)
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
@@ -382,7 +385,7 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
     else:
         model = meta_copy(model).train()
     prepared = prepare_method(manager, model, config)
-    return trace_model(model, prepared, config.model)
+    return trace_model(model, prepared, config.model, config.channels)
 
 
 class Recorder(fx.Interpreter):
@@ -426,7 +429,7 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:
     try:
         # Inside the try: a batch too large for any tensor (its storage size overflows) is the
         # user's size, said as such, not an internal error.
-        images = torch.empty(batch, IMAGE_CHANNELS, resolution, resolution, device="meta")
+        images = torch.empty(batch, traced.channels, resolution, resolution, device="meta")
         labels = torch.empty(batch, dtype=torch.long, device="meta")
         with torch.enable_grad(), meta_kernel_memo():  # repeated kernel calls: costmodel.meta_memo
             recorder.run(images, labels)
@@ -435,7 +438,8 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:
         where = f" at node {node.name!r}" if node is not None else ""
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""  # fx appends the graph
         raise CostModelError(
-            f"shape propagation failed{where} for batch={batch}, resolution={resolution}: "
+            f"shape propagation failed{where} for batch={batch}, resolution={resolution}"
+            f"{'' if traced.channels == 3 else f', channels={traced.channels}'}: "
             f"{type(error).__name__}: {message}"
         ) from None
     return recorder

@@ -172,7 +172,8 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         torch.manual_seed(SEED)
         if not fake:
             applied = apply_config(build_model(config.model, num_classes=config.classes), config)
-        images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED)
+        images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED,
+                                    channels=config.channels)
         measured = measure_step(applied.model, applied.optimizer, images, labels, config.step)
 
     return StepCost(
