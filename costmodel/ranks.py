@@ -28,7 +28,7 @@ does that work once and only the rank-dependent rest per rank:
    the arrays.
 
 Nothing is approximated: every number equals what ``predict_config`` gives for that rank alone
-(``tests/test_engine_ranks.py`` compares every field). Wherever a condition above does not hold
+(``tests/test_engine_ranks.py`` compares every field, details included). Wherever a condition above does not hold
 (no promise, probes that differ otherwise, a failed guard, a plugin whose answer changes form
 with the rank, a size the simulation branches on that is zero at some ranks only) the ranks
 concerned are predicted one by one with ``predict_config``.
@@ -402,13 +402,6 @@ def _stack(values: Sequence[Any], where: str) -> Any:
     return nested.unflatten(structure, [_stack_leaf(column, where) for column in zip(*rows)])
 
 
-def _signature(value: Any) -> Any:
-    """The form of a plugin's answer without its sizes: ranks whose answers share it stack."""
-    leaves, structure = _flatten(value)
-    return structure, tuple(int if type(leaf) is int else (leaf if isinstance(leaf, (str, bool, type(None)))
-                                                            else repr(leaf)) for leaf in leaves)
-
-
 def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> tuple[list[OptimizerStep], Any]:
     """The optimizer's steps and prior state over ``ranks``: asked once for all of them when the
     optimizer plugin can answer so (checked against its answer at the first rank), else rank by rank."""
@@ -594,16 +587,6 @@ def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int | Sequence[int]
     return steps, state_before
 
 
-def _stack_answers(answers: list[_RankCosts]) -> _RankCosts:
-    """Answers rank by rank -> one answer for all of them (arrays over the ranks)."""
-    first = answers[0]
-    return _RankCosts(
-        [a.rank for a in answers],
-        {value: _stack([a.metas[value] for a in answers], f"value {value[0].name}") for value in first.metas},
-        {name: _stack([a.params[name] for a in answers], name) for name in first.params},
-        {index: _stack([a.costs[index] for a in answers], f"record {index}") for index in first.costs})
-
-
 def _vector_graph(shared: _Shared, batch: _RankCosts) -> tuple[StepGraph, list[OpCost | None]]:
     """The shared graph with every rank-dependent size an array over the batch's ranks, and its costs."""
     graph = shared.graph
@@ -675,27 +658,6 @@ def _rank_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None],
 
     return {"nodes": Deferred(nodes), "timeline": Deferred(timeline), "coverage": coverage(graph, [], False),
             "method": Deferred(method_note), "optimizer": Deferred(optimizer_notes), "batched": note}
-
-
-def _predict_groups(shared: _Shared, answers: list[_RankCosts], started: float) -> dict[int, Prediction]:
-    """All ranks in one simulation if their answers stack; else one per form of the plugins'
-    answers; a group that still cannot share a timeline is left to rank-by-rank prediction."""
-    if not answers:
-        return {}
-    try:
-        return _predict_together(shared, _stack_answers(answers), started)
-    except (_NotShared, MixedSizes, CostModelError):
-        if len(answers) == 1:
-            return {}
-    groups: dict[Any, list[_RankCosts]] = {}
-    for answer in answers:
-        key = _signature([answer.costs[i] for i in sorted(answer.costs)])
-        groups.setdefault(key, []).append(answer)
-    found: dict[int, Prediction] = {}
-    for together in groups.values():
-        if len(together) < len(answers):
-            found.update(_predict_groups(shared, together, started))
-    return found
 
 
 def _choose_probes(ranks: Sequence[int]) -> tuple[int, int, int]:
@@ -775,9 +737,10 @@ def _template_for(shared: _Shared, rank: int) -> SizeTemplate | None:
 
 
 def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[int, Prediction]:
-    """The ranks that share ``shared``'s structure: those of one template together (each plugin
-    asked once for all of them where it can), and where a batch does not hold together, rank by
-    rank answers grouped by form."""
+    """The ranks that share ``shared``'s structure, those of one template together (each plugin
+    asked once for all of them where it can). A batch that does not hold together (a size zero at
+    some of its ranks only, a plugin whose answer changes form with the rank) is left to
+    :func:`predict_ranks`, which predicts its ranks one by one: one fallback, one level."""
     by_template: dict[int, tuple[SizeTemplate, list[int]]] = {}
     for rank in ranks:
         template = _template_for(shared, rank)
@@ -787,16 +750,8 @@ def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[i
     for template, members in by_template.values():
         try:
             found.update(_predict_together(shared, _batch(shared, template, members), started))
-            continue
         except (_NotShared, MixedSizes, CostModelError):
-            pass
-        answers = []
-        for rank in members:
-            try:
-                answers.append(_rank_costs(shared, template, rank))
-            except (_NotShared, CostModelError):
-                continue
-        found.update(_predict_groups(shared, answers, started))
+            continue
     return found
 
 
