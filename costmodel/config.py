@@ -19,7 +19,7 @@ MAX_INT = 2**31 - 1
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
-    "step": "--step", "channels": "--channels", "lr": "lr",
+    "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr",
 }
 
 
@@ -57,8 +57,9 @@ class StepConfig:
     """One fine-tuning step, as DEVELOPERS.md and the runtime-reference issue define it.
 
     The model is ``torchvision.models.<model>(weights=None, num_classes=classes)`` in train mode,
-    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` with integer labels through
-    ``nn.CrossEntropyLoss``; the measured step is number ``step`` (step 1 creates optimizer state).
+    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and a target through the
+    loss ``loss`` (``cross_entropy``: integer labels through ``nn.CrossEntropyLoss``; the losses are
+    the plugins' ``costmodel_loss``); the measured step is number ``step`` (step 1 creates optimizer state).
     """
 
     model: str = "mobilenet_v2"
@@ -71,6 +72,10 @@ class StepConfig:
     # Image channels: 3 for RGB, 1 for a grey-scale or thermal sensor, 4 for RGB + depth... (a
     # torchvision model's first layer takes 3; a model of one's own, whatever it was built for).
     channels: int = 3
+    # The training loss, by name: what a loss plugin describes (``costmodel_loss``: the criterion
+    # module and the target's shape and dtype): "cross_entropy" (class indices), "mse" (a target
+    # shaped like the logits).
+    loss: str = "cross_entropy"
     # The optimizer's learning rate (every method has one).
     lr: float = 1e-3
     # The options of ``method``, as its plugin declares them (``costmodel_method_options``): its
@@ -87,6 +92,8 @@ class StepConfig:
         for name in ("rank", "batch", "resolution", "classes", "step", "channels"):
             check_int(getattr(self, name), _FIELD_NAMES[name])
         check_positive(self.lr, _FIELD_NAMES["lr"])
+        if not isinstance(self.loss, str) or not self.loss:
+            raise CostModelError(f"{_FIELD_NAMES['loss']} must be a non-empty loss name, got {self.loss!r}")
         for name in ("options", "shared_options"):
             if not isinstance(getattr(self, name), dict):
                 raise CostModelError(f"method {name.replace('_', ' ')} must be a dict of option names to values, "

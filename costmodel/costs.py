@@ -2,7 +2,8 @@
 
 Op plugins receive an :class:`OpNode` (one node of the traced graph, with shapes) and answer with an
 :class:`OpCost`; optimizer plugins answer with an :class:`OptimizerCost`; method plugins with a
-:class:`PreparedMethod`, and declare what they take as :class:`MethodOptions`. Everything is plain
+:class:`PreparedMethod`, and declare what they take as :class:`MethodOptions`; loss plugins
+describe a training loss as a :class:`LossSpec`. Everything is plain
 data: the engine turns it into FLOP totals and a memory timeline that mirrors what ``MemTracker``
 would see at each op boundary.
 """
@@ -10,7 +11,7 @@ would see at each op boundary.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,3 +316,26 @@ class MethodOptions:
 
     takes_rank: bool
     options: Mapping[str, OptionSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A training loss, by name (the ``costmodel_loss`` answer; ``StepConfig.loss``).
+
+    ``criterion``: builds the loss module, with no arguments (``nn.MSELoss``); the step is
+    ``criterion()(model(images), target)`` (``costmodel.models.TrainingStep``), and op plugins cost
+    the criterion's node like any other. ``target_shape(batch, classes)``: the target's shape, from
+    the batch size and the number of classes - ``(batch,)`` for class indices, ``(batch, classes)``
+    for a target shaped like a classifier's logits. ``batch`` may be a symbolic size (a ``SymInt``:
+    ``costmodel.shapes`` propagates one template for many batch sizes), so build the shape from it
+    with plain arithmetic, never branch on it. ``target_dtype``: the target's dtype.
+    """
+
+    criterion: Callable[[], nn.Module]
+    target_shape: Callable[[Any, int], tuple[Any, ...]]
+    target_dtype: torch.dtype
+
+    def target(self, batch: Any, classes: int, device: str | torch.device = "meta") -> torch.Tensor:
+        """An uninitialised target for ``batch`` samples of ``classes`` classes (a meta-device
+        placeholder unless ``device`` says otherwise)."""
+        return torch.empty(tuple(self.target_shape(batch, classes)), dtype=self.target_dtype, device=device)

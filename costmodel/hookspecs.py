@@ -1,6 +1,6 @@
 """The hooks through which every cost rule reaches the engine.
 
-The engine knows no op, optimizer or method by name: it asks these hooks. Built-in plugins
+The engine knows no op, optimizer, method or loss by name: it asks these hooks. Built-in plugins
 (``costmodel.plugins``) implement them exactly as a third-party package would, registered through
 the ``costmodel`` entry-point group. A plugin module implements any subset; misspelt hook names
 are caught at start-up by ``PluginManager.check_pending()``.
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from costmodel.config import StepConfig
-    from costmodel.costs import MethodOptions, OpCost, OpNode, OptimizerCost, ParamGroup, PreparedMethod
+    from costmodel.costs import LossSpec, MethodOptions, OpCost, OpNode, OptimizerCost, ParamGroup, PreparedMethod
 
 PROJECT_NAME = "costmodel"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -39,8 +39,8 @@ def costmodel_op_cost(node: "OpNode") -> "OpCost | None":
     answers is an error naming the op, or a reported coverage gap under ``--allow-unknown``.
 
     The graph is the model and its loss traced together (``costmodel.models.TrainingStep``):
-    ``criterion(model(images), labels)`` with ``criterion = nn.CrossEntropyLoss()`` as a
-    ``call_module`` node, for a model with auxiliary outputs the weighted sum of one such node per
+    ``criterion(model(images), labels)`` with ``criterion`` the configured loss's module
+    (``costmodel_loss``: ``nn.CrossEntropyLoss()`` by default) as a ``call_module`` node, for a model with auxiliary outputs the weighted sum of one such node per
     output (``costmodel.models.training_loss``). Python's in-place operators
     (``out += identity`` in ResNet, ``result += input`` in MobileNetV3) appear as ``call_function``
     nodes whose target is ``operator.iadd`` / ``isub`` / ``imul`` / ``itruediv``: eager PyTorch runs
@@ -119,3 +119,26 @@ def costmodel_method_options(name: str) -> "MethodOptions | None":
     A method that no plugin declares gets its options unchecked (its plugin checks them) and is
     assumed to use the rank.
     """
+
+
+@hookspec(firstresult=True)
+def costmodel_loss(name: str) -> "LossSpec | None":
+    """Describe the training loss ``name`` (``StepConfig.loss``, the CLI's ``--loss``), or return
+    None if this plugin does not provide it.
+
+    :param name: A loss name, such as ``"cross_entropy"`` (the default) or ``"mse"``.
+    :returns: A :class:`~costmodel.costs.LossSpec`: how to build the criterion module, and the
+        target's shape (a function of the batch size and the number of classes, which must work on a
+        symbolic batch size) and dtype. The first non-None answer is used.
+
+    The engine builds the step ``criterion(model(images), target)`` from it and propagates a target
+    of that shape and dtype; the criterion's node is then costed by ``costmodel_op_cost`` like any
+    other, so a plugin that adds a loss also adds (or relies on) the op rule for its module. A name
+    no plugin describes is refused in one line listing ``costmodel_loss_names``.
+    """
+
+
+@hookspec
+def costmodel_loss_names() -> "list[str]":
+    """The names of the losses this plugin describes through ``costmodel_loss`` (for listings and
+    messages)."""

@@ -6,7 +6,7 @@ A ``firstresult`` hook is asked implementation by implementation, in the order p
 ask them (last registered first, ``tryfirst`` / ``trylast`` respected: the reverse of
 ``HookCaller.get_hookimpls()``), so the engine knows which plugin answered. Each hook has a
 :class:`HookContract`: how to describe what a call is about (a node and its op, an optimizer's
-parameter group, a method) and how to check an answer (its type; every FLOP and byte count a
+parameter group, a method, a loss) and how to check an answer (its type; every FLOP and byte count a
 non-negative integer, or a numpy integer array of them where ``costmodel.ranks`` asks for many
 ranks at once). An exception from a plugin, or an answer that breaks the contract, becomes a
 :class:`PluginFailure` naming the plugin, the hook and the subject.
@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import pluggy
+import torch
 from torch import nn
 
-from costmodel.costs import (Alloc, Flops, MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, PreparedMethod,
-                             SavedRef, describe_op)
+from costmodel.costs import (Alloc, Flops, LossSpec, MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta,
+                             PreparedMethod, SavedRef, describe_op)
 from costmodel.errors import CostModelError
 
 
@@ -224,6 +225,30 @@ def check_method_names(answer: Any) -> None:
         _check_type(name, str, f"the answer[{i}]")
 
 
+def check_loss_spec(answer: Any) -> None:
+    """A :class:`LossSpec` whose criterion builds an ``nn.Module`` and whose target shape, for a
+    batch of 1 and 2 classes, is a tuple of sizes >= 1, with a ``torch.dtype`` (the criterion and the
+    shape are tried once here, so that a broken one is named now rather than deep in tracing)."""
+    _check_type(answer, LossSpec, "the answer")
+    _check_type(answer.target_dtype, torch.dtype, "LossSpec.target_dtype")
+    for part in ("criterion", "target_shape"):
+        if not callable(getattr(answer, part)):
+            raise BadAnswer(f"LossSpec.{part} is {_shown(getattr(answer, part))}, not callable")
+    try:
+        criterion = answer.criterion()
+    except Exception as error:
+        raise BadAnswer(f"LossSpec.criterion() raised {type(error).__name__}: {error}") from None
+    _check_type(criterion, nn.Module, "LossSpec.criterion()")
+    try:
+        shape = answer.target_shape(1, 2)
+    except Exception as error:
+        raise BadAnswer(f"LossSpec.target_shape(1, 2) raised {type(error).__name__}: {error}") from None
+    _check_sequence(shape, "LossSpec.target_shape(1, 2)")
+    for i, size in enumerate(shape):
+        if type(size) is not int or size < 1:
+            raise BadAnswer(f"LossSpec.target_shape(1, 2)[{i}] is {_shown(size)}, not an integer >= 1")
+
+
 def _shown(value: Any) -> str:
     """A value for a message: its repr, cut short, with its type where the repr hides it."""
     text = repr(value)
@@ -267,6 +292,9 @@ OP_COST = HookContract("costmodel_op_cost", _about_op, check_op_cost)
 OPTIMIZER_COST = HookContract("costmodel_optimizer_cost", _about_optimizer, check_optimizer_cost)
 PREPARE_METHOD = HookContract("costmodel_prepare_method", _about_method, check_prepared_method)
 METHOD_NAMES = HookContract("costmodel_method_names", lambda kwargs: "the method listing", check_method_names)
+LOSS = HookContract("costmodel_loss", lambda kwargs: f"loss {kwargs['name']!r}", check_loss_spec)
+# A list of names, checked as the method listing is.
+LOSS_NAMES = HookContract("costmodel_loss_names", lambda kwargs: "the loss listing", check_method_names)
 
 
 def _arguments_for(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
@@ -369,3 +397,18 @@ def ask_every(manager: pluggy.PluginManager, contract: HookContract, **kwargs: A
     """One call of a hook without ``firstresult`` through :class:`HookAsker`."""
     return HookAsker(manager, contract).every(**kwargs)
 
+
+
+def loss_names(manager: pluggy.PluginManager) -> list[str]:
+    """Every loss some plugin describes, sorted (``costmodel_loss_names``)."""
+    return sorted({name for names in ask_every(manager, LOSS_NAMES) for name in names})
+
+
+def loss_spec(manager: pluggy.PluginManager, name: str) -> LossSpec:
+    """The loss ``name`` as a plugin describes it (``costmodel_loss``); a name no plugin describes
+    is a one-line ``CostModelError`` listing the ones they do."""
+    spec = ask_first(manager, LOSS, name=name)
+    if spec is None:
+        known = ", ".join(loss_names(manager)) or "none registered"
+        raise CostModelError(f"unknown loss {name!r}; losses provided by plugins: {known}")
+    return spec

@@ -48,7 +48,7 @@ from costmodel.costs import Flops, OpCost, OpNode, ParamGroup, describe_op
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
-from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker
+from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker, loss_spec
 from costmodel.registry import default_plugin_manager
 from costmodel.result import FLOP_CONVENTIONS, StepCost, phase_flops
 from costmodel.shapes import shape_facts
@@ -191,12 +191,15 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     key = _trace_key(config, manager)
     traced = _TRACE_CACHE.get(key)
     if traced is None:
+        loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
         model = meta_model(config.model, config.classes)
         prepared = prepare_method(manager, model, config)
-        structure = (manager, config.channels, structure_key(model, prepared))
+        # The criterion and its target (whose shape may follow the classes) are not part of the
+        # model's structure fingerprint.
+        structure = (manager, config.channels, config.loss, config.classes, structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
-            traced = trace_model(model, prepared, config.model, config.channels)
+            traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes)
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -420,15 +423,18 @@ def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) ->
 
 
 def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,
-            resolution: int = 224, classes: int = 10, step: int = 2, channels: int = 3, lr: float = 1e-3, alpha: float | None = None,
+            resolution: int = 224, classes: int = 10, step: int = 2, channels: int = 3, loss: str = "cross_entropy",
+            lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
     ``predict("mobilenet_v2", "lora", rank=8, batch=4)``; ``predict(my_model, "fft")``. A module is
-    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and integer labels through
-    ``nn.CrossEntropyLoss``; it is copied to the meta device and never modified. Extra keyword
+    fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and a target through the
+    loss ``loss`` (``"cross_entropy"``: integer labels through ``nn.CrossEntropyLoss``; ``"mse"``:
+    ``nn.MSELoss`` on a target shaped like the logits; an unknown name is refused before any work);
+    it is copied to the meta device and never modified. Extra keyword
     arguments are method options (``StepConfig.options``). ``alpha``, ``galore_update_proj_gap``
     and ``galore_scale`` are shorthands for the options ``alpha`` (LoRA/DoRA; None: the rank),
     ``update_proj_gap`` and ``scale`` (GaLore; None: the method's defaults, 200 and 0.25); a method
@@ -455,5 +461,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     else:
         raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
-                        step=step, lr=lr, channels=channels, options=dict(options))
+                        step=step, lr=lr, channels=channels, loss=loss, options=dict(options))
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

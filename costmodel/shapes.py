@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from costmodel.trace import TracedStep, Recorder, flatten_tensors, iter_params, propagate
+from costmodel.trace import TracedStep, step_inputs, Recorder, flatten_tensors, iter_params, propagate
 
 TEMPLATE_AFTER = 3  # distinct shapes propagated concretely before a template is worth its cost
 MAX_TEMPLATES = 4  # per traced structure: batch 1 vs larger, a last stage of 1x1 vs larger...
@@ -214,9 +214,11 @@ class SizeTemplate:
         except (ArithmeticError, ValueError):
             return False
 
-    def evaluate(self, *values: int) -> dict[fx.Node, Any]:
-        """The results at these parameter values (tensors as :class:`TensorFacts`)."""
-        return fill_slots(self.results, self._values(*values))
+    def evaluate(self, *values: int, nodes: Iterable[fx.Node] | None = None) -> dict[fx.Node, Any]:
+        """The results at these parameter values (tensors as :class:`TensorFacts`): of every node
+        run, or of those of ``nodes`` that were."""
+        results = self.results if nodes is None else {n: self.results[n] for n in nodes if n in self.results}
+        return fill_slots(results, self._values(*values))
 
     def evaluate_many(self, rows: Sequence[tuple[int, ...]]) -> dict[fx.Node, Any]:
         """The results at many parameter values at once: each size that varies a numpy integer
@@ -263,9 +265,7 @@ class ShapeTemplate:
         b, r = symbolic_size(env, "batch", batch), symbolic_size(env, "resolution", resolution)
         recorder = Recorder(traced.graph_module)
         with symbolic_mode(env), torch.enable_grad():
-            images = torch.empty(b, traced.channels, r, r, device="meta")
-            labels = torch.empty(b, dtype=torch.long, device="meta")
-            recorder.run(images, labels)
+            recorder.run(*step_inputs(traced, b, r))
 
         formulas = SymbolicSizes(env, {v.node.expr: name for v, name in ((b, BATCH), (r, RESOLUTION))
                                        if isinstance(v, torch.SymInt)}, (BATCH, RESOLUTION), UnsupportedTemplate)

@@ -10,6 +10,7 @@ PyTorch would give them, without any arithmetic.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import operator
 import sys
@@ -26,11 +27,11 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from costmodel.config import StepConfig
-from costmodel.costs import PreparedMethod
+from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.models import TrainingStep, meta_model
-from costmodel.plugin_calls import PREPARE_METHOD, ask_first
+from costmodel.plugin_calls import PREPARE_METHOD, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -243,6 +244,10 @@ class TracedStep:
     # The images' channels (``StepConfig.channels``): part of the structure, since every size
     # propagated from the input depends on it.
     channels: int = 3
+    # The loss's target for a batch size (``StepConfig.loss`` through ``costmodel_loss``, with
+    # ``StepConfig.classes`` bound): ``batch -> a meta placeholder`` of the target's shape and dtype,
+    # the batch concrete or symbolic. Set by ``trace_model``.
+    target: Callable[[Any], torch.Tensor] | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -357,9 +362,16 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
     return copy_of("") if (tensors or attributes) else module
 
 
-def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3) -> TracedStep:
-    """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model."""
-    step_module = TrainingStep(model, nn.CrossEntropyLoss())
+def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3, *,
+                loss: LossSpec | None = None, classes: int = StepConfig.classes) -> TracedStep:
+    """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
+    ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
+    loss, as the default plugins describe it) for ``classes`` classes."""
+    if loss is None:
+        from costmodel.registry import default_plugin_manager
+
+        loss = loss_spec(default_plugin_manager(), StepConfig.loss)
+    step_module = TrainingStep(model, loss.criterion())
     tracer = StepTracer(tuple(prepared.leaf_modules))
     watcher = _LocalsWatcher(tracer)
     try:
@@ -375,17 +387,18 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
         ) from None
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
     return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
-                      channels=channels)
+                      channels=channels, target=functools.partial(loss.target, classes=classes))
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
     """Build (or copy to meta) the model, let the method plugin prepare it, and trace the step."""
+    loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
     if model is None:
         model = meta_model(config.model, config.classes)
     else:
         model = meta_copy(model).train()
     prepared = prepare_method(manager, model, config)
-    return trace_model(model, prepared, config.model, config.channels)
+    return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes)
 
 
 class Recorder(fx.Interpreter):
@@ -422,6 +435,13 @@ class Recorder(fx.Interpreter):
         return result
 
 
+def step_inputs(traced: TracedStep, batch: Any, resolution: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's two inputs on the meta device: ``batch`` images of ``channels`` x ``resolution``
+    x ``resolution`` and the loss's target (sizes may be symbolic). The one place they are made,
+    for a concrete propagation, a shape template and a template over many configurations."""
+    return torch.empty(batch, traced.channels, resolution, resolution, device="meta"), traced.target(batch)
+
+
 def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:
     """Run the graph on a batch of ``batch`` images of ``resolution`` pixels, on meta tensors: the
     recorder holds every node's result and which results are an earlier value itself."""
@@ -429,8 +449,7 @@ def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:
     try:
         # Inside the try: a batch too large for any tensor (its storage size overflows) is the
         # user's size, said as such, not an internal error.
-        images = torch.empty(batch, traced.channels, resolution, resolution, device="meta")
-        labels = torch.empty(batch, dtype=torch.long, device="meta")
+        images, labels = step_inputs(traced, batch, resolution)
         with torch.enable_grad(), meta_kernel_memo():  # repeated kernel calls: costmodel.meta_memo
             recorder.run(images, labels)
     except Exception as error:

@@ -14,11 +14,12 @@ from torch import nn
 
 from costmodel.models import make_batch
 from costmodel.result import MEMORY_FIELDS, StepCost
-from costmodel.validation.measure import measure_step
+from costmodel.validation.measure import loss_of, measure_step
 
 
 def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bool] = lambda name: True, *,
                    batch: int = 2, resolution: int = 8, classes: int = 10, step: int = 2, channels: int = 3,
+                   loss: str = "cross_entropy",
                    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                    fake: bool = True) -> dict[str, Any]:
     """FLOPs per phase and memory per group of step ``step`` of ``build()`` trained with ``optimizer``
@@ -35,8 +36,9 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
             parameter.requires_grad_(trainable(name))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
-        images, labels = make_batch(batch, resolution, classes, channels=channels)
-        measured = measure_step(model, opt, images, labels, step)
+        criterion, target = loss_of(loss)
+        images, labels = make_batch(batch, resolution, classes, channels=channels, target=target)
+        measured = measure_step(model, opt, images, labels, step, criterion())
     return {"flops": measured.flops, "memory": measured.memory}
 
 

@@ -4,7 +4,7 @@
 (``validation.methods``), runs steps 1..k-1 untracked, then tracks the whole step k:
 
     optimizer.zero_grad(set_to_none=True)         # tracked, no FLOPs
-    loss = TrainingStep(model, criterion)(images, labels)  # phase "forward"
+    loss = TrainingStep(model, criterion)(images, labels)  # phase "forward" (criterion: LOSSES[config.loss])
     loss.backward()                              # phase "backward"
     optimizer.step()                             # phase "optimizer"
 
@@ -17,7 +17,13 @@ allocate nothing that the tracker sees).
 
 With ``fake=True`` the model, the method's adapters and optimizer, and the batch are created inside
 one ``FakeTensorMode`` and every step runs there: no arithmetic is done, shapes and storages are the
-same, so every count is identical to the real run while large batches cost almost nothing.
+same, so every count is identical to the real run while large batches cost almost nothing - with one
+known exception: ``nn.MSELoss``'s CPU kernel leaves its 0-d loss in a storage of ``numel(input)``
+elements, where the fake (meta) kernel gives it one element, so a fake MSE step counts the
+difference less wherever the loss is alive (``costmodel/plugins/loss.py``).
+
+The loss (``config.loss``) is this module's own table :data:`LOSSES`, independent of the plugins
+that the analytic engine asks (``costmodel_loss``): the same criterion and target, built here.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,6 +46,28 @@ from costmodel.validation.memory import GroupPeakMemTracker
 from costmodel.validation.methods import apply_config
 
 SEED = 0
+
+
+def _class_indices(batch: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, classes, (batch,), generator=generator)
+
+
+def _like_logits(batch: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, classes, generator=generator)
+
+
+# Loss name (StepConfig.loss) -> (the criterion, the target maker for make_batch).
+LOSSES: dict[str, tuple[Callable[[], nn.Module], Callable[[int, int, torch.Generator], torch.Tensor]]] = {
+    "cross_entropy": (nn.CrossEntropyLoss, _class_indices),
+    "mse": (nn.MSELoss, _like_logits),
+}
+
+
+def loss_of(name: str) -> tuple[Callable[[], nn.Module], Callable[[int, int, torch.Generator], torch.Tensor]]:
+    """The reference's criterion and target maker for loss ``name``; an unknown one is refused."""
+    if name not in LOSSES:
+        raise CostModelError(f"unknown loss {name!r}; the runtime reference measures: {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def _forward_loss(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,11 +116,11 @@ class MeasuredStep:
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                 step: int) -> MeasuredStep:
+                 step: int, criterion: nn.Module | None = None) -> MeasuredStep:
     """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
-    on ``images``/``labels`` with ``nn.CrossEntropyLoss``: any module, any optimizer (call it inside
-    the FakeTensorMode that made them, if any)."""
-    training_step = TrainingStep(model, nn.CrossEntropyLoss())
+    on ``images``/``labels`` with ``criterion`` (default ``nn.CrossEntropyLoss()``): any module, any
+    optimizer (call it inside the FakeTensorMode that made them, if any)."""
+    training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion)
     for _ in range(step - 1):
         optimizer.zero_grad(set_to_none=True)
         _forward_loss(training_step, images, labels).backward()
@@ -159,6 +188,7 @@ def check_fits_in_memory(config: StepConfig, fake: bool, predicted: StepCost | N
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it."""
     started = time.perf_counter()
+    criterion, target = loss_of(config.loss)
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -173,8 +203,8 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         if not fake:
             applied = apply_config(build_model(config.model, num_classes=config.classes), config)
         images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED,
-                                    channels=config.channels)
-        measured = measure_step(applied.model, applied.optimizer, images, labels, config.step)
+                                    channels=config.channels, target=target)
+        measured = measure_step(applied.model, applied.optimizer, images, labels, config.step, criterion())
 
     return StepCost(
         config=config,
