@@ -53,13 +53,55 @@ class _ValuesOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# ``--model timm:NAME`` (and ``costmodel.predict("timm:NAME", ...)``): one of timm's models.
+TIMM_PREFIX = "timm:"
+
+
+def _timm() -> Any:
+    """The ``timm`` module, imported only when a timm model is asked for; missing, one line."""
+    try:
+        import timm
+    except ImportError:
+        raise CostModelError("timm models need the 'timm' extra (timm not installed): "
+                             "pip install 'costmodel[timm]'") from None
+    return timm
+
+
+def _check_timm_name(name: str, option: str | None = None) -> str:
+    """The timm model name in ``timm:NAME``, checked: timm must be installed and know it."""
+    model = name[len(TIMM_PREFIX):]
+    where = f"{option}: " if option else ""
+    if not model:
+        raise CostModelError(f"{where}no timm model named in {name!r}; write timm:NAME, e.g. timm:mobilenetv3_small_100")
+    timm = _timm()
+    if not timm.is_model(model):
+        raise CostModelError(f"{where}unknown timm model {model!r}; choose one of timm.list_models(), "
+                             f"e.g. timm:mobilenetv3_small_100, timm:efficientnet_b0, timm:resnet18")
+    return model
+
+
+def _build_timm_model(name: str, num_classes: int, device: str | torch.device) -> nn.Module:
+    """``timm.create_model(NAME, pretrained=False, num_classes=num_classes)`` in train mode, built
+    on ``device`` as torchvision's models are (weights allocated there, Python-valued tensors such
+    as drop-path schedules computed on the CPU)."""
+    model_name = _check_timm_name(name)
+    timm = _timm()
+    with torch.device(device), _ValuesOnCpu():
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    return model.to(device).train()
+
+
 def check_model_names(names: Sequence[str], option: str) -> tuple[str, ...]:
-    """``names``, each one of torchvision's classification models (what the CLI can build by name),
-    checked before any work: an unknown name is one line naming ``option``."""
+    """``names``, each one of torchvision's classification models or ``timm:NAME`` for a model timm
+    knows (what the CLI can build by name), checked before any work: an unknown name, or a timm name
+    without timm installed, is one line naming ``option``."""
     if not names:
         raise CostModelError(f"{option}: no name given")
     known = available_models()
-    unknown = [name for name in names if name not in known]
+    unknown = [name for name in names if not name.startswith(TIMM_PREFIX) and name not in known]
+    for name in names:
+        if name.startswith(TIMM_PREFIX):
+            _check_timm_name(name, option)
     if unknown:
         raise CostModelError(f"{option}: unknown model {', '.join(map(repr, unknown))}; choose torchvision's "
                              f"classification models, e.g. mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, "
@@ -68,7 +110,8 @@ def check_model_names(names: Sequence[str], option: str) -> tuple[str, ...]:
 
 
 def build_model(name: str, num_classes: int = 10, device: str | torch.device = "cpu") -> nn.Module:
-    """``torchvision.models.<name>(weights=None, num_classes=num_classes)`` in train mode.
+    """``torchvision.models.<name>(weights=None, num_classes=num_classes)`` in train mode; for a
+    name ``timm:NAME``, ``timm.create_model(NAME, pretrained=False, num_classes=num_classes)``.
 
     On ``device="meta"`` no weight memory is allocated and no initialisation arithmetic runs: every
     weight is allocated on the meta device. Tensors that the constructor builds from Python values
@@ -78,6 +121,8 @@ def build_model(name: str, num_classes: int = 10, device: str | torch.device = "
     """
     import torchvision
 
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm_model(name, num_classes, device)
     if name not in available_models():
         raise CostModelError(
             f"unknown model {name!r}; choose one of torchvision's classification models, "
@@ -114,12 +159,18 @@ def head_name(model: nn.Module) -> str:
 
 
 def make_batch(
-    batch: int, resolution: int, classes: int, device: str | torch.device = "cpu", seed: int = 0, channels: int = 3
+    batch: int, resolution: int, classes: int, device: str | torch.device = "cpu", seed: int = 0, channels: int = 3,
+    target: Callable[[int, int, torch.Generator], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A generated batch: images channels x resolution x resolution and integer labels."""
+    """A generated batch: images channels x resolution x resolution and integer labels, or the
+    labels ``target(batch, classes, generator)`` makes (drawn from the same seeded generator, after
+    the images)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, channels, resolution, resolution, generator=generator)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
+    if target is None:
+        labels = torch.randint(0, classes, (batch,), generator=generator)
+    else:
+        labels = target(batch, classes, generator)
     return images.to(device), labels.to(device)
 
 

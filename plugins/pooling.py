@@ -1,4 +1,5 @@
-"""2-d pooling: max, average, and adaptive average (the global ``1 x 1`` pool included).
+"""2-d pooling: max, average, and adaptive average (the global ``1 x 1`` pool included), and its
+inverse, nearest-neighbour upsampling (``F.interpolate(x, mode="nearest")``: GhostNetV2's gate).
 
 FLOPs: 0 in the ``torch`` convention. ``exact`` (docs/flop-convention.md):
 
@@ -13,12 +14,19 @@ FLOPs: 0 in the ``torch`` convention. ``exact`` (docs/flop-convention.md):
   sum of all window sizes plus ``numel(out)`` (adaptive windows ``[floor(i*H/h), ceil((i+1)*H/h))``
   may overlap); backward the same count (a divide per output gradient, an add per window element).
 
+- nearest upsampling (``upsample_nearest2d``): each output element is a copy of one input
+  element, no arithmetic: 0. Backward (``upsample_nearest2d_backward``) adds each output gradient
+  into the input element it was copied from: one add per output gradient, ``numel(out)``
+  (counted as max pool's backward is, the first write of each input gradient included).
+
 Memory (torch 2.14.1, CPU): max pool always allocates the output and int64 indices of the same
 shape (also without autograd, when the indices die at once); with autograd it saves the input and
-the indices. Average pools save the input; the global pool (``mean``) saves nothing. Every
+the indices. Average pools save the input; the global pool (``mean``) and nearest upsampling
+(``UpsampleNearest2DBackward0`` keeps only sizes and scales) save nothing. Every
 backward allocates one input-sized gradient and nothing else.
 
-Not modelled (answer None): ``return_indices=True``, 1-d/3-d pools, adaptive max pools.
+Not modelled (answer None): ``return_indices=True``, 1-d/3-d pools, adaptive max pools, every
+interpolation mode but ``nearest`` on a 4-d input (and ``antialias``).
 """
 
 from __future__ import annotations
@@ -133,6 +141,22 @@ def adaptive_avg_pool2d(node: OpNode) -> OpCost | None:
     if not node.inputs or len(node.outputs) != 1:
         return None
     return adaptive_avg_pool2d_cost(node)
+
+
+@TABLE.register("call_function", F.interpolate)
+def interpolate_nearest(node: OpNode) -> OpCost | None:
+    """``F.interpolate(x, size | scale_factor, mode="nearest")`` on N x C x H x W: one
+    ``upsample_nearest2d`` (a copy per output element, 0 FLOPs) that saves no tensor; its backward
+    sums each output gradient into its source element (``numel(out)`` adds) into one new
+    input-sized gradient."""
+    if not node.inputs or len(node.outputs) != 1 or len(node.inputs[0].shape) != 4:
+        return None
+    if node.arg(3, "mode", "nearest") != "nearest" or node.arg(6, "antialias", False):
+        return None
+    out = node.outputs[0]
+    cost = OpCost(forward=Flops(torch=0, exact=0), forward_allocs=new_output(node),
+                  note="nearest upsampling: a copy per output element")
+    return _with_backward(node, cost, numel(out.shape), saves_input=False)
 
 
 @hookimpl

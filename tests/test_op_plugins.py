@@ -590,6 +590,23 @@ def test_average_pools_are_means_per_window(input_grad):
     check(run_module(nn.AdaptiveAvgPool2d(7), grad(1, 2, 7, 7)))
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_nearest_upsampling_copies_forward_and_sums_backward(input_grad):
+    """GhostNetV2's gate: ``F.interpolate(mode="nearest")``, 0 FLOPs forward, ``numel(out)`` adds
+    backward, nothing saved, one input-sized gradient."""
+    x = grad(2, 3, 4, 5) if input_grad else nograd(2, 3, 4, 5)
+    cost = check(run_function(F.interpolate, x, size=(8, 10), mode="nearest"))
+    assert cost.forward.exact == 0 and cost.backward.exact == input_grad * 2 * 3 * 8 * 10 and not cost.saved
+    assert list(cost.forward_allocs) == [Alloc(2 * 3 * 8 * 10 * 4, "output", 0)]
+    check(run_function(F.interpolate, x, scale_factor=2.0))
+    check(run_function(F.interpolate, x, size=(7, 3), mode="nearest"))  # uneven: some sources copied more often
+
+
+def test_interpolation_outside_the_rule_answers_none():
+    assert plugin_cost(run_function(F.interpolate, grad(1, 2, 4, 4), scale_factor=2.0, mode="bilinear").node) is None
+    assert plugin_cost(run_function(F.interpolate, grad(1, 2, 4), scale_factor=2.0).node) is None
+
+
 def test_pools_outside_the_model_answer_none():
     assert plugin_cost(run_module(nn.MaxPool2d(2, return_indices=True), grad(1, 2, 4, 4)).node) is None
     assert plugin_cost(run_module(nn.MaxPool1d(2), grad(1, 2, 4)).node) is None

@@ -313,6 +313,18 @@ def max_pool2d_backward_flop(grad_out: torch.Tensor, *args: Any, out_val: Any = 
     return grad_out.numel()
 
 
+@_register(aten.upsample_nearest2d)
+def upsample_nearest2d_flop(*args: Any, **kwargs: Any) -> int:
+    """Each output element is a copy of one input element: no arithmetic."""
+    return 0
+
+
+@_register(aten.upsample_nearest2d_backward)
+def upsample_nearest2d_backward_flop(grad_out: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """Each output gradient is added into the input element it was copied from: numel(grad_out)."""
+    return grad_out.numel()
+
+
 def _adaptive_windows(in_size: int, out_size: int) -> int:
     """Total length of an adaptive pool's windows along one dimension: output ``i`` averages
     input ``start(i) .. end(i) - 1`` with ``start = floor(i*in/out)``, ``end = ceil((i+1)*in/out)``
@@ -363,7 +375,7 @@ def avg_pool2d_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, kernel_siz
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss: nn.CrossEntropyLoss = _log_softmax + nll_loss_forward
+# Loss: nn.CrossEntropyLoss = _log_softmax + nll_loss_forward; nn.MSELoss = mse_loss
 # ---------------------------------------------------------------------------------------------
 
 _MEAN_REDUCTION = 1  # at::Reduction::Mean
@@ -395,6 +407,26 @@ def nll_loss_backward_flop(grad: torch.Tensor, x: torch.Tensor, target: torch.Te
     """One value written per sample, grad / total once for the mean, N more with class weights."""
     n = target.numel()
     return n + int(reduction == _MEAN_REDUCTION) + n * (weight is not None)
+
+
+_NO_REDUCTION = 0  # at::Reduction::None
+
+
+# nn.MSELoss = mse_loss (forward), mse_loss_backward (backward), each arriving whole.
+
+@_register(aten.mse_loss)
+def mse_loss_flop(x: torch.Tensor, target: torch.Tensor, reduction: int = _MEAN_REDUCTION, *, out_val: Any = None) -> int:
+    """Per element subtract and square (2), accumulated for a reduction (1 more); the mean's divide once."""
+    e = x.numel()
+    return 2 * e + e * int(reduction != _NO_REDUCTION) + int(reduction == _MEAN_REDUCTION)
+
+
+@_register(aten.mse_loss_backward)
+def mse_loss_backward_flop(grad: torch.Tensor, x: torch.Tensor, target: torch.Tensor, reduction: int, *,
+                           out_val: Any = None) -> int:
+    """norm * (x - target) * grad: subtract, two multiplies per element; norm (2/E or 2) is a scalar
+    computed once from integers (0)."""
+    return 3 * x.numel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +611,9 @@ def gelu_backward_flop(grad: Any, x: Any, *args: Any, out_val: Any = None, **kwa
 # Ops that both counters run whole instead of through their CompositeImplicitAutograd
 # decomposition (see the section's header): OpOverloads, since that is what FlopCounterMode's
 # "can it decompose" test looks up. Each must have an exact row for its packet.
-KEEP_WHOLE_OPS: tuple[Any, ...] = (aten.silu_backward.default,)
+# ``upsample_nearest2d`` (``F.interpolate(mode="nearest")``) decomposes into two ``arange`` index
+# tensors and an ``_unsafe_index``; its CPU kernel allocates only the output.
+KEEP_WHOLE_OPS: tuple[Any, ...] = (aten.silu_backward.default, aten.upsample_nearest2d.default)
 
 
 def _kept_whole(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
