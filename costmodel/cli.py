@@ -32,6 +32,7 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--channels", type=int, default=defaults.channels, help="image channels: 3 for RGB, 1 for grey-scale, ... (default: %(default)s)")
+    parser.add_argument("--loss", default=defaults.loss, metavar="NAME", help="the training loss: cross_entropy (integer labels), mse (a target shaped like the logits), or a plugin's (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T: an SVD on step k when (k-1) %% T == 0, short for --option update_proj_gap=T (default: 200)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
@@ -64,6 +65,7 @@ def _config(args: argparse.Namespace) -> StepConfig:
 
     _check_models([args.model], "--model")
     _check_methods([args.method], "--method")
+    _check_loss(args.loss)
     # An explicit --rank for a method that takes none is refused (it would be silently ignored), and
     # so is a shorthand for an option the method does not declare (--alpha for fft).
     options = check_method_arguments(default_plugin_manager(), args.method, args.rank is not None,
@@ -72,7 +74,7 @@ def _config(args: argparse.Namespace) -> StepConfig:
     return StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
         batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, channels=args.channels,
-        options=options,
+        loss=args.loss, options=options,
     )
 
 
@@ -105,6 +107,17 @@ def _check_methods(names: Sequence[str], option: str) -> tuple[str, ...]:
         if name not in known:
             raise CostModelError(f"{option}: unknown method {name!r}; methods provided by plugins: {', '.join(known)}")
     return tuple(names)
+
+
+def _check_loss(name: str) -> None:
+    """A loss some registered plugin describes (``costmodel_loss``)."""
+    from costmodel.plugin_calls import loss_spec
+    from costmodel.registry import default_plugin_manager
+
+    try:
+        loss_spec(default_plugin_manager(), name)
+    except CostModelError as error:
+        raise CostModelError(f"--loss: {error}") from None
 
 
 def _check_writable(path: str | None, option: str) -> None:
@@ -228,12 +241,19 @@ def _write_text(path: str, text: str, option: str) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from costmodel import sweep
+    from costmodel.paper import paper_order
 
     # Everything that can be refused is refused here, before the first prediction.
-    base = _scenario(args)
+    batches = sweep.parse_ranks(args.batch, "--batch", "batch size")
+    resolutions = sweep.parse_ranks(args.resolution, "--resolution", "resolution")
+    base = _scenario(argparse.Namespace(**{**vars(args), "batch": batches[0], "resolution": resolutions[0]}))
     models = _check_models(sweep.parse_names(args.model, "--model"), "--model")
     methods = None if args.methods is None else _check_methods(sweep.parse_names(args.methods, "--methods"), "--methods")
+    # Without --methods: every method the installed plugins declare (those the predictor cannot
+    # cost are listed as such), the paper's five first in the paper's order as before.
+    candidates = paper_order(sweep.registered_methods()) if methods is None else None
     ranks = sweep.parse_ranks(args.ranks)
+    sweep.check_sweep_size(len(models), len(methods or candidates or ()), len(ranks), len(batches), len(resolutions))
     metrics = sweep.select_metrics(args.metrics)
     if args.measure is not None:
         sweep.evenly_spread(ranks, args.measure)
@@ -241,7 +261,8 @@ def _sweep(args: argparse.Namespace) -> int:
     _check_writable(args.csv, "--csv")
     _check_writable(args.points_csv, "--points-csv")
     workers = _workers(args.jobs)
-    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics, workers=workers)
+    result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics, workers=workers,
+                         batches=batches, resolutions=resolutions, candidates=candidates)
     if args.measure is not None:
         sweep.check_laws(result, args.measure, sweep.default_measurer(fake=args.fake))
     if args.csv:
@@ -306,15 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--fake", action="store_true", help="measure under FakeTensorMode")
     compare.set_defaults(run=_compare)
 
-    sweep = commands.add_parser("sweep", help="predict over ranks and fit a linear law cost = a + b*rank per metric")
+    # conflict_handler: sweep's --batch and --resolution (ranges) replace the scenario's single values.
+    sweep = commands.add_parser("sweep", help="predict over ranks (and batch sizes, resolutions) and fit a linear "
+                                "law cost = a + b*rank per metric", conflict_handler="resolve")
     sweep.add_argument("--model", default=StepConfig().model, help="model name, or several comma-separated (default: %(default)s)")
-    sweep.add_argument("--methods", default=None, help="comma-separated methods (default: every method the predictor can cost)")
+    sweep.add_argument("--methods", default=None, help="comma-separated methods (default: every method the installed plugins declare that the predictor can cost, the paper's first)")
     sweep.add_argument("--ranks", default="1-64", help="ranks: 1-64, 1,2,4,8 or 1-64:4 (default: %(default)s)")
     sweep.add_argument("--metrics", default=None, help="only metrics starting with these comma-separated prefixes, e.g. flops.exact,memory.peak")
     _add_scenario_options(sweep)
+    sweep.add_argument("--batch", default=str(StepConfig().batch), help="batch sizes, as ranges like --ranks: 1,2,4-8 "
+                       "(default: %(default)s); one law over the ranks per batch size")
+    sweep.add_argument("--resolution", default=str(StepConfig().resolution), help="image sides in pixels, as ranges "
+                       "like --ranks: 64,96-128:32 (default: %(default)s); one law over the ranks per resolution")
     sweep.add_argument("--measure", type=int, default=None, metavar="K", help="also measure K of the ranks (spread evenly) and report the laws' error on them")
     sweep.add_argument("--fake", action="store_true", help="with --measure: measure under FakeTensorMode")
-    sweep.add_argument("--csv", default=None, metavar="PATH", help="write the laws as CSV (one row per model, method and metric)")
+    sweep.add_argument("--csv", default=None, metavar="PATH", help="write the laws as CSV (one row per model, method, batch size, resolution and metric)")
     sweep.add_argument("--points-csv", default=None, metavar="PATH", help="write every predicted point as CSV")
     sweep.add_argument("--json", action="store_true", help="print the points, laws and checks as one JSON object")
     sweep.add_argument("--jobs", type=int, default=None, metavar="N", help="processes to predict in (default: one per CPU)")

@@ -32,15 +32,12 @@ from typing import Any
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, MEMORY_GROUPS, PHASES, StepCost
-from costmodel.sweep import (PAPER_METHODS, Law, Predictor, Series, default_measurer, default_predictor,
-                             fit_series, format_quantity, format_ranks, parse_names, parse_ranks,
-                             progress_bar)
+from costmodel.paper import (CLAIMS, METHOD_LABELS, MODEL_LABELS, PAPER_METHODS, PAPER_MODELS, PAPER_TITLE,
+                             RANK_METHODS, REFERENCE_MEASURE_RANKS, REFERENCE_RANKS, Claim, claim_steps, evaluate,
+                             format_value, verdict)
+from costmodel.sweep import (Law, Predictor, Series, default_measurer, default_predictor, fit_series,
+                             format_quantity, format_ranks, parse_names, parse_ranks, progress_bar)
 
-PAPER_MODELS: tuple[str, ...] = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18")
-RANK_METHODS: tuple[str, ...] = ("lora", "dora", "galore")
-METHOD_LABELS = {"fft": "FFT", "bn_head": "BN+H", "lora": "LoRA", "dora": "DoRA", "galore": "GaLore"}
-MODEL_LABELS = {"mobilenet_v2": "MobileNetV2", "mobilenet_v3_small": "MobileNetV3-S",
-                "mobilenet_v3_large": "MobileNetV3-L", "resnet18": "ResNet-18"}
 FIGURE5_METRICS: tuple[tuple[str, str], ...] = (
     ("flops.torch.total", "FLOPs, stock counter (GFLOP)"),
     ("flops.exact.total", "FLOPs, exact (GFLOP)"),
@@ -49,8 +46,8 @@ FIGURE5_METRICS: tuple[tuple[str, str], ...] = (
 )
 SOURCES = ("predicted", "measured")
 MISSING = {"predicted": "not yet predicted", "measured": "not yet measured"}
-# Cited by title only: a path would be the path on the machine that wrote the report.
-PAPER_TITLE = "From LLMs to Edge: Parameter-Efficient Fine-Tuning on Edge Devices"
+# The paper is cited by title only (PAPER_TITLE): a path would be the path on the machine that
+# wrote the report.
 # The first line of every README.md the report writes (an HTML comment: invisible on GitHub). An
 # --out directory is written into only when it is empty or holds a README.md that starts so: the
 # report never overwrites a file it did not write.
@@ -283,10 +280,11 @@ def collect(base: StepConfig, models: Sequence[str], ranks: Sequence[int], measu
             predictor: Source, measurer: Source, progress: bool = True) -> ReportData:
     data = ReportData(base=base, models=tuple(models), ranks=tuple(ranks), measure_ranks=tuple(measure_ranks),
                       sources={"predicted": predictor, "measured": measurer})
-    # Figures 1 and 2 and most claims: every method at the base rank and step; GaLore's SVD claim
-    # needs step 1 of T=200 (an SVD refresh) against FFT's step 1.
+    # Figures 1 and 2 and most claims: every method at the base rank and step; a claim made at
+    # another step (GaLore's SVD step against FFT's step 1) needs its methods at that step too.
     point_jobs = [(m, method, base.step) for m in models for method in PAPER_METHODS]
-    point_jobs += [(m, method, 1) for m in models for method in ("fft", "galore") if base.step != 1]
+    for step, step_methods in claim_steps().items():
+        point_jobs += [(m, method, step) for m in models for method in step_methods if step != base.step]
     # Rank `base.rank` is measured for Figure 1 anyway, so Figure 5's measured points include it.
     measure_ranks = tuple(sorted({*measure_ranks, base.rank})) if measure_ranks else ()
     data.measure_ranks = measure_ranks
@@ -350,179 +348,62 @@ class ClaimRow:
     predicted: str
     measured: str
     configuration: str
-
-
-def _percent(value: float) -> str:
-    return f"{value:.1%}"
-
-
-def _ratio(value: float) -> str:
-    return f"{value:.2f}:1"
-
-
-def _times(value: float) -> str:
-    return f"{value:.2f}x"
+    versus_paper: str = ""  # where each value lies against the paper's figure: within, below, above
 
 
 def _safe_div(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
-Metric = Callable[[StepCost], float]
-
-
-def _memory(field_name: str) -> Metric:
-    return lambda cost: cost.memory[field_name]
-
-
-def _flops(convention: str, phase: str = "total") -> Metric:
-    return lambda cost: cost.flops[convention][phase]
-
-
-def _bwd_fwd(convention: str) -> Metric:
-    return lambda cost: _safe_div(cost.flops[convention]["backward"], cost.flops[convention]["forward"])
-
-
-MEMORY_VARIANTS: tuple[tuple[str, str], ...] = (("sum of group peaks", "sum_of_group_peaks"), ("peak", "peak"))
-FLOP_VARIANTS: tuple[tuple[str, str], ...] = (("stock", "torch"), ("exact", "exact"))
-
-
-class ClaimTable:
-    """Builds the rows: each cell computed from the collected costs, or says what is missing."""
-
-    def __init__(self, data: ReportData):
-        self.data = data
-        self.rows: list[ClaimRow] = []
-        b = data.base
-        self.config = f"B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, {b.classes} classes, step {b.step}"
-
-    def _cells(self, compute: Callable[[str], str | None]) -> tuple[str, str]:
-        return tuple(compute(source) or MISSING[source] for source in SOURCES)  # type: ignore[return-value]
-
-    def compare(self, claim: str, paper: str, model: str, quantity: str, variants: Sequence[tuple[str, str]],
-                value: Callable[[str, str, str], float | None], fmt: Callable[[float], str],
-                configuration: str | None = None) -> None:
-        """One row; each cell lists ``value(source, model, variant)`` for every variant."""
-        def cell(source: str) -> str | None:
-            parts = []
-            for label, variant in variants:
-                v = value(source, model, variant)
-                if v is None:
-                    return None
-                parts.append(f"{fmt(v)} ({label})" if len(variants) > 1 else fmt(v))
-            return " / ".join(parts)
-
-        predicted, measured = self._cells(cell)
-        self.rows.append(ClaimRow(claim, paper, _label(model, MODEL_LABELS), quantity, predicted, measured,
-                                  configuration or self.config))
-
-    # value helpers ---------------------------------------------------------------------
-
-    def relative(self, method: str, reference: str, metric: Callable[[str], Metric], kind: str,
-                 step: int | None = None) -> Callable[[str, str, str], float | None]:
-        """method/reference as a ``ratio``, ``1 - ratio`` (a ``reduction``) or ``ratio - 1`` (an ``overhead``)."""
-        def value(source: str, model: str, variant: str) -> float | None:
-            a = self.data.cost(source, model, method, step)
-            b = self.data.cost(source, model, reference, step)
-            if a is None or b is None:
-                return None
-            ratio = _safe_div(metric(variant)(a), metric(variant)(b))
-            return {"ratio": ratio, "reduction": 1 - ratio, "overhead": ratio - 1}[kind]
-        return value
-
-    def single(self, method: str, metric: Callable[[str], Metric]) -> Callable[[str, str, str], float | None]:
-        def value(source: str, model: str, variant: str) -> float | None:
-            cost = self.data.cost(source, model, method)
-            return None if cost is None else metric(variant)(cost)
-        return value
-
-    def slope_ratio(self, method: str, reference: str, metric: Callable[[str], str]) -> Callable[[str, str, str], float | None]:
-        def value(source: str, model: str, variant: str) -> float | None:
-            a = self.data.law(source, model, method, metric(variant))
-            b = self.data.law(source, model, reference, metric(variant))
-            if a is None or b is None:
-                return None
-            return _safe_div(a.slope, b.slope)
-        return value
-
-
-def build_claims(data: ReportData) -> list[ClaimRow]:
-    t = ClaimTable(data)
-    mem: Callable[[str], Metric] = _memory
-    flops: Callable[[str], Metric] = _flops
-
-    def for_models(expected: dict[str, str], default: str = "-") -> list[tuple[str, str]]:
-        return [(m, expected.get(m, default)) for m in data.models]
-
-    v3 = {"mobilenet_v3_small": "48%", "mobilenet_v3_large": "48%"}
-    for model, paper in for_models({"mobilenet_v2": "22%", **v3, "resnet18": "67%"}):
-        t.compare("LoRA peak-memory reduction vs FFT", paper, model, "1 - LoRA/FFT", MEMORY_VARIANTS,
-                  t.relative("lora", "fft", mem, "reduction"), _percent)
-    for model, paper in for_models({"mobilenet_v2": "49-51% (Fig. 1 caption)", "mobilenet_v3_small": "29%",
-                                    "mobilenet_v3_large": "29%", "resnet18": "58%"}):
-        t.compare("DoRA memory overhead vs LoRA", paper, model, "DoRA/LoRA - 1", MEMORY_VARIANTS,
-                  t.relative("dora", "lora", mem, "overhead"), _percent)
-    for model, paper in for_models({"mobilenet_v2": "85%", "mobilenet_v3_small": "52%", "mobilenet_v3_large": "52%"}):
-        t.compare("BN+H peak-memory reduction vs FFT", paper, model, "1 - BN+H/FFT", MEMORY_VARIANTS,
-                  t.relative("bn_head", "fft", mem, "reduction"), _percent)
-    opt_reduction = t.relative("galore", "fft", lambda _: _memory("OPT"), "reduction")
-    for model, paper in for_models({}, "65% on average"):
-        t.compare("GaLore optimizer-state reduction vs FFT", paper, model, "1 - GaLore OPT/FFT OPT",
-                  (("OPT", "OPT"),), opt_reduction, _percent)
-
-    def average_opt(source: str, _model: str, _variant: str) -> float | None:
-        values = [opt_reduction(source, m, "OPT") for m in data.models]
-        return None if any(v is None for v in values) else sum(values) / len(values)  # type: ignore[arg-type]
-
-    t.compare("GaLore optimizer-state reduction vs FFT", "65% on average", "average", "mean over the models",
-              (("OPT", "OPT"),), average_opt, _percent)
-    for model, paper in for_models({"mobilenet_v2": "5-10%", "mobilenet_v3_small": "5-10%",
-                                    "mobilenet_v3_large": "5-10%"}):
-        t.compare("GaLore peak-memory reduction vs FFT", paper, model, "1 - GaLore/FFT", MEMORY_VARIANTS,
-                  t.relative("galore", "fft", mem, "reduction"), _percent)
-    for model, paper in for_models({}, "about 10%"):
-        t.compare("LoRA optimizer state as a share of GaLore's", paper, model, "LoRA OPT/GaLore OPT",
-                  (("OPT", "OPT"),), t.relative("lora", "galore", lambda _: _memory("OPT"), "ratio"), _percent)
-    for model, paper in for_models({"mobilenet_v2": "~20:1", "mobilenet_v3_small": "~20:1",
-                                    "mobilenet_v3_large": "~20:1", "resnet18": "~2:1"}):
-        t.compare("FFT backward:forward FLOPs", paper, model, "backward/forward", FLOP_VARIANTS,
-                  t.single("fft", _bwd_fwd), _ratio)
-    for method in ("lora", "dora"):
-        for model, paper in for_models({"mobilenet_v2": "~1.2:1", "mobilenet_v3_small": "~1.2:1",
-                                        "mobilenet_v3_large": "~1.2:1"}):
-            t.compare(f"{METHOD_LABELS[method]} backward:forward FLOPs", paper, model, "backward/forward",
-                      FLOP_VARIANTS, t.single(method, _bwd_fwd), _ratio)
-    for method in ("lora", "dora"):
-        for model, paper in for_models({"mobilenet_v3_small": "80% (up to 95%)", "mobilenet_v3_large": "80% (up to 95%)",
-                                        "resnet18": "57%", "mobilenet_v2": "up to 95%"}):
-            t.compare(f"{METHOD_LABELS[method]} FLOP reduction vs FFT", paper, model,
-                      f"1 - {METHOD_LABELS[method]}/FFT, total of the step", FLOP_VARIANTS,
-                      t.relative(method, "fft", flops, "reduction"), _percent)
+def claim_configuration(claim: Claim, data: ReportData) -> str:
+    """The configuration a claim's row cites."""
     b = data.base
-    svd_config = (f"B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, {b.classes} classes, "
-                  f"step 1 (T={_galore_option(b, 'update_proj_gap')}: GaLore refreshes its projector with an SVD)")
-    for model, paper in for_models({}, "10-30%"):
-        t.compare("GaLore FLOP overhead vs FFT (SVD step)", paper, model, "GaLore/FFT - 1, both at step 1",
-                  FLOP_VARIANTS, t.relative("galore", "fft", flops, "overhead", step=1), _percent, svd_config)
-    for model, paper in for_models({}, "2-20x"):
-        t.compare("GaLore FLOPs against LoRA's", paper, model, "GaLore/LoRA", FLOP_VARIANTS,
-                  t.relative("galore", "lora", flops, "ratio"), _times)
-    for model, paper in for_models({}, "1.13-2x"):
-        t.compare("GaLore memory against LoRA's", paper, model, "GaLore/LoRA", MEMORY_VARIANTS,
-                  t.relative("galore", "lora", mem, "ratio"), _times)
-    law_config = (f"B={b.batch}, {b.resolution}x{b.resolution}, {b.classes} classes, step {b.step}; laws over ranks "
-                  f"{format_ranks(data.ranks)} (predicted), {format_ranks(data.measure_ranks)} (measured)")
-    for reference in ("lora", "dora"):
-        for model, paper in for_models({}, "~9x"):
-            t.compare(f"GaLore FLOP slope against {METHOD_LABELS[reference]}'s", paper, model,
-                      f"slope(GaLore)/slope({METHOD_LABELS[reference]}), total FLOPs", FLOP_VARIANTS,
-                      t.slope_ratio("galore", reference, lambda conv: f"flops.{conv}.total"), _times, law_config)
-    for method in ("lora", "dora"):
-        for model, paper in for_models({}, "2-4x"):
-            t.compare(f"{METHOD_LABELS[method]} memory slope against GaLore's", paper, model,
-                      f"slope({METHOD_LABELS[method]})/slope(GaLore)", MEMORY_VARIANTS,
-                      t.slope_ratio(method, "galore", lambda f: f"memory.{f}"), _times, law_config)
-    return t.rows
+    if claim.configuration == "laws":
+        return (f"B={b.batch}, {b.resolution}x{b.resolution}, {b.classes} classes, step {b.step}; laws over ranks "
+                f"{format_ranks(data.ranks)} (predicted), {format_ranks(data.measure_ranks)} (measured)")
+    step = b.step if claim.step is None else claim.step
+    text = f"B={b.batch}, {b.resolution}x{b.resolution}, r={b.rank}, {b.classes} classes, step {step}"
+    if claim.note:
+        values = {name: _method_option(b, method, key) for name, method, key in claim.note_options}
+        text += f" ({claim.note.format(**values)})"
+    return text
+
+
+def claim_rows(claim: Claim, data: ReportData) -> list[ClaimRow]:
+    """The claim's rows (one per model, or one for their mean): each source's value of every
+    variant, or what is missing, and where each value lies against the paper's figure."""
+    models: list[tuple[str, str | tuple[str, ...]]] = (
+        [("average", data.models)] if claim.over == "mean" else [(m, m) for m in data.models])
+    rows = []
+    for label, model in models:
+        figure = claim.figure(label) if claim.over == "each" else claim.default
+        cells, verdicts = [], []
+        for source in SOURCES:
+            def cost(m: str, method: str, step: int | None, source: str = source) -> StepCost | None:
+                return data.cost(source, m, method, step)
+
+            def law(m: str, method: str, metric: str, source: str = source) -> Law | None:
+                return data.law(source, m, method, metric)
+
+            values = [(name, evaluate(claim, model, variant, cost, law)) for name, variant in claim.variants]
+            if any(v is None for _, v in values):
+                cells.append(MISSING[source])
+                verdicts.append(None)
+                continue
+            several = len(values) > 1
+            cells.append(" / ".join(f"{format_value(claim, v)} ({name})" if several else format_value(claim, v)
+                                    for name, v in values))  # type: ignore[arg-type]
+            found = [verdict(figure, v) for _, v in values]
+            verdicts.append(None if any(f is None for f in found) else " / ".join(found))  # type: ignore[arg-type]
+        check = "; ".join(f"{source} {found}" for source, found in zip(SOURCES, verdicts) if found)
+        rows.append(ClaimRow(claim.text, figure.text, _label(label, MODEL_LABELS), claim.quantity, cells[0],
+                             cells[1], claim_configuration(claim, data), check))
+    return rows
+
+
+def build_claims(data: ReportData, claims: Sequence[Claim] = CLAIMS) -> list[ClaimRow]:
+    """The claims table: every claim of the paper data (``costmodel.paper.CLAIMS``), in order."""
+    return [row for claim in claims for row in claim_rows(claim, data)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -829,11 +710,11 @@ def regenerate_command(out: str | Path, models: Sequence[str], ranks: Sequence[i
     parts = ["costmodel", "report", "--out", str(out)]
     if tuple(models) != PAPER_MODELS:
         parts += ["--models", ",".join(models)]
-    if tuple(ranks) != tuple(range(1, 65)):
+    if tuple(ranks) != REFERENCE_RANKS:
         parts += ["--ranks", format_ranks(ranks)]
     if not measure_ranks:
         parts.append("--no-measure")
-    elif tuple(measure_ranks) != (1, 16, 64):
+    elif tuple(measure_ranks) != REFERENCE_MEASURE_RANKS:
         parts += ["--measure-ranks", format_ranks(measure_ranks)]
     if fake:
         parts.append("--fake")
@@ -846,13 +727,17 @@ def regenerate_command(out: str | Path, models: Sequence[str], ranks: Sequence[i
     return " ".join(parts)
 
 
-def _galore_option(base: StepConfig, key: str) -> Any:
-    """The GaLore option ``key`` the report's GaLore rows run with (given in the base step, else
+def _method_option(base: StepConfig, method: str, key: str) -> Any:
+    """The option ``key`` the report's rows of ``method`` run with (given in the base step, else
     the plugin's declared default)."""
     from costmodel.options import option_value
     from costmodel.registry import default_plugin_manager
 
-    return option_value(default_plugin_manager(), base.replace(method="galore"), key)
+    return option_value(default_plugin_manager(), base.replace(method=method), key)
+
+
+def _galore_option(base: StepConfig, key: str) -> Any:
+    return _method_option(base, "galore", key)
 
 
 def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, str], command: str) -> str:
@@ -887,8 +772,12 @@ def markdown(data: ReportData, claims: Sequence[ClaimRow], figures: dict[str, st
                   "These cells say \"not yet predicted\" / \"not yet measured\" (or n/a in figures) "
                   "instead of a number; regenerate with the command above once they exist.", "", *missing, ""]
     lines += ["## Claims", ""]
-    lines += _table(["claim", "paper", "model", "quantity", "predicted", "measured", "configuration"],
-                    [[r.claim, r.paper, r.model, r.quantity, r.predicted, r.measured, r.configuration] for r in claims])
+    lines += ["Each value against the paper's figure (*vs paper*): *within*, *below* or *above* the range the "
+              "paper's wording allows: a range as stated (10-30%), a single figure to its last digit "
+              "(22%: 21.5-22.5%), \"~\" or \"about\" within 25% of the figure, \"up to\" at most the figure.", ""]
+    lines += _table(["claim", "paper", "model", "quantity", "predicted", "measured", "configuration", "vs paper"],
+                    [[r.claim, r.paper, r.model, r.quantity, r.predicted, r.measured, r.configuration,
+                      r.versus_paper] for r in claims])
     lines += ["", "## Figure 1: peak memory per group", "", f"![Figure 1]({figures['figure1']})", "",
               "## Figure 2: FLOPs per phase, stock and exact", "", f"![Figure 2]({figures['figure2']})", "",
               "## Figure 5: cost against rank, with the fitted laws", "", f"![Figure 5]({figures['figure5']})", "",
@@ -930,8 +819,8 @@ def _data_json(data: ReportData) -> dict[str, Any]:
     }
 
 
-def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Sequence[int] = tuple(range(1, 65)),
-             measure_ranks: Sequence[int] = (1, 16, 64), base: StepConfig | None = None, fake: bool = False,
+def generate(out: str | Path, models: Sequence[str] = PAPER_MODELS, ranks: Sequence[int] = REFERENCE_RANKS,
+             measure_ranks: Sequence[int] = REFERENCE_MEASURE_RANKS, base: StepConfig | None = None, fake: bool = False,
              predictor: Callable[[], Predictor] | None = default_predictor,
              measurer: Callable[[], Predictor] | None = None, progress: bool = True) -> list[Path]:
     """Collect, draw and write the report into ``out``; returns the files written.

@@ -7,6 +7,10 @@ moves from one phase to another as the rank grows) or that bends (a projection r
 small layer) is reported as such, with the break or the local slopes, instead of a misleading
 slope.
 
+A sweep covers models x methods x ranks x batch sizes x resolutions: one law over the ranks for
+each model, method, batch size and resolution. The methods are the caller's, or every method the
+installed plugins declare; nothing here knows a method or the paper by name.
+
 The predictor is a parameter (any callable ``StepConfig -> StepCost``), so that the laws can be
 fitted on the analytic engine, on the runtime reference, or on a synthetic cost in tests.
 """
@@ -29,9 +33,9 @@ from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, PHASES, StepCost, format_table
 
 Predictor = Callable[[StepConfig], StepCost]
-
-# The paper's five methods: the names asked for when the plugin registry cannot list its own.
-PAPER_METHODS: tuple[str, ...] = ("fft", "bn_head", "lora", "dora", "galore")
+# A sweep's job: (model, method), at the base step's batch and resolution, or (model, method,
+# batch, resolution).
+Job = tuple
 
 # A law counts as exact when no residual exceeds half a unit (the costs are integers) plus
 # floating-point noise on values of up to ~1e12.
@@ -135,12 +139,13 @@ def format_slope(metric: str, value: float) -> str:
 MAX_RANKS = 10_000
 
 
-def parse_ranks(text: str, option: str = "--ranks") -> tuple[int, ...]:
+def parse_ranks(text: str, option: str = "--ranks", noun: str = "rank") -> tuple[int, ...]:
     """``"1-64"``, ``"1,2,4,8"``, ``"1-64:4"`` (every 4th), or a mix: ``"1,2,4-16:4,64"``.
 
-    The count of ranks is found from the ranges before any is expanded, so a huge range is refused
-    at once (at most :data:`MAX_RANKS`); a rank that no configuration can take is refused by
-    :class:`StepConfig`'s bound."""
+    The count of values is found from the ranges before any is expanded, so a huge range is refused
+    at once (at most :data:`MAX_RANKS`); a value that no configuration can take is refused by
+    :class:`StepConfig`'s bound. The same ranges give batch sizes and resolutions (``noun`` names
+    the values in messages: ``parse_ranks("1,2,4-8", "--batch", "batch size")``)."""
     ranks: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -153,27 +158,43 @@ def parse_ranks(text: str, option: str = "--ranks") -> tuple[int, ...]:
             last = int(last_text) if dash else first
         except ValueError:
             raise CostModelError(
-                f"{option}: cannot read {part!r}; write ranks as 1-64, 1,2,4,8 or 1-64:4") from None
+                f"{option}: cannot read {part!r}; write {noun}s as 1-64, 1,2,4,8 or 1-64:4") from None
         if first < 1 or last < first or step < 1:
-            raise CostModelError(f"{option}: {part!r} is not a range of ranks >= 1 (first <= last, step >= 1)")
+            raise CostModelError(f"{option}: {part!r} is not a range of {noun}s >= 1 (first <= last, step >= 1)")
         if last > MAX_INT:
-            raise CostModelError(f"{option}: rank {last} is above the largest rank a step can take ({MAX_INT:,})")
+            raise CostModelError(f"{option}: {noun} {last} is above the largest {noun} a step can take ({MAX_INT:,})")
         span_ranks = range(first, last + 1, step)
         # Counted before expanding, and the set never holds more than twice the bound.
         if len(span_ranks) > MAX_RANKS or len(ranks) + len(span_ranks) > 2 * MAX_RANKS:
-            raise _too_many(option, text)
+            raise _too_many(option, text, noun)
         ranks.update(span_ranks)
         if len(ranks) > MAX_RANKS:
-            raise _too_many(option, text)
+            raise _too_many(option, text, noun)
     if not ranks:
-        raise CostModelError(f"{option}: no rank given")
+        raise CostModelError(f"{option}: no {noun} given")
     return tuple(sorted(ranks))
 
 
-def _too_many(option: str, text: str) -> CostModelError:
+def _too_many(option: str, text: str, noun: str = "rank") -> CostModelError:
     shown = text if len(text) <= 40 else text[:37] + "..."
-    return CostModelError(f"{option}: {shown!r} asks for more than {MAX_RANKS:,} ranks; "
-                          f"take every k-th rank instead (e.g. 1-100000:100)")
+    return CostModelError(f"{option}: {shown!r} asks for more than {MAX_RANKS:,} {noun}s; "
+                          f"take every k-th {noun} instead (e.g. 1-100000:100)")
+
+
+# The most predictions one sweep is allowed (models x methods x ranks x batch sizes x
+# resolutions), refused before any work: each range alone is bounded, their product is not.
+MAX_PREDICTIONS = 1_000_000
+
+
+def check_sweep_size(models: int, methods: int, ranks: int, batches: int = 1, resolutions: int = 1) -> int:
+    """The count of predictions a sweep asks for, refused above :data:`MAX_PREDICTIONS`."""
+    total = models * methods * ranks * batches * resolutions
+    if total > MAX_PREDICTIONS:
+        raise CostModelError(
+            f"the sweep asks for {total:,} predictions ({models} model(s) x {methods} method(s) x {ranks} rank(s) x "
+            f"{batches} batch size(s) x {resolutions} resolution(s)), more than {MAX_PREDICTIONS:,}; "
+            "take every k-th value of a range instead (e.g. --ranks 1-64:8)")
+    return total
 
 
 def parse_names(text: str, option: str) -> tuple[str, ...]:
@@ -184,14 +205,30 @@ def parse_names(text: str, option: str) -> tuple[str, ...]:
 
 
 def registered_methods() -> tuple[str, ...]:
-    """The method names the plugin registry declares (``costmodel_method_names``), the paper's
-    in the paper's order first; the paper's five where no registry can be asked yet."""
-    try:
-        from costmodel.registry import default_plugin_manager, method_names
-    except ImportError:
-        return PAPER_METHODS
-    names = method_names(default_plugin_manager())
-    return tuple(m for m in PAPER_METHODS if m in names) + tuple(m for m in names if m not in PAPER_METHODS)
+    """Every method name the installed plugins declare (``costmodel_method_names``), in the
+    registry's order (sorted by name)."""
+    from costmodel.registry import default_plugin_manager, method_names
+
+    return tuple(method_names(default_plugin_manager()))
+
+
+def _takes_rank(method: str) -> bool:
+    """What the method's plugin declares (``MethodOptions.takes_rank``); a method no plugin
+    declares is taken to use the rank, as the engine does."""
+    from costmodel.options import method_options
+    from costmodel.registry import default_plugin_manager
+
+    declared = method_options(default_plugin_manager(), method)
+    return True if declared is None else bool(declared.takes_rank)
+
+
+def schedule(jobs: Sequence[Job]) -> list[Job]:
+    """The order the processes of :func:`predict_all` take the jobs in, the longest first so that
+    they end together: the methods that take a rank (their plugins say so) before those that do
+    not (one prediction serves all ranks of those: the engine drops an unused rank), otherwise in
+    the order given. Only the order of the work: the results are the same in any order."""
+    takes = {method: _takes_rank(method) for method in dict.fromkeys(job[1] for job in jobs)}
+    return sorted(jobs, key=lambda job: not takes[job[1]])
 
 
 def supported_methods(predictor: Predictor, base: StepConfig,
@@ -227,6 +264,13 @@ class EnginePredictor:
 
         return predict_ranks(config, ranks)
 
+    def points(self, config: StepConfig, points: Sequence[tuple[int, int, int]]
+               ) -> dict[tuple[int, int, int], StepCost | CostModelError]:
+        """``config`` at many (batch, resolution, rank) together (``costmodel.ranks.predict_many``)."""
+        from costmodel.ranks import predict_many
+
+        return predict_many(config, points)
+
 
 def default_predictor() -> Predictor:
     """The analytic engine (its modules loaded only when it is first asked)."""
@@ -261,18 +305,28 @@ class _NoProgress:
         pass
 
 
+# Seconds of work before a progress bar appears (a quick sweep shows none).
+PROGRESS_DELAY = 2.0
+
+
 def progress_bar(total: float, description: str, enabled: bool = True, unit: str = "step",
                  bar_format: str | None = None) -> Any:
-    """A tqdm bar on stderr that appears only once the work has taken more than two seconds and
-    clears itself when done. Only on a terminal: written to a file or a pipe (``2>&1``), the
-    carriage returns that redraw a bar would leave its text in front of the output."""
+    """A tqdm bar on stderr (never stdout: the tables, CSV and JSON stay clean) that appears only
+    once the work has taken more than :data:`PROGRESS_DELAY` seconds and clears itself when done.
+    Only on a terminal: written to a file or a pipe (``2>&1``), the carriage returns that redraw a
+    bar would leave its text in front of the output."""
+    import shutil
     import sys
 
     if not enabled or not sys.stderr.isatty():
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit=unit, delay=2.0, leave=False, bar_format=bar_format)
+    # A terminal that reports no size (a pseudo-terminal never sized) would get no bar from tqdm
+    # (0 rows hide it): shutil falls back to $COLUMNS/$LINES or 80 x 24 there.
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, desc=description, unit=unit, delay=PROGRESS_DELAY, leave=False,
+                bar_format=bar_format, file=sys.stderr, ncols=size.columns, nrows=size.lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,11 +493,14 @@ def fit_law(ranks: Sequence[int], values: Sequence[float], metric: str = "") -> 
 
 @dataclass
 class Series:
-    """One model and method over the swept ranks: the cost at each rank the predictor could cost,
-    the fitted laws, and the ranks it refused (with its reason)."""
+    """One model and method (at one batch size and resolution) over the swept ranks: the cost at
+    each rank the predictor could cost, the fitted laws, and the ranks it refused (with its
+    reason)."""
 
     model: str
     method: str
+    batch: int | None = None
+    resolution: int | None = None
     ranks: list[int] = field(default_factory=list)
     costs: list[StepCost] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)
@@ -470,6 +527,8 @@ class LawCheck:
     measured: int
     predicted: int
     law: float
+    batch: int | None = None
+    resolution: int | None = None
 
     @property
     def law_error(self) -> float:
@@ -501,12 +560,26 @@ class SweepResult:
     checks: list[LawCheck] = field(default_factory=list)
     measure_seconds: float = 0.0
     workers: int = 1  # processes the predictions ran in
+    batches: tuple[int, ...] = ()  # the swept batch sizes (empty: the base step's)
+    resolutions: tuple[int, ...] = ()  # the swept resolutions (empty: the base step's)
 
-    def find(self, model: str, method: str) -> Series:
+    def __post_init__(self) -> None:
+        self.batches = tuple(self.batches) or (self.base.batch,)
+        self.resolutions = tuple(self.resolutions) or (self.base.resolution,)
+
+    def find(self, model: str, method: str, batch: int | None = None, resolution: int | None = None) -> Series:
+        """The series of ``model`` and ``method`` (at ``batch`` and ``resolution``: needed only
+        where several were swept)."""
         for series in self.series:
-            if series.model == model and series.method == method:
+            if (series.model, series.method) == (model, method) and batch in (None, series.batch) \
+                    and resolution in (None, series.resolution):
                 return series
-        raise KeyError((model, method))
+        raise KeyError((model, method, batch, resolution))
+
+    @property
+    def _varied(self) -> bool:
+        """True when several batch sizes or resolutions were swept (each block then names its own)."""
+        return len(self.batches) > 1 or len(self.resolutions) > 1
 
     @property
     def predictions(self) -> int:
@@ -522,12 +595,12 @@ class SweepResult:
             line += f"; measurements took {self.measure_seconds:.1f} s"
         return line
 
-    def worst_checks(self) -> dict[tuple[str, str, str], tuple[LawCheck, LawCheck]]:
-        """Per (model, method, metric): the check with the largest law error and the one with
-        the largest prediction error."""
-        worst: dict[tuple[str, str, str], tuple[LawCheck, LawCheck]] = {}
+    def worst_checks(self) -> dict[tuple[Any, ...], tuple[LawCheck, LawCheck]]:
+        """Per (model, method, batch, resolution, metric): the check with the largest law error
+        and the one with the largest prediction error."""
+        worst: dict[tuple[Any, ...], tuple[LawCheck, LawCheck]] = {}
         for check in self.checks:
-            key = (check.model, check.method, check.metric)
+            key = (check.model, check.method, check.batch, check.resolution, check.metric)
             law_worst, prediction_worst = worst.get(key, (check, check))
             worst[key] = (check if check.law_error >= law_worst.law_error else law_worst,
                           check if check.prediction_error >= prediction_worst.prediction_error else prediction_worst)
@@ -540,12 +613,16 @@ class SweepResult:
         return {
             "base_config": base,
             "ranks": list(self.ranks),
+            "batches": list(self.batches),
+            "resolutions": list(self.resolutions),
             "metrics": list(self.metrics),
             "refused_methods": self.refused_methods,
             "series": [
                 {
                     "model": s.model,
                     "method": s.method,
+                    "batch": s.batch,
+                    "resolution": s.resolution,
                     "rank_independent": s.rank_independent,
                     "refused_ranks": {str(r): why for r, why in s.refused.items()},
                     "points": [{"rank": r, **{m: cost_metrics(c)[m] for m in self.metrics}}
@@ -568,7 +645,7 @@ class SweepResult:
         worst = self.worst_checks()
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["model", "method", "metric", "slope", "intercept", "r_squared", "max_residual",
+        writer.writerow(["model", "method", "batch", "resolution", "metric", "slope", "intercept", "r_squared", "max_residual",
                          "max_residual_rank", "max_relative_residual", "shape", "note",
                          "break_rank", "slope_before_break", "slope_after_break",
                          "measured_ranks", "max_law_error_vs_measured", "max_prediction_error_vs_measured"])
@@ -577,9 +654,10 @@ class SweepResult:
                 brk = law.segments[1].first_rank if law.segments else ""
                 before = law.segments[0].slope if law.segments else ""
                 after = law.segments[1].slope if law.segments else ""
-                checks = [c for c in self.checks if (c.model, c.method, c.metric) == (s.model, s.method, metric)]
-                law_worst, prediction_worst = worst.get((s.model, s.method, metric), (None, None))
-                writer.writerow([s.model, s.method, metric, law.slope, law.intercept, law.r_squared,
+                key = (s.model, s.method, s.batch, s.resolution, metric)
+                checks = [c for c in self.checks if (c.model, c.method, c.batch, c.resolution, c.metric) == key]
+                law_worst, prediction_worst = worst.get(key, (None, None))
+                writer.writerow([s.model, s.method, s.batch, s.resolution, metric, law.slope, law.intercept, law.r_squared,
                                  law.max_residual, law.max_residual_rank, law.max_relative_residual,
                                  law.shape, law.note, brk, before, after,
                                  " ".join(str(c.rank) for c in checks),
@@ -588,14 +666,14 @@ class SweepResult:
         return out.getvalue()
 
     def points_csv(self) -> str:
-        """One row per model, method and rank with every metric."""
+        """One row per model, method, batch size, resolution and rank with every metric."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["model", "method", "rank", *self.metrics])
+        writer.writerow(["model", "method", "batch", "resolution", "rank", *self.metrics])
         for s in self.series:
             for rank, cost in zip(s.ranks, s.costs):
                 values = cost_metrics(cost)
-                writer.writerow([s.model, s.method, rank, *(values[m] for m in self.metrics)])
+                writer.writerow([s.model, s.method, s.batch, s.resolution, rank, *(values[m] for m in self.metrics)])
         return out.getvalue()
 
     def render(self) -> str:
@@ -603,14 +681,16 @@ class SweepResult:
         worst = self.worst_checks()
         c = self.base
         lines = [f"rank-scaling laws cost = a + b*rank over ranks {format_ranks(self.ranks)} "
-                 f"(batch={c.batch}, resolution={c.resolution}, classes={c.classes}, step={c.step})"]
+                 f"(batch={format_ranks(self.batches)}, resolution={format_ranks(self.resolutions)}, "
+                 f"classes={c.classes}, step={c.step})"]
         for method, why in self.refused_methods.items():
             lines.append(f"  not predicted: {method}: {why}")
         header = ["metric", "slope b", "intercept a", "R^2", "max residual", "shape"]
         if self.checks:
             header.append("| law vs measured, prediction vs measured (worst)")
         for s in self.series:
-            lines += ["", f"{s.model} / {s.method}" + (" (the rank changes nothing)" if s.rank_independent else "")]
+            where = f" / batch={s.batch}, resolution={s.resolution}" if self._varied else ""
+            lines += ["", f"{s.model} / {s.method}{where}" + (" (the rank changes nothing)" if s.rank_independent else "")]
             for rank, why in s.refused.items():
                 lines.append(f"  r={rank} not predicted: {why}")
             if not s.laws:
@@ -620,7 +700,7 @@ class SweepResult:
                 residual = f"{format_quantity(metric, law.max_residual)} at r={law.max_residual_rank}"
                 row = [metric, format_slope(metric, law.slope), format_quantity(metric, law.intercept),
                        f"{law.r_squared:.6f}", residual, law.shape + (f" ({law.note})" if law.note else "")]
-                key = (s.model, s.method, metric)
+                key = (s.model, s.method, s.batch, s.resolution, metric)
                 if key in worst:
                     law_worst, prediction_worst = worst[key]
                     row.append(f"| {law_worst.law_error:.3%} at r={law_worst.rank}, "
@@ -653,7 +733,7 @@ def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[in
         answers = together(base.replace(model=model, method=method), ranks)
         if progress is not None:
             progress(len(ranks))
-        return _series(model, method, ranks, answers)
+        return _series(base, model, method, ranks, answers)
     from costmodel.prediction import first_answer
 
     first, refused_alike = first_answer(lambda rank: predictor(base.replace(model=model, method=method, rank=rank)),
@@ -661,7 +741,7 @@ def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[in
     if refused_alike:
         if progress is not None:
             progress(len(ranks))
-        return _series(model, method, ranks, {rank: first for rank in ranks})
+        return _series(base, model, method, ranks, {rank: first for rank in ranks})
     answers = {ranks[0]: first}
     if progress is not None:
         progress()
@@ -672,12 +752,12 @@ def predict_series(base: StepConfig, model: str, method: str, ranks: Sequence[in
             answers[rank] = error
         if progress is not None:
             progress()
-    return _series(model, method, ranks, answers)
+    return _series(base, model, method, ranks, answers)
 
 
-def _series(model: str, method: str, ranks: Sequence[int],
+def _series(base: StepConfig, model: str, method: str, ranks: Sequence[int],
             answers: dict[int, StepCost | CostModelError]) -> Series:
-    series = Series(model=model, method=method)
+    series = Series(model=model, method=method, batch=base.batch, resolution=base.resolution)
     for rank in ranks:
         answer = answers[rank]
         if isinstance(answer, CostModelError):
@@ -692,10 +772,39 @@ def _series(model: str, method: str, ranks: Sequence[int],
 _WORKER: tuple[Predictor, StepConfig, tuple[int, ...]] | None = None
 
 
-def _predict_in_worker(job: tuple[str, str]) -> tuple[tuple[str, str], Series]:
+def _job_base(base: StepConfig, job: Job) -> StepConfig:
+    """The base step of a job: ``base`` at the job's batch size and resolution, if it names them."""
+    return base if len(job) == 2 else base.replace(batch=job[2], resolution=job[3])
+
+
+def _tasks(jobs: Sequence[Job]) -> list[tuple[Job, ...]]:
+    """The jobs of one model and method together, in :func:`schedule`'s order: a predictor of many
+    configurations at once (``points``) predicts all their batch sizes, resolutions and ranks in
+    one go."""
+    tasks: dict[tuple[str, str], list[Job]] = {}
+    for job in schedule(jobs):
+        tasks.setdefault((job[0], job[1]), []).append(job)
+    return [tuple(task) for task in tasks.values()]
+
+
+def _predict_task(base: StepConfig, task: tuple[Job, ...], ranks: Sequence[int], predictor: Predictor,
+                  progress: Callable[..., Any] | None = None) -> dict[Job, Series]:
+    together = getattr(predictor, "points", None)
+    if together is None or len(task) == 1:
+        return {job: predict_series(_job_base(base, job), job[0], job[1], ranks, predictor, progress) for job in task}
+    model, method = task[0][:2]
+    answers = together(base.replace(model=model, method=method),
+                       [(job[2], job[3], rank) for job in task for rank in ranks])
+    if progress is not None:
+        progress(len(task) * len(ranks))
+    return {job: _series(_job_base(base, job), model, method, ranks,
+                         {rank: answers[(job[2], job[3], rank)] for rank in ranks}) for job in task}
+
+
+def _predict_in_worker(task: tuple[Job, ...]) -> dict[Job, Series]:
     assert _WORKER is not None
     predictor, base, ranks = _WORKER
-    return job, predict_series(base, job[0], job[1], ranks, predictor)
+    return _predict_task(base, task, ranks, predictor)
 
 
 def default_workers() -> int:
@@ -712,26 +821,30 @@ def processes(workers: int, jobs: int) -> int:
     return max(1, min(workers, jobs)) if "fork" in multiprocessing.get_all_start_methods() else 1
 
 
-def predict_all(base: StepConfig, jobs: Sequence[tuple[str, str]], ranks: Sequence[int], predictor: Predictor,
-                progress: Callable[[int], Any] | None = None, workers: int = 1) -> dict[tuple[str, str], Series]:
-    """Every (model, method) job over ``ranks``. With ``workers > 1`` the jobs run in that many
-    forked processes (each a copy of this one, imports and caches included), heaviest first."""
+def predict_all(base: StepConfig, jobs: Sequence[Job], ranks: Sequence[int], predictor: Predictor,
+                progress: Callable[[int], Any] | None = None, workers: int = 1) -> dict[Job, Series]:
+    """Every job, ``(model, method)`` or ``(model, method, batch, resolution)``, over ``ranks``:
+    the jobs of one model and method as one task (:func:`_tasks`: every batch size, resolution and
+    rank of it predicted together where the predictor can). With ``workers > 1`` the tasks run in
+    that many forked processes (each a copy of this one, imports and caches included), longest
+    first (:func:`schedule`)."""
     global _WORKER
     import multiprocessing
 
-    workers = processes(workers, len(jobs))
+    tasks = _tasks(jobs)
+    workers = processes(workers, len(tasks))
+    found: dict[Job, Series] = {}
     if workers == 1:
-        return {job: predict_series(base, job[0], job[1], ranks, predictor, progress) for job in jobs}
-    # DoRA, then LoRA, are the heaviest to predict: start them first so the processes end together.
-    order = sorted(jobs, key=lambda job: {"dora": 0, "lora": 1}.get(job[1], 2))
+        for task in tasks:
+            found.update(_predict_task(base, task, ranks, predictor, progress))
+        return {job: found[job] for job in jobs}
     _WORKER = (predictor, base, tuple(ranks))
-    found: dict[tuple[str, str], Series] = {}
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for job, series in pool.imap_unordered(_predict_in_worker, order):
-                found[job] = series
+            for series in pool.imap_unordered(_predict_in_worker, tasks):
+                found.update(series)
                 if progress is not None:
-                    progress(len(ranks))
+                    progress(len(series) * len(ranks))
     finally:
         _WORKER = None
     return {job: found[job] for job in jobs}
@@ -757,37 +870,54 @@ def evenly_spread(ranks: Sequence[int], count: int) -> tuple[int, ...]:
 
 def sweep(models: Sequence[str], methods: Sequence[str] | None, ranks: Sequence[int],
           predictor: Predictor, base: StepConfig | None = None,
-          metrics: Sequence[str] | None = None, progress: bool = True, workers: int = 1) -> SweepResult:
-    """Predict every model and method over ``ranks`` and fit one law per metric.
+          metrics: Sequence[str] | None = None, progress: bool = True, workers: int = 1,
+          batches: Sequence[int] | None = None, resolutions: Sequence[int] | None = None,
+          candidates: Sequence[str] | None = None) -> SweepResult:
+    """Predict every model, method, batch size and resolution over ``ranks`` and fit one law per
+    metric (per model, method, batch size and resolution).
 
-    With ``methods=None``, every method the registry declares and the predictor can cost.
-    A method named explicitly that the predictor cannot cost is an error. ``workers``: processes
-    to predict in (see :func:`predict_all`).
-    """
+    ``methods=None``: every method of ``candidates`` (default: every method the installed plugins
+    declare, :func:`registered_methods`) that the predictor can cost, the others listed with the
+    predictor's reason; a method named explicitly that the predictor cannot cost is an error.
+    ``batches``/``resolutions``: the batch sizes and resolutions to sweep (default: the base
+    step's). Every configuration is checked before the first prediction. ``workers``: processes
+    to predict in (see :func:`predict_all`). ``progress``: a bar on stderr (a terminal only)."""
     base = base or StepConfig()
     metrics = tuple(metrics or metric_names())
+    batches = tuple(batches or (base.batch,))
+    resolutions = tuple(resolutions or (base.resolution,))
+    for batch in batches:  # StepConfig refuses what no step can take, before any work
+        base.replace(batch=batch)
+    for resolution in resolutions:
+        base.replace(resolution=resolution)
+    check_sweep_size(len(models), len(methods or candidates or registered_methods()), len(ranks),
+                     len(batches), len(resolutions))
     started = time.perf_counter()
     refused_methods: dict[str, str] = {}
     if methods is None:
-        methods, refused_methods = supported_methods(predictor, base.replace(model=models[0], rank=ranks[0]))
+        methods, refused_methods = supported_methods(predictor, base.replace(model=models[0], rank=ranks[0]),
+                                                     candidates)
         if not methods:
             raise CostModelError("the predictor can cost none of the methods: "
                                  + "; ".join(f"{m}: {why}" for m, why in refused_methods.items()))
-    jobs = [(model, method) for model in models for method in methods]
-    with progress_bar(len(jobs) * len(ranks), "predicting", progress) as bar:
+    jobs = [(model, method, batch, resolution) for model in models for method in methods
+            for batch in batches for resolution in resolutions]
+    with progress_bar(len(jobs) * len(ranks), "predicting", progress, unit="prediction") as bar:
         found = predict_all(base, jobs, ranks, predictor, bar.update, workers)
     series = [found[job] for job in jobs]
     for s in series:
         if not s.costs:
             reasons = sorted(set(s.refused.values()))
-            raise CostModelError(f"{s.model} / {s.method}: no rank could be predicted: {'; '.join(reasons)}")
+            where = f" (batch={s.batch}, resolution={s.resolution})" if len(jobs) > len(models) * len(methods) else ""
+            raise CostModelError(f"{s.model} / {s.method}{where}: no rank could be predicted: {'; '.join(reasons)}")
     predicted = time.perf_counter()
     for s in series:
         fit_series(s, metrics)
     fitted = time.perf_counter()
     return SweepResult(base=base, ranks=tuple(ranks), metrics=metrics, series=series,
                        refused_methods=refused_methods, predict_seconds=predicted - started,
-                       fit_seconds=fitted - predicted, workers=processes(workers, len(jobs)))
+                       fit_seconds=fitted - predicted, workers=processes(workers, len(_tasks(jobs))),
+                       batches=batches, resolutions=resolutions)
 
 
 def check_laws(result: SweepResult, count: int, measurer: Predictor, progress: bool = True) -> SweepResult:
@@ -800,11 +930,14 @@ def check_laws(result: SweepResult, count: int, measurer: Predictor, progress: b
     jobs += [(s, s.ranks[0]) for s in result.series if s.laws and s.rank_independent]
     with progress_bar(len(jobs), "measuring", progress) as bar:
         for s, rank in jobs:
-            measured = cost_metrics(measurer(result.base.replace(model=s.model, method=s.method, rank=rank)))
+            config = result.base.replace(model=s.model, method=s.method, rank=rank)
+            config = _job_base(config, (s.model, s.method, s.batch or config.batch,
+                                        s.resolution or config.resolution))
+            measured = cost_metrics(measurer(config))
             predicted = cost_metrics(s.costs[s.ranks.index(rank)])
             for metric, law in s.laws.items():
                 result.checks.append(LawCheck(s.model, s.method, metric, rank, measured[metric],
-                                              predicted[metric], law(rank)))
+                                              predicted[metric], law(rank), s.batch, s.resolution))
             bar.update()
     result.measure_seconds = time.perf_counter() - started
     return result

@@ -16,6 +16,7 @@ import pytest
 from costmodel import cli, sweep
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
+from costmodel.paper import PAPER_METHODS
 from costmodel.plan import Budget, parse_flops, parse_memory, plan
 from costmodel.result import MEMORY_GROUPS, StepCost, phase_flops
 from costmodel.sweep import evenly_spread, fit_law, parse_ranks
@@ -34,7 +35,7 @@ ACT = 600
 @pytest.fixture(autouse=True)
 def _paper_methods(monkeypatch: pytest.MonkeyPatch) -> None:
     """The synthetic predictor knows the paper's five methods, whatever plugins are installed."""
-    monkeypatch.setattr(sweep, "registered_methods", lambda: sweep.PAPER_METHODS)
+    monkeypatch.setattr(sweep, "registered_methods", lambda: PAPER_METHODS)
 
 
 def synthetic_cost(config: StepConfig) -> StepCost:
@@ -169,6 +170,52 @@ def test_sweep_defaults_to_the_methods_the_predictor_can_cost() -> None:
         sweep.sweep(["m"], ["dora"], (1, 2), lora_only, progress=False)
 
 
+def test_sweep_over_batch_sizes_and_resolutions_fits_one_law_each() -> None:
+    result = sweep.sweep(["m"], ["lora"], (1, 2, 3), synthetic_cost, metrics=("memory.ACT", "flops.torch.forward"),
+                         progress=False, batches=(1, 2), resolutions=(64, 96))
+    assert [(s.batch, s.resolution) for s in result.series] == [(1, 64), (1, 96), (2, 64), (2, 96)]
+    # forward = (100000 + 500 r) * batch; ACT = 600 * batch
+    laws = result.find("m", "lora", 2, 96).laws
+    assert laws["flops.torch.forward"].slope == pytest.approx(1000)
+    assert laws["flops.torch.forward"].intercept == pytest.approx(200_000)
+    assert laws["memory.ACT"].shape == "constant" and laws["memory.ACT"].intercept == pytest.approx(1200)
+    points = list(csv.DictReader(io.StringIO(result.points_csv())))
+    assert len(points) == 12 and list(points[0])[:5] == ["model", "method", "batch", "resolution", "rank"]
+    assert {(p["batch"], p["resolution"]) for p in points} == {("1", "64"), ("1", "96"), ("2", "64"), ("2", "96")}
+    assert points[-1]["flops.torch.forward"] == str(2 * (100_000 + 500 * 3))
+    laws_rows = list(csv.DictReader(io.StringIO(result.laws_csv())))
+    assert len(laws_rows) == 8 and laws_rows[-1]["batch"] == "2" and laws_rows[-1]["resolution"] == "96"
+    data = json.loads(result.to_json())
+    assert data["batches"] == [1, 2] and data["resolutions"] == [64, 96]
+    assert [(s["batch"], s["resolution"]) for s in data["series"]] == [(1, 64), (1, 96), (2, 64), (2, 96)]
+    text = result.render()
+    assert "batch=1,2, resolution=64,96" in text and "m / lora / batch=2, resolution=96" in text
+    with pytest.raises(CostModelError, match="--batch"):
+        sweep.sweep(["m"], ["lora"], (1, 2), synthetic_cost, progress=False, batches=(0,))
+
+
+def test_batch_and_resolution_ranges_share_the_rank_parser() -> None:
+    assert parse_ranks("1,2,4-8", "--batch", "batch size") == (1, 2, 4, 5, 6, 7, 8)
+    assert parse_ranks("64,96-128:32", "--resolution", "resolution") == (64, 96, 128)
+    with pytest.raises(CostModelError, match=r"--batch: '0' is not a range of batch sizes >= 1"):
+        parse_ranks("0", "--batch", "batch size")
+    with pytest.raises(CostModelError, match="more than 10,000 resolutions"):
+        parse_ranks("1-20000", "--resolution", "resolution")
+    with pytest.raises(CostModelError, match="1,000,000"):
+        sweep.check_sweep_size(2, 5, 64, 100, 100)
+
+
+def test_jobs_run_in_any_order_with_the_same_results() -> None:
+    # The methods whose plugins declare they take a rank go first; otherwise the order given.
+    assert sweep.schedule([("m", "fft", 1, 64), ("m", "lora", 1, 64), ("m", "bn_head", 1, 64), ("m", "galore", 1, 64),
+                           ("m", "mine", 1, 64)]) == [("m", "lora", 1, 64), ("m", "galore", 1, 64),
+                                                      ("m", "mine", 1, 64), ("m", "fft", 1, 64), ("m", "bn_head", 1, 64)]
+    one = sweep.sweep(["m"], ["fft", "dora", "lora"], (1, 2, 3), synthetic_cost, progress=False, batches=(1, 2))
+    two = sweep.sweep(["m"], ["fft", "dora", "lora"], (1, 2, 3), synthetic_cost, progress=False, batches=(1, 2),
+                      workers=2)
+    assert one.points_csv() == two.points_csv() and one.laws_csv() == two.laws_csv()
+
+
 def test_check_laws_reports_law_and_prediction_error_against_measurements() -> None:
     result = sweep.sweep(["m"], ["lora"], tuple(range(1, 17)), synthetic_cost, metrics=("memory.peak", "memory.GRAD"),
                          progress=False)
@@ -291,6 +338,36 @@ def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, c
     assert "memory.GRAD" in csv_path.read_text()
 
 
+def test_cli_sweep_over_batch_and_resolution_ranges(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
+                                                   tmp_path) -> None:
+    points = tmp_path / "points.csv"
+    assert cli.main(["sweep", "--model", "resnet18", "--methods", "lora,fft", "--ranks", "1-3", "--batch", "1,2,4-8",
+                     "--resolution", "64,96-128:32", "--metrics", "memory.ACT", "--json", "--points-csv", str(points),
+                     "--jobs", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["batches"] == [1, 2, 4, 5, 6, 7, 8] and data["resolutions"] == [64, 96, 128]
+    assert len(data["series"]) == 2 * 7 * 3
+    rows = list(csv.DictReader(io.StringIO(points.read_text())))
+    assert len(rows) == 2 * 7 * 3 * 3 and rows[-1]["batch"] == "8" and rows[-1]["resolution"] == "128"
+    assert rows[-1]["memory.ACT"] == str(ACT * 8)
+
+
+def test_sweep_progress_bar_goes_to_stderr_only(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import sys
+
+    monkeypatch.setattr(sweep, "PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a person watching the terminal
+    points = tmp_path / "points.csv"
+    assert cli.main(["sweep", "--model", "resnet18", "--methods", "lora", "--ranks", "1-4", "--batch", "1-3",
+                     "--metrics", "memory.GRAD", "--json", "--points-csv", str(points), "--jobs", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "predicting" in captured.err and "%|" in captured.err  # the bar, on stderr
+    assert "predicting" not in captured.out and "\r" not in captured.out
+    assert len(json.loads(captured.out)["series"]) == 3  # stdout is the JSON alone
+    assert "\r" not in points.read_text() and "predicting" not in points.read_text()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["plan", "--model", "m"], "give a budget"),
     (["plan", "--model", "m", "--memory", "64M"], "ambiguous|unknown unit"),
@@ -303,6 +380,10 @@ def test_cli_plan_and_sweep_run_on_the_injected_predictor(synthetic_cli: None, c
     (["sweep", "--model", "resnet18", "--methods", "lora", "--ranks", "1-2", "--csv", "/nonexistent/dir/x.csv"], "cannot write"),
     (["sweep", "--model", "resnet18", "--methods", "nope", "--ranks", "1-2"], "--methods: unknown method 'nope'"),
     (["plan", "--model", "m", "--memory", "1MiB", "--batch", "0"], "--batch"),
+    (["sweep", "--model", "resnet18", "--batch", "0"], "--batch: '0' is not a range of batch sizes"),
+    (["sweep", "--model", "resnet18", "--batch", "two"], "--batch: cannot read 'two'"),
+    (["sweep", "--model", "resnet18", "--resolution", "128-64"], "--resolution"),
+    (["sweep", "--model", "resnet18", "--ranks", "1-10000", "--batch", "1-1000"], "more than 1,000,000"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(synthetic_cli: None, capsys: pytest.CaptureFixture[str],
                                               argv: list[str], message: str) -> None:
