@@ -58,18 +58,21 @@ from costmodel.config import StepConfig
 from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, Value, tensor_meta, build_step_graph, node_op
-from costmodel.meta_memo import meta_kernel_memo
 from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, Snapshot, gradient_flow, simulate
 from costmodel.models import meta_model
 from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
 from costmodel.prediction import (Deferred, NodeCost, Prediction, at_index, build_prediction, cost_nodes, coverage,
                                   first_answer, node_costs, optimizer_timeline, predict_config, step_totals, traced_step)
 from costmodel.registry import default_plugin_manager
-from costmodel.shapes import (Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts, TensorTemplate,
+from costmodel.shapes import (BATCH, RESOLUTION, Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts, TensorTemplate,
                               recorded_facts, symbolic_mode, symbolic_size, template_of)
-from costmodel.trace import MODEL_PREFIX, MODULE_CONTAINERS, TracedStep, altered_copy, prepare_method, propagate, state_key
+from costmodel.trace import (MODEL_PREFIX, MODULE_CONTAINERS, TracedStep, altered_copy, prepare_method, propagate,
+                             state_key, step_inputs)
 
 RANK = sympy.Symbol("rank", integer=True, positive=True)
+POINT = (BATCH, RESOLUTION, RANK)
+# One configuration of many predicted together: (batch, resolution, rank).
+Point = tuple[int, int, int]
 PROBES = 3
 
 
@@ -244,26 +247,38 @@ def _alias_pattern(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> l
 
 
 def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, dependence: RankDependence,
-                      hint: int, symbolic: bool = True) -> tuple[SizeTemplate, set[fx.Node]]:
-    """Run the rank-dependent nodes with a symbolic rank hinted ``hint`` (or, without
-    ``symbolic``, on meta tensors at rank ``hint``: a template for that rank alone); the other
-    nodes keep the results of ``base`` (the concrete propagation at another rank). Returns the
-    template and the nodes that depend on the rank."""
+                      hint: Point, shapes_vary: bool) -> tuple[SizeTemplate, set[fx.Node]]:
+    """Run the nodes that depend on what varies, with symbolic sizes hinted ``hint`` (batch,
+    resolution, rank): the rank always (a rank of 1 is specialised: a template for rank 1 alone),
+    the batch and resolution when ``shapes_vary`` (then every node fed the images depends on them);
+    the other nodes keep the results of ``base`` (the concrete propagation at the first point).
+    Returns the template, in (batch, resolution, rank), and the nodes that depend on them."""
     env = ShapeEnv()
-    rank = symbolic_size(env, "rank", hint) if symbolic else hint
+    batch, resolution, rank = hint
+    rank = symbolic_size(env, "rank", rank)
+    if shapes_vary:
+        batch, resolution = symbolic_size(env, "batch", batch), symbolic_size(env, "resolution", resolution)
+    mode = symbolic_mode(env)
     gm = traced.graph_module
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    mode = symbolic_mode(env) if symbolic else meta_kernel_memo()
 
     def module_prefix(node: fx.Node) -> str:
         target = str(node.target)
         return target[len(MODEL_PREFIX):] if target.startswith(MODEL_PREFIX) else "\0"
 
-    dependent: set[fx.Node] = set()  # nodes run with the symbolic rank
-    rank_sized: set[fx.Node] = set()  # nodes whose result still depends on the rank
+    dependent: set[fx.Node] = set()  # nodes run with symbolic sizes
+    rank_sized: set[fx.Node] = set()  # nodes whose result still depends on what varies
     templates: dict[fx.Node, Any] = {}
-    formulas = SymbolicSizes(env, {rank.node.expr: RANK} if isinstance(rank, torch.SymInt) else {}, (RANK,), _NotShared)
+    symbols = ((batch, BATCH), (resolution, RESOLUTION), (rank, RANK))
+    formulas = SymbolicSizes(env, {v.node.expr: name for v, name in symbols if isinstance(v, torch.SymInt)}, POINT,
+                             _NotShared)
     size = formulas.size
+
+    def template(node: fx.Node, result: Any) -> Any:
+        # Each tensor keeps the storage id the concrete run gave it (aliasing is the same).
+        storages = iter([f.storage for f in tree_flatten(base_facts.results[node])[0] if isinstance(f, TensorFacts)])
+        return tree_map(lambda leaf: template_of(leaf, size, next(storages)) if isinstance(leaf, torch.Tensor)
+                        else size(leaf), result)
 
     # Module name -> the rank-sized tensors and attributes at or below it.
     below: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
@@ -282,7 +297,14 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
             empty = torch.empty(dependence.shape_at[qualified](rank), dtype=original.dtype, device="meta")
             fake_params[qualified] = nn.Parameter(empty, requires_grad=original.requires_grad) \
                 if isinstance(original, nn.Parameter) else empty
+        inputs = iter(step_inputs(traced, batch, resolution) if shapes_vary else ())
         for node in gm.graph.nodes:
+            if node.op == "placeholder" and shapes_vary:  # the images, then the labels
+                interpreter.env[node] = result = next(inputs)
+                dependent.add(node)
+                rank_sized.add(node)
+                templates[node] = template(node, result)
+                continue
             if node.op in ("placeholder", "output"):
                 interpreter.env[node] = base.results.get(node)
                 continue
@@ -303,29 +325,26 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
             fake_leaves, fake_spec = tree_flatten(result)
             base_leaves, base_spec = tree_flatten(base_result)
             if fake_spec != base_spec:
-                raise _NotShared(f"node {node.name} returns another structure at another rank")
+                raise _NotShared(f"node {node.name} returns another structure at another size")
             fake_tensors = [t for t in fake_leaves if isinstance(t, torch.Tensor)]
             base_tensors = [t for t in base_leaves if isinstance(t, torch.Tensor)]
             for fake, concrete in zip(fake_tensors, base_tensors):
                 if (fake.dtype, bool(fake.requires_grad), fake.is_leaf, fake.dim()) != \
                         (concrete.dtype, bool(concrete.requires_grad), concrete.is_leaf, concrete.dim()):
-                    raise _NotShared(f"node {node.name} changes more than sizes with the rank")
+                    raise _NotShared(f"node {node.name} changes more than sizes with the size")
             fake_inputs = [t for t in tree_flatten((_args_of(interpreter, node)))[0] if isinstance(t, torch.Tensor)]
             base_inputs = [t for t in tree_flatten(_args_of_base(base, node))[0] if isinstance(t, torch.Tensor)]
             if _alias_pattern(fake_tensors, fake_inputs) != _alias_pattern(base_tensors, base_inputs):
-                raise _NotShared(f"node {node.name} aliases its inputs differently at another rank")
-            # Each tensor keeps the storage id the concrete run gave it (aliasing is the same).
-            storages = iter([f.storage for f in tree_flatten(base_facts.results[node])[0]
-                             if isinstance(f, TensorFacts)])
-            templates[node] = tree_map(lambda leaf: template_of(leaf, size, next(storages))
-                                       if isinstance(leaf, torch.Tensor) else size(leaf), result)
+                raise _NotShared(f"node {node.name} aliases its inputs differently at another size")
+            templates[node] = template(node, result)
             if _mentions_slot(templates[node]) or not _same_facts(templates[node], base_facts.results[node]):
                 rank_sized.add(node)
             else:
-                interpreter.env[node] = base_result  # the same at every rank from here on
+                interpreter.env[node] = base_result  # the same at every point from here on
 
-    conditions = formulas.ranges(rank, hint, RANK) + formulas.guards()
-    return SizeTemplate((RANK,), conditions, formulas, templates, f"rank template of {type(traced.model).__name__}"), \
+    conditions = [c for (value, name), h in zip(symbols, hint) for c in formulas.ranges(value, h, name)]
+    conditions += formulas.guards()
+    return SizeTemplate(POINT, conditions, formulas, templates, f"template of {type(traced.model).__name__}"), \
         dependent
 
 
@@ -402,7 +421,7 @@ def _stack(values: Sequence[Any], where: str) -> Any:
     return nested.unflatten(structure, [_stack_leaf(column, where) for column in zip(*rows)])
 
 
-def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[int]) -> tuple[list[OptimizerStep], Any]:
+def _optimizer_steps(shared: _Shared, flow: GradientFlow, ranks: list[Point]) -> tuple[list[OptimizerStep], Any]:
     """The optimizer's steps and prior state over ``ranks``: asked once for all of them when the
     optimizer plugin can answer so (checked against its answer at the first rank), else rank by rank."""
     try:
@@ -460,11 +479,11 @@ def _agrees(together: Any, alone: Any, i: int) -> bool:
                for a, b in zip(leaves, alone_leaves))
 
 
-def _batch(shared: _Shared, template: SizeTemplate, ranks: list[int]) -> _RankCosts:
-    """The answers for ``ranks`` (all covered by ``template``), each plugin asked once for all of
-    them where it can answer so: an answer for many ranks is checked against the plugin's own
-    answer at the first rank, and a node whose plugin cannot answer for many ranks, or answers
-    otherwise, is asked rank by rank."""
+def _batch(shared: _Shared, template: SizeTemplate, ranks: list[Point]) -> _RankCosts:
+    """The answers for the points ``ranks`` (all covered by ``template``), each plugin asked once
+    for all of them where it can answer so: an answer for many points is checked against the
+    plugin's own answer at the first, and a node whose plugin cannot answer for many points, or
+    answers otherwise, is asked point by point."""
     together = _rank_costs(shared, template, ranks)
     check = _rank_costs(shared, template, ranks[0])
     for index in list(together.costs):
@@ -482,7 +501,7 @@ def _batch(shared: _Shared, template: SizeTemplate, ranks: list[int]) -> _RankCo
 class _Shared:
     """Everything the ranks of one configuration share, found once."""
 
-    config: StepConfig
+    config: StepConfig  # at the first point's batch and resolution, and the traced probe rank
     manager: pluggy.PluginManager
     traced: TracedStep
     dependence: RankDependence
@@ -490,6 +509,9 @@ class _Shared:
     facts: Propagation
     graph: StepGraph
     nodes: list[fx.Node]  # record index -> its graph node
+    images: fx.Node  # the step's two placeholders
+    labels: fx.Node
+    shapes_vary: bool  # whether the points have more than one (batch, resolution)
     templates: list[SizeTemplate] = field(default_factory=list)
     dependent: set[fx.Node] = field(default_factory=set)
     static_costs: dict[int, OpCost] = field(default_factory=dict)
@@ -503,10 +525,10 @@ class _Shared:
 
 @dataclass
 class _RankCosts:
-    """One rank's answers for the rank-dependent nodes (or many ranks' answers: every size an
-    array over ``rank``, a list)."""
+    """One point's answers for the nodes that depend on what varies (or many points' answers:
+    every size an array over ``point``, a list)."""
 
-    rank: int | list[int]
+    point: Point | list[Point]
     metas: dict[Value, TensorMeta]
     params: dict[str, ParamMeta]
     costs: dict[int, OpCost]
@@ -514,15 +536,24 @@ class _RankCosts:
     state_before: int = 0
 
 
-def _rank_costs(shared: _Shared, template: SizeTemplate, rank: int | Sequence[int],
+def _rank_costs(shared: _Shared, template: SizeTemplate, point: Point | Sequence[Point],
                 records: Iterable[int] | None = None) -> _RankCosts:
-    """Ask the op plugins about the rank-dependent nodes (all, or those of ``records``) at ``rank``,
-    or at many ranks at once (every rank-dependent size an array over them; see
+    """Ask the op plugins about the dependent nodes (all, or those of ``records``) at ``point``,
+    or at many points at once (every size that varies an array over them; see
     ``costmodel.hookspecs.costmodel_op_cost``). The rank-sized attributes of leaf modules are
     seen by the plugins through a copy of their module with the rank's values (``trace.altered_copy``)."""
     dependence, graph = shared.dependence, shared.graph
-    many = not isinstance(rank, int)
-    overlay = template.evaluate_many([(r,) for r in rank]) if many else template.evaluate(rank)
+    many = isinstance(point, list)
+    wanted = None if records is None else set(records)
+    if many:
+        overlay = template.evaluate_many(point)
+    elif wanted is None:
+        overlay = template.evaluate(*point)
+    else:  # a few nodes asked point by point: only what they see (inputs, and the values they are)
+        nodes = {shared.nodes[i] for i in wanted}
+        inputs = {arg for n in nodes for arg in n.all_input_nodes}
+        seen = {value[0] for (node, _), value in shared.facts.same_tensor.items() if node in inputs}
+        overlay = template.evaluate(*point, nodes=nodes | inputs | seen)
     results = ChainMap(overlay, shared.facts.results)
     metas: dict[Value, TensorMeta] = {}
     for node, result in overlay.items():
@@ -533,16 +564,16 @@ def _rank_costs(shared: _Shared, template: SizeTemplate, rank: int | Sequence[in
             metas[(node, k)] = tensor_meta(facts)
     all_metas = ChainMap(metas, graph.metas)
     if many:
-        params = {name: dataclasses.replace(meta, shape=_stack([dependence.shape_at[name](r) for r in rank], name))
+        ranks = [p[2] for p in point]
+        params = {name: dataclasses.replace(meta, shape=_stack([dependence.shape_at[name](r) for r in ranks], name))
                   for name, meta in shared.rank_sized.items()}
-        attributes = _stack([dependence.attributes_at(r) for r in rank], "the rank-sized attributes")
+        attributes = _stack([dependence.attributes_at(r) for r in ranks], "the rank-sized attributes")
     else:
-        params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](rank))
+        params = {name: dataclasses.replace(meta, shape=dependence.shape_at[name](point[2]))
                   for name, meta in shared.rank_sized.items()}
-        attributes = dependence.attributes_at(rank)
+        attributes = dependence.attributes_at(point[2])
     costs: dict[int, OpCost] = {}
     ask = HookAsker(shared.manager, OP_COST).first
-    wanted = None if records is None else set(records)
     for index, node, (module, node_params, target, label) in shared.dependent_records:
         if wanted is not None and index not in wanted:
             continue
@@ -564,27 +595,32 @@ def _rank_costs(shared: _Shared, template: SizeTemplate, rank: int | Sequence[in
                 # whose answer for the arrays breaks the contract: asked rank by rank, where a
                 # failure at one plain rank is the plugin's own and reported as such.
                 continue
-            if cost is not None and _conforms(cost, len(rank)):
+            if cost is not None and _conforms(cost, len(point)):
                 costs[index] = cost
             continue
         cost = ask(node=op)
         if cost is None:
-            raise _NotShared(f"no plugin covers node {record.name} at rank {rank}")
+            raise _NotShared(f"no plugin covers node {record.name} at {point}")
         costs[index] = cost
-    return _RankCosts(rank, metas, params, costs)
+    return _RankCosts(point, metas, params, costs)
 
 
-def _optimizer_at(shared: _Shared, flow: GradientFlow, rank: int | Sequence[int]) -> tuple[list[OptimizerStep], Any]:
-    """The optimizer's steps at ``rank`` and the state that exists before them; for many ranks,
-    asked once with every rank-dependent size and option an array over them."""
-    if isinstance(rank, int):
-        config = shared.config.replace(rank=rank)
-        groups = shared.dependence.groups_at(rank)
+def _optimizer_at(shared: _Shared, flow: GradientFlow, point: Point | Sequence[Point]) -> tuple[list[OptimizerStep], Any]:
+    """The optimizer's steps at ``point`` and the state that exists before them; for many points,
+    asked once with every size and option that varies an array over them."""
+    if isinstance(point, tuple):
+        config = _config_at(shared.config, point)
+        groups = shared.dependence.groups_at(point[2])
     else:
         config = shared.config
-        groups = _stack([shared.dependence.groups_at(r) for r in rank], "the parameter groups")
+        groups = _stack([shared.dependence.groups_at(p[2]) for p in point], "the parameter groups")
     steps, state_before, _ = optimizer_timeline(groups, flow, shared.manager, config)
     return steps, state_before
+
+
+def _config_at(config: StepConfig, point: Point) -> StepConfig:
+    batch, resolution, rank = point
+    return config.replace(batch=batch, resolution=resolution, rank=rank)
 
 
 def _vector_graph(shared: _Shared, batch: _RankCosts) -> tuple[StepGraph, list[OpCost | None]]:
@@ -611,44 +647,44 @@ def _vector_graph(shared: _Shared, batch: _RankCosts) -> tuple[StepGraph, list[O
     vector = dataclasses.replace(
         graph, records=records, metas=metas, param_storages=param_storages, buffer_storages=buffer_storages,
         params=[params.get(p.name, p) for p in graph.params], buffers=[params.get(p.name, p) for p in graph.buffers],
-        loss_meta=metas[graph.loss])
+        loss_meta=metas[graph.loss], images=metas[(shared.images, 0)], labels=metas[(shared.labels, 0)])
     return vector, costs
 
 
-def _predict_together(shared: _Shared, batch: _RankCosts, started: float) -> dict[int, Prediction]:
-    """One simulation over the ranks of a batch of answers, each rank's prediction made by the
+def _predict_together(shared: _Shared, batch: _RankCosts, started: float) -> dict[Point, Prediction]:
+    """One simulation over the points of a batch of answers, each point's prediction made by the
     engine's one builder (``prediction.build_prediction``) with the same details a prediction of
-    that rank alone has; its per-node breakdown, timeline and notes are found when first read."""
+    that point alone has; its per-node breakdown, timeline and notes are found when first read."""
     graph, costs = _vector_graph(shared, batch)
     flow = gradient_flow(graph, costs)
-    steps, state_before = _optimizer_steps(shared, flow, batch.rank)
+    steps, state_before = _optimizer_steps(shared, flow, batch.point)
     grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
     memory = simulate(graph, costs, flow, steps, state_before, grads_before)
     totals = step_totals(graph, costs, memory, steps)
-    seconds = (time.perf_counter() - started) / len(batch.rank)
-    note = f"one of {len(batch.rank)} ranks predicted together (costmodel.ranks)"
-    return {rank: build_prediction(shared.config.replace(rank=rank), totals.at(i), seconds,
-                                   _rank_details(shared, graph, costs, memory, flow, rank, i, note))
-            for i, rank in enumerate(batch.rank)}
+    seconds = (time.perf_counter() - started) / len(batch.point)
+    note = f"one of {len(batch.point)} configurations predicted together (costmodel.ranks)"
+    return {point: build_prediction(_config_at(shared.config, point), totals.at(i), seconds,
+                                    _point_details(shared, graph, costs, memory, flow, point, i, note))
+            for i, point in enumerate(batch.point)}
 
 
-def _rank_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
-                  flow: GradientFlow, rank: int, index: int, note: str) -> dict[str, Any]:
-    """Rank ``rank``'s details (entry ``index`` of a simulation over many ranks), each computed
-    when first read, as a prediction of that rank alone computes it."""
-    config = shared.config.replace(rank=rank)
+def _point_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
+                   flow: GradientFlow, point: Point, index: int, note: str) -> dict[str, Any]:
+    """A point's details (entry ``index`` of a simulation over many points), each computed when
+    first read, as a prediction of that point alone computes it."""
+    config = _config_at(shared.config, point)
 
     def method_note() -> str:  # the method's own words at this rank (it may name the rank)
         return prepare_method(shared.manager, meta_model(config.model, config.classes), config).note
 
     def optimizer_notes() -> list[str]:
-        steps, _, _ = optimizer_timeline(shared.dependence.groups_at(rank), flow, shared.manager, config)
+        steps, _, _ = optimizer_timeline(shared.dependence.groups_at(point[2]), flow, shared.manager, config)
         return [step.cost.note for step in steps]
 
     def nodes() -> list[NodeCost]:
-        # The plugins' notes may name sizes: the rank-dependent nodes are asked again at this rank.
-        template = _template_for(shared, rank)
-        alone = _rank_costs(shared, template, rank).costs if template is not None else {}
+        # The plugins' notes may name sizes: the dependent nodes are asked again at this point.
+        template = _template_for(shared, point)
+        alone = _rank_costs(shared, template, point).costs if template is not None else {}
         own = [dataclasses.replace(cost, note=alone[i].note) if cost is not None and i in alone else cost
                for i, cost in enumerate(costs)]
         return node_costs(graph, own, memory, index=index)
@@ -661,29 +697,43 @@ def _rank_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None],
 
 
 def _choose_probes(ranks: Sequence[int]) -> tuple[int, int, int]:
-    """Three ranks >= 2 of those asked for: the middle one (traced) and the two ends."""
+    """Three ranks >= 2 to compare the prepared models at: of those asked for, the middle one
+    (traced) and the two ends; where fewer than three are asked for, the next ranks up (prepared
+    only, to check the sizes are affine in the rank)."""
     candidates = sorted({r for r in ranks if r >= 2})
-    if len(candidates) < PROBES:
-        raise _NotShared("fewer than three ranks >= 2 to compare")
+    top = max(candidates, default=1)
+    candidates += [top + k for k in range(1, PROBES - len(candidates) + 1)] if len(candidates) < PROBES else []
     middle = candidates[len(candidates) // 2]
     return middle, candidates[0], candidates[-1]
 
 
-def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManager) -> _Shared:
-    """Prepare at the probe ranks, compare, trace and propagate once: what every rank shares."""
-    probes = _choose_probes(ranks)
-    traced = traced_step(config.replace(rank=probes[0]), manager)
-    if not traced.prepared.affine_in_rank:
-        raise _NotShared(f"method {config.method!r} does not promise sizes affine in the rank for this configuration")
-    models, groups = [traced.model], [traced.prepared.param_groups]
-    for probe in probes[1:]:
-        model = meta_model(config.model, config.classes)
-        prepared = prepare_method(manager, model, config.replace(rank=probe))
-        if not prepared.affine_in_rank:
-            raise _NotShared(f"method {config.method!r} does not promise sizes affine in rank {probe}")
-        models.append(model)
-        groups.append(prepared.param_groups)
-    dependence = rank_dependence(models, groups, probes)
+def _share(config: StepConfig, points: Sequence[Point], manager: pluggy.PluginManager) -> _Shared:
+    """Prepare at the probe ranks, compare, trace and propagate once: what every point shares.
+    Points at one rank need no probes: nothing in the model changes between them."""
+    ranks = sorted({p[2] for p in points})
+    if len(ranks) == 1:
+        traced = traced_step(config.replace(rank=ranks[0]), manager)
+        probe = ranks[0]
+        dependence = RankDependence({}, {}, traced.prepared.param_groups)
+    else:
+        probes = _choose_probes(ranks)
+        probe = probes[0]
+        traced = traced_step(config.replace(rank=probe), manager)
+        if not traced.prepared.affine_in_rank:
+            raise _NotShared(f"method {config.method!r} does not promise sizes affine in the rank for this configuration")
+        models, groups = [traced.model], [traced.prepared.param_groups]
+        for other in probes[1:]:
+            model = meta_model(config.model, config.classes)
+            prepared = prepare_method(manager, model, config.replace(rank=other))
+            if not prepared.affine_in_rank:
+                raise _NotShared(f"method {config.method!r} does not promise sizes affine in rank {other}")
+            models.append(model)
+            groups.append(prepared.param_groups)
+        dependence = rank_dependence(models, groups, probes)
+    # The base propagation at the largest batch and resolution asked for: sizes of 1 are
+    # specialised by a symbolic run, so a base there would give a template for size 1 alone.
+    batch, resolution = max(p[0] for p in points), max(p[1] for p in points)
+    config = config.replace(batch=batch, resolution=resolution)
     gm = traced.graph_module
     leaves = [str(n.target)[len(MODEL_PREFIX):] for n in gm.graph.nodes
               if n.op == "call_module" and str(n.target).startswith(MODEL_PREFIX)]
@@ -699,9 +749,12 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
             raise _NotShared(f"{local} is not a tensor of its own")
     graph = build_step_graph(traced, facts)
     by_name = {n.name: n for n in gm.graph.nodes}
-    shared = _Shared(config.replace(rank=probes[0]), manager, traced, dependence, base, facts, graph,
-                     [by_name[r.name] for r in graph.records])
-    template, shared.dependent = symbolic_template(traced, base, facts, dependence, probes[0])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    shapes_vary = len({p[:2] for p in points}) > 1
+    shared = _Shared(config.replace(rank=probe), manager, traced, dependence, base, facts, graph,
+                     [by_name[r.name] for r in graph.records], placeholders[0], placeholders[1], shapes_vary)
+    template, shared.dependent = symbolic_template(traced, base, facts, dependence, (batch, resolution, probe),
+                                                   shapes_vary)
     shared.templates.append(template)
     static = traced.graph_cache["static"]
     shared.dependent_records = [(record.index, node, static[node]) for record, node in zip(graph.records, shared.nodes)
@@ -711,42 +764,43 @@ def _share(config: StepConfig, ranks: Sequence[int], manager: pluggy.PluginManag
         own = tuple(key for key in dependence.attributes if key[0] == leaf or key[0].startswith(leaf + "."))
         if own:
             shared.attributes_below[leaf] = own
-    # Every node as a prediction at the first probe costs it (an uncovered one raises there too);
-    # those that do not depend on the rank keep that answer for all ranks.
+    # Every node as a prediction at the first point and probe rank costs it (an uncovered one
+    # raises there too); those that depend on nothing that varies keep that answer for all points.
     costs, _ = cost_nodes(graph, manager, allow_unknown=False)
     shared.static_costs = {record.index: cost for record, node, cost in zip(graph.records, shared.nodes, costs)
                            if node not in shared.dependent}
     return shared
 
 
-def _template_for(shared: _Shared, rank: int) -> SizeTemplate | None:
-    """A template that covers ``rank``: the symbolic one, or one run on meta tensors at this rank
-    alone (where the symbolic run's guards exclude it: rank 1, whose sizes of 1 are specialised)."""
+def _template_for(shared: _Shared, point: Point) -> SizeTemplate | None:
+    """A template that covers ``point``: one made before, or a new one hinted at this point
+    (where the others' guards exclude it: rank 1, whose sizes of 1 are specialised, a batch of 1
+    or a last stage of 1x1 where the hint had more), if it depends on the same nodes."""
     for template in shared.templates:
-        if template.covers(rank):
+        if template.covers(*point):
             return template
     try:
-        template, dependent = symbolic_template(shared.traced, shared.base, shared.facts, shared.dependence, rank,
-                                                symbolic=False)
+        template, dependent = symbolic_template(shared.traced, shared.base, shared.facts, shared.dependence, point,
+                                                shared.shapes_vary)
     except (_NotShared, RuntimeError):
         return None
-    if dependent != shared.dependent or not template.covers(rank):
+    if dependent != shared.dependent or not template.covers(*point):
         return None
     shared.templates.append(template)
     return template
 
 
-def _predict_shared(shared: _Shared, ranks: list[int], started: float) -> dict[int, Prediction]:
-    """The ranks that share ``shared``'s structure, those of one template together (each plugin
+def _predict_shared(shared: _Shared, points: list[Point], started: float) -> dict[Point, Prediction]:
+    """The points that share ``shared``'s structure, those of one template together (each plugin
     asked once for all of them where it can). A batch that does not hold together (a size zero at
-    some of its ranks only, a plugin whose answer changes form with the rank) is left to
-    :func:`predict_ranks`, which predicts its ranks one by one: one fallback, one level."""
-    by_template: dict[int, tuple[SizeTemplate, list[int]]] = {}
-    for rank in ranks:
-        template = _template_for(shared, rank)
+    some of its points only, a plugin whose answer changes form with the size) is left to
+    :func:`predict_many`, which predicts its points one by one: one fallback, one level."""
+    by_template: dict[int, tuple[SizeTemplate, list[Point]]] = {}
+    for point in points:
+        template = _template_for(shared, point)
         if template is not None:
-            by_template.setdefault(id(template), (template, []))[1].append(rank)
-    found: dict[int, Prediction] = {}
+            by_template.setdefault(id(template), (template, []))[1].append(point)
+    found: dict[Point, Prediction] = {}
     for template, members in by_template.values():
         try:
             found.update(_predict_together(shared, _batch(shared, template, members), started))
@@ -764,38 +818,49 @@ _BATCHED_MAX_RANK = 2**12
 _BATCHED_MAX_PIXELS = 2**32  # batch x resolution^2
 
 
-def _int64_safe(config: StepConfig, ranks: Sequence[int]) -> bool:
-    return bool(ranks) and max(ranks) <= _BATCHED_MAX_RANK and config.batch * config.resolution**2 <= _BATCHED_MAX_PIXELS
+def _int64_safe(points: Sequence[Point]) -> bool:
+    return bool(points) and all(rank <= _BATCHED_MAX_RANK and batch * resolution**2 <= _BATCHED_MAX_PIXELS
+                                for batch, resolution, rank in points)
 
 
-def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
-                  manager: pluggy.PluginManager | None = None) -> dict[int, Prediction | CostModelError]:
-    """Predict ``config`` at each of ``ranks`` (its own rank is ignored): the same numbers as
-    ``predict_config(config.replace(rank=r))`` for every ``r``, found together. A rank the method
-    refuses maps to the :class:`CostModelError` that says why."""
+def predict_many(config: StepConfig, points: Iterable[Point], *,
+                 manager: pluggy.PluginManager | None = None) -> dict[Point, Prediction | CostModelError]:
+    """Predict ``config`` at each ``(batch, resolution, rank)`` of ``points`` (its own batch,
+    resolution and rank are ignored): the same numbers and details as ``predict_config`` of each
+    alone, found together. A point refused (a rank the method refuses, a resolution too small for
+    the model) maps to the :class:`CostModelError` that says why."""
     started = time.perf_counter()
     manager = manager or default_plugin_manager()
-    wanted = list(dict.fromkeys(int(r) for r in ranks))
-    found: dict[int, Prediction | CostModelError] = {}
+    wanted = list(dict.fromkeys((int(b), int(r), int(k)) for b, r, k in points))
+    found: dict[Point, Prediction | CostModelError] = {}
     shared = None
-    if _int64_safe(config, wanted):
+    if _int64_safe(wanted):
         try:
             shared = _share(config, wanted, manager)
         except (_NotShared, CostModelError, MixedSizes):
             shared = None
     if shared is not None:
         found.update(_predict_shared(shared, wanted, started))
-    pending = [rank for rank in wanted if rank not in found]
+    pending = [point for point in wanted if point not in found]
     if pending:
         first, refused_alike = first_answer(
-            lambda rank: predict_config(config.replace(rank=rank), manager=manager), pending)
+            lambda point: predict_config(_config_at(config, point), manager=manager), pending)
         found[pending[0]] = first
-        for rank in pending[1:]:
-            if refused_alike:  # the first and last rank refused for one reason: every rank is
-                found[rank] = first
+        for point in pending[1:]:
+            if refused_alike:  # the first and last point refused for one reason: every point is
+                found[point] = first
                 continue
             try:
-                found[rank] = predict_config(config.replace(rank=rank), manager=manager)
+                found[point] = predict_config(_config_at(config, point), manager=manager)
             except CostModelError as error:
-                found[rank] = error
-    return {rank: found[rank] for rank in wanted}
+                found[point] = error
+    return {point: found[point] for point in wanted}
+
+
+def predict_ranks(config: StepConfig, ranks: Iterable[int], *,
+                  manager: pluggy.PluginManager | None = None) -> dict[int, Prediction | CostModelError]:
+    """Predict ``config`` at each of ``ranks`` (its own rank is ignored): :func:`predict_many` at
+    its batch and resolution."""
+    ranks = list(dict.fromkeys(int(r) for r in ranks))
+    found = predict_many(config, [(config.batch, config.resolution, r) for r in ranks], manager=manager)
+    return {point[2]: answer for point, answer in found.items()}
