@@ -4,7 +4,7 @@ from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import StepCost
 
-__all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks"]
+__all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks", "predict_many"]
 
 
 def __getattr__(name: str):
@@ -13,8 +13,8 @@ def __getattr__(name: str):
         from costmodel.prediction import predict
 
         return predict
-    if name == "predict_ranks":
-        from costmodel.ranks import predict_ranks
+    if name in ("predict_ranks", "predict_many"):
+        from costmodel import ranks
 
-        return predict_ranks
+        return getattr(ranks, name)
     raise AttributeError(f"module 'costmodel' has no attribute {name!r}")

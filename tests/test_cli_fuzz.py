@@ -62,6 +62,8 @@ class Values:
             self.maybe("--model", self.pick(MODELS, BAD_MODELS, junk_too=False)),
             self.maybe("--method", self.pick(METHODS, BAD_METHODS, junk_too=False)),
             self.maybe("--rank", self.pick(SMALL, HUGE)), self.maybe("--alpha", self.pick(FLOATS, BAD_FLOATS)),
+            self.maybe("--channels", self.pick(["3"], ["1", "4", *HUGE])),
+            self.maybe("--loss", self.pick(["cross_entropy", "mse"], ["nosuch", "", "CrossEntropy"], junk_too=False)),
             *self.scenario_options(),
             st.lists(self.pick(OPTIONS, BAD_OPTIONS), max_size=2).map(lambda chosen: [w for o in chosen for w in ("--option", o)]),
             _flag("--json"),
