@@ -34,7 +34,8 @@ with ``--child``) so that no cache of this process helps it:
 - (e) a model too big to build: convnext_large at B=256, R=512, fft, in a fresh process: the
   prediction's wall time and the process's peak RSS;
 - (f) a design-space sweep (models x methods x ranks x batch x resolution) through
-  ``costmodel.ranks.predict_ranks`` in one fresh process, one CPU: N configurations timed and the
+  ``costmodel.ranks.predict_many`` (one per model and method, as ``costmodel sweep`` does) in one
+  fresh process, one CPU: N configurations timed and the
   time for 10,000 extrapolated from them.
 """
 
@@ -52,7 +53,7 @@ from collections.abc import Callable, Sequence
 
 from costmodel.config import StepConfig
 from costmodel.prediction import clear_cache, predict_config, traced_step
-from costmodel.ranks import predict_ranks
+from costmodel.ranks import predict_many, predict_ranks
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import TEMPLATE_AFTER
 
@@ -215,18 +216,17 @@ def _child(job: dict) -> int:
 
 
 def _sweep_configurations(job: dict) -> dict[str, object]:
-    """Every (model, method, batch, resolution) at every rank, ranks together (``predict_ranks``)."""
+    """Every (model, method) over every batch, resolution and rank, as ``costmodel sweep`` predicts
+    them: one ``predict_many`` per model and method."""
     ranks = list(range(1, job["ranks"] + 1))
     count = failed = 0
     started = time.perf_counter()
     for model in job["models"]:
         for method in job["methods"]:
-            for batch in job["batches"]:
-                for resolution in job["resolutions"]:
-                    base = StepConfig(model=model, method=method, batch=batch, resolution=resolution)
-                    answers = predict_ranks(base, ranks)
-                    count += len(answers)
-                    failed += sum(1 for answer in answers.values() if isinstance(answer, Exception))
+            points = [(b, r, k) for b in job["batches"] for r in job["resolutions"] for k in ranks]
+            answers = predict_many(StepConfig(model=model, method=method), points)
+            count += len(answers)
+            failed += sum(1 for answer in answers.values() if isinstance(answer, Exception))
     return {"seconds": time.perf_counter() - started, "configurations": count, "refused": failed}
 
 
