@@ -64,8 +64,8 @@ from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
 from costmodel.prediction import (Deferred, NodeCost, Prediction, at_index, build_prediction, cost_nodes, coverage,
                                   first_answer, node_costs, optimizer_timeline, predict_config, step_totals, traced_step)
 from costmodel.registry import default_plugin_manager
-from costmodel.shapes import (BATCH, RESOLUTION, Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts, TensorTemplate,
-                              recorded_facts, symbolic_mode, symbolic_size, template_of)
+from costmodel.shapes import (BATCH, RESOLUTION, Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts,
+                              TensorTemplate, column_size, recorded_facts, symbolic_mode, symbolic_size, template_of)
 from costmodel.trace import (MODEL_PREFIX, MODULE_CONTAINERS, TracedStep, altered_copy, prepare_method, propagate,
                              state_key, step_inputs)
 
@@ -449,15 +449,11 @@ def _stack_steps(per_rank: list[list[OptimizerStep]]) -> list[OptimizerStep]:
                for s, c in zip(per_rank, costs)):
             raise _NotShared("the optimizer's memory events change with the rank")
         sizes = np.array([[e.nbytes for e in c.events] for c in costs], dtype=np.int64).reshape(len(costs), -1)
-        events = [MemEvent(_column(sizes[:, j]), group, label) for j, (group, label) in enumerate(form)]
+        events = [MemEvent(column_size(sizes[:, j]), group, label) for j, (group, label) in enumerate(form)]
         cost = OptimizerCost(_stack([c.flops for c in costs], "the optimizer FLOPs"),
                              _stack([c.state_bytes for c in costs], "the optimizer state"), events, step.cost.note)
         stacked.append(OptimizerStep(step.label, cost))
     return stacked
-
-
-def _column(values: np.ndarray) -> int | np.ndarray:
-    return int(values[0]) if (values == values[0]).all() else values
 
 
 def _conforms(value: Any, count: int) -> bool:

@@ -195,6 +195,12 @@ def template_of(value: Any, size: Callable[[Any], Any], storage: int) -> Any:
     return size(value)
 
 
+def column_size(values: np.ndarray) -> int | np.ndarray:
+    """One size over many configurations: an int where it is the same at all of them, else the
+    array (one entry per configuration)."""
+    return int(values[0]) if (values == values[0]).all() else values
+
+
 class SizeTemplate:
     """Every size of a symbolic run as formulas in named parameters (``batch`` and
     ``resolution`` for a whole propagation, ``rank`` for the rank-dependent nodes of one), valid
@@ -224,7 +230,7 @@ class SizeTemplate:
         """The results at many parameter values at once: each size that varies a numpy integer
         array with one entry per row (one that does not, an int)."""
         columns = [np.array(column, dtype=np.int64) for column in zip(*(self._values(*row) for row in rows))]
-        return fill_slots(self.results, [int(c[0]) if (c == c[0]).all() else c for c in columns])
+        return fill_slots(self.results, [column_size(c) for c in columns])
 
 
 class ShapeTemplate:
