@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from costmodel.config import StepConfig
+from costmodel.config import STEP_KINDS, TRAINING, StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost, render_comparison
 
@@ -34,6 +34,7 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=defaults.channels, help="image channels: 3 for RGB, 1 for grey-scale, ... (default: %(default)s)")
     parser.add_argument("--loss", default=defaults.loss, metavar="NAME", help="the training loss: cross_entropy (integer labels), mse (a target shaped like the logits), or a plugin's (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed; step 1 creates optimizer state (default: %(default)s)")
+    parser.add_argument("--phase", default=defaults.phase, choices=STEP_KINDS, help="train: training step --step (forward, backward, optimizer); evaluate: the evaluation pass after --step training steps (0: before any), the forward and loss in eval mode under torch.no_grad() (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T: an SVD on step k when (k-1) %% T == 0, short for --option update_proj_gap=T (default: 200)")
     parser.add_argument("--option", action="append", metavar="KEY=VALUE",
                         help="a method option, VALUE as JSON or a string; repeatable. LoRA/DoRA/GaLore: "
@@ -73,8 +74,8 @@ def _config(args: argparse.Namespace) -> StepConfig:
     defaults = StepConfig()
     return StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
-        batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, channels=args.channels,
-        loss=args.loss, options=options,
+        batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, phase=args.phase,
+        channels=args.channels, loss=args.loss, options=options,
     )
 
 
@@ -120,7 +121,7 @@ def _check_loss(name: str) -> None:
         raise CostModelError(f"--loss: {error}") from None
 
 
-def _check_writable(path: str | None, option: str) -> None:
+def check_writable(path: str | None, option: str) -> None:
     """``path`` can be written as a file: not empty, not a directory, in a directory that exists and
     may be written (checked before the work whose result it will hold; nothing is created yet)."""
     if path is None:
@@ -137,7 +138,7 @@ def _check_writable(path: str | None, option: str) -> None:
 
 
 # The optional installs (pyproject.toml's extras) and a module each that proves it is there.
-_EXTRAS: dict[str, tuple[str, ...]] = {"validate": ("peft", "galore_torch"), "report": ("matplotlib",)}
+_EXTRAS: dict[str, tuple[str, ...]] = {"validate": ("peft", "galore_torch", "sklearn"), "report": ("matplotlib",)}
 
 
 def _require(extra: str, what: str) -> None:
@@ -193,7 +194,9 @@ def _compare(args: argparse.Namespace) -> int:
     check_fits_in_memory(config, args.fake, predicted)
     # The measurement runs the step for real and can take a while: say so, where a person watches.
     if sys.stderr.isatty():
-        print(f"predicted in {predicted.seconds * 1e3:.0f} ms; measuring {config.step} real step(s)"
+        what = (f"{config.step} real step(s)" if config.phase == TRAINING
+                else f"{config.step} real step(s) and an evaluation")
+        print(f"predicted in {predicted.seconds * 1e3:.0f} ms; measuring {what}"
               f"{' under FakeTensorMode' if args.fake else ''}...", end="", file=sys.stderr, flush=True)
     try:
         measured = measure(config, fake=args.fake)
@@ -258,8 +261,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.measure is not None:
         sweep.evenly_spread(ranks, args.measure)
         _require("validate", "--measure (the runtime reference)")
-    _check_writable(args.csv, "--csv")
-    _check_writable(args.points_csv, "--points-csv")
+    check_writable(args.csv, "--csv")
+    check_writable(args.points_csv, "--points-csv")
     workers = _workers(args.jobs)
     result = sweep.sweep(models, methods, ranks, sweep.default_predictor(), base, metrics, workers=workers,
                          batches=batches, resolutions=resolutions, candidates=candidates)
@@ -305,6 +308,13 @@ def _report(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    _require("validate", "finetune (a real fine-tuning loop)")
+    from costmodel.validation.finetune import run_command  # peft and the tracker load only when asked for
+
+    return run_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--fake", action="store_true", help="measure under FakeTensorMode")
     _add_scenario_options(report)
     report.set_defaults(run=_report)
+
+    # The options live beside the loop (validation/finetune.py, which imports nothing heavy at the top).
+    from costmodel.validation.finetune import add_arguments as add_finetune_arguments
+
+    finetune = commands.add_parser("finetune", help="fine-tune for real on a digit task, every step held against its prediction")
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(run=_finetune)
     return parser
 
 

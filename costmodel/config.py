@@ -16,10 +16,16 @@ from costmodel.errors import CostModelError
 # inside int64; a tensor whose total size still overflows is refused by shape propagation.
 MAX_INT = 2**31 - 1
 
+# What ``StepConfig.phase`` names: a training step (forward, backward, optimizer step), or an
+# evaluation pass (the forward and loss in eval mode under ``torch.no_grad()``).
+TRAINING = "train"
+EVALUATION = "evaluate"
+STEP_KINDS: tuple[str, ...] = (TRAINING, EVALUATION)
+
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
-    "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr",
+    "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
 }
 
 
@@ -60,6 +66,11 @@ class StepConfig:
     fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and a target through the
     loss ``loss`` (``cross_entropy``: integer labels through ``nn.CrossEntropyLoss``; the losses are
     the plugins' ``costmodel_loss``); the measured step is number ``step`` (step 1 creates optimizer state).
+
+    ``phase`` says what is measured: ``"train"``, training step number ``step``; ``"evaluate"``, the
+    evaluation pass that runs after ``step`` training steps (0: before any): ``model.eval()``, and
+    under ``torch.no_grad()`` the same forward and loss on ``batch`` images, with the parameters,
+    buffers, the last step's gradients and the optimizer's state alive beside it.
     """
 
     model: str = "mobilenet_v2"
@@ -69,6 +80,7 @@ class StepConfig:
     resolution: int = 224
     classes: int = 10
     step: int = 2
+    phase: str = TRAINING
     # Image channels: 3 for RGB, 1 for a grey-scale or thermal sensor, 4 for RGB + depth... (a
     # torchvision model's first layer takes 3; a model of one's own, whatever it was built for).
     channels: int = 3
@@ -89,7 +101,14 @@ class StepConfig:
     shared_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.phase not in STEP_KINDS:
+            raise CostModelError(f"{_FIELD_NAMES['phase']} must be one of {', '.join(STEP_KINDS)}, got {self.phase!r}")
         for name in ("rank", "batch", "resolution", "classes", "step", "channels"):
+            if name == "step" and self.phase == EVALUATION:  # 0: an evaluation before any training
+                if not ((type(self.step) is int and self.step == 0) or is_valid_int(self.step)):
+                    raise CostModelError(f"--step of an evaluation (the training steps before it) must be an "
+                                         f"integer >= 0 and <= {MAX_INT} (2**31 - 1), got {self.step!r}")
+                continue
             check_int(getattr(self, name), _FIELD_NAMES[name])
         check_positive(self.lr, _FIELD_NAMES["lr"])
         if not isinstance(self.loss, str) or not self.loss:

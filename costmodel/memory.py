@@ -88,7 +88,7 @@ PARAM, BUFFER, GRAD, ACT, TEMP, OPT, OTH = (GROUP_INDEX[name] for name in MEMORY
 class Snapshot:
     """The bytes of every group right after one op: ``groups`` in ``MEMORY_GROUPS`` order."""
 
-    phase: str  # "entry", "forward", "backward", "optimizer"
+    phase: str  # "entry", "forward", "backward", "optimizer"; "evaluate" in an evaluation pass
     node: str  # the graph node (or optimizer group) that ran the op
     label: str  # what happened: "forward", "backward", "accumulate", "grad", an optimizer event
     groups: tuple[int, ...]
@@ -250,27 +250,8 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     counted as allocating its fresh outputs only), ``flow`` is ``gradient_flow(graph, costs)``.
     ``state_before`` / ``grads_before`` are the optimizer state and parameter gradients that exist
     when the step starts."""
-    mem = _Storages(record_timeline)
-
-    # -- entry: what exists before the first op
-    for key, nbytes in graph.param_storages.items():
-        mem.allocate(("storage", key), nbytes, PARAM)
-    for key, nbytes in graph.buffer_storages.items():
-        mem.allocate(("storage", key), nbytes, BUFFER)
-    for meta in (graph.images, graph.labels):
-        mem.allocate(("storage", meta.storage), meta.storage_nbytes, OTH)
-    mem.add(OPT, state_before)
-    mem.add(GRAD, grads_before)
-    mem.snapshot("entry", "", "entry")
-    # zero_grad(set_to_none=True) frees last step's gradients; it runs no op, so no snapshot.
-    mem.add(GRAD, -grads_before)
-
-    storage_key = _storage_key(graph)
-    saved: dict[int, list[object]] = {}
-
-    # -- forward
-    for record, cost in zip(graph.records, costs):
-        _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()))
+    mem, saved = _entry_and_forward(graph, costs, state_before, grads_before, record_timeline,
+                                    zero_grad=True, phase="forward")
 
     # -- backward
     ones_like = mem.anonymous(graph.loss_meta.storage_nbytes, ACT)  # created before the engine starts
@@ -312,6 +293,44 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     return mem.result(ran_backward, accumulated)
 
 
+def simulate_evaluation(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int,
+                        record_timeline: bool = True) -> MemoryResult:
+    """Simulate an evaluation pass (``StepConfig.phase == "evaluate"``): ``graph`` traced with the
+    model in eval mode and no parameter requiring grad, as under ``torch.no_grad()`` (no op records
+    autograd, so nothing is saved and every value is dropped after its last use). ``state`` and
+    ``grads`` are the optimizer state and parameter gradients alive beside it (the last training
+    step's; no ``zero_grad`` runs). Its snapshots are of phase ``evaluate``."""
+    mem, saved = _entry_and_forward(graph, costs, state, grads, record_timeline, zero_grad=False, phase="evaluate")
+    assert not saved, "an evaluation graph in which autograd records an op"
+    return mem.result(set(), {})
+
+
+def _entry_and_forward(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int, record_timeline: bool,
+                       *, zero_grad: bool, phase: str) -> tuple[_Storages, dict[int, list[object]]]:
+    """The storages at entry (parameters, buffers, the inputs, the optimizer ``state`` and the
+    gradients ``grads`` that exist before the first op; ``zero_grad``: a training step's
+    ``zero_grad(set_to_none=True)`` then frees the gradients, without an op or a snapshot) and
+    after the forward of every record; what autograd saved, per record."""
+    mem = _Storages(record_timeline)
+    for key, nbytes in graph.param_storages.items():
+        mem.allocate(("storage", key), nbytes, PARAM)
+    for key, nbytes in graph.buffer_storages.items():
+        mem.allocate(("storage", key), nbytes, BUFFER)
+    for meta in (graph.images, graph.labels):
+        mem.allocate(("storage", meta.storage), meta.storage_nbytes, OTH)
+    mem.add(OPT, state)
+    mem.add(GRAD, grads)
+    mem.snapshot("entry", "", "entry")
+    if zero_grad:
+        mem.add(GRAD, -grads)
+
+    storage_key = _storage_key(graph)
+    saved: dict[int, list[object]] = {}
+    for record, cost in zip(graph.records, costs):
+        _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()), phase)
+    return mem, saved
+
+
 def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
     metas = graph.metas
 
@@ -322,7 +341,7 @@ def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
 
 
 def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
-                  saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value]) -> None:
+                  saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value], phase: str) -> None:
     op = record.op
     outputs = record.output_values
     fresh = set(record.fresh_outputs)
@@ -352,7 +371,7 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
             node_saved.append(key)
     if node_saved:
         saved[record.index] = node_saved
-    mem.snapshot("forward", record.name, "forward")
+    mem.snapshot(phase, record.name, "forward")
     for key in transients:
         mem.release(key)
     for value in released:

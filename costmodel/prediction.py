@@ -43,17 +43,18 @@ from typing import Any
 import pluggy
 from torch import nn
 
-from costmodel.config import StepConfig
+from costmodel.config import EVALUATION, TRAINING, StepConfig
 from costmodel.costs import Flops, OpCost, OpNode, ParamGroup, describe_op
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, build_step_graph
-from costmodel.memory import GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate
+from costmodel.memory import (GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate,
+                              simulate_evaluation)
 from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker, loss_spec
 from costmodel.registry import default_plugin_manager
-from costmodel.result import FLOP_CONVENTIONS, StepCost, phase_flops
+from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
 from costmodel.models import meta_model
-from costmodel.trace import TracedStep, prepare_method, structure_key, trace_config, trace_model
+from costmodel.trace import TracedStep, for_phase, prepare_method, structure_key, trace_config, trace_model
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
         loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
         model = meta_model(config.model, config.classes)
         prepared = prepare_method(manager, model, config)
+        for_phase(model, config)
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
         structure = (manager, config.channels, config.loss, config.classes, structure_key(model, prepared))
@@ -282,11 +284,20 @@ def optimizer_timeline(param_groups: list[ParamGroup], flow: GradientFlow, manag
     gradients that exist when step ``config.step`` starts."""
     groups = updated_groups(param_groups, flow)
     steps = optimizer_steps(groups, manager, config, config.step)
-    state_before = 0
-    if config.step > 1:
-        state_before = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, config.step - 1))
-    grads_before = sum(flow.gradient_bytes.values()) if config.step > 1 else 0
+    state_before, grads_before = state_after(groups, flow, manager, config, config.step - 1)
     return steps, state_before, grads_before
+
+
+def state_after(groups: list[ParamGroup], flow: GradientFlow, manager: pluggy.PluginManager, config: StepConfig,
+                steps_done: int) -> tuple[int, int]:
+    """The optimizer state and the parameter gradients alive after ``steps_done`` training steps
+    (``groups`` as the optimizer sees them): none before the first; then the state the last step
+    leaves (``OptimizerCost.state_bytes``) and every ``.grad`` it was given (``optimizer.step()``
+    does not free them; the next step's ``zero_grad`` does)."""
+    if steps_done < 1:
+        return 0, 0
+    state = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, steps_done))
+    return state, sum(flow.gradient_bytes.values())
 
 
 def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
@@ -393,6 +404,8 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
     traced = trace_config(config, manager, model) if model is not None else traced_step(config, manager)
     graph = build_step_graph(traced, shape_facts(traced, config.batch, config.resolution))
     costs, unknown = cost_nodes(graph, manager, allow_unknown)
+    if config.phase == EVALUATION:
+        return _predict_evaluation(config, graph, costs, unknown, allow_unknown, manager, model, started)
 
     flow = gradient_flow(graph, costs)
     steps, state_before, grads_before = optimizer_timeline(traced.prepared.param_groups, flow, manager, config)
@@ -401,6 +414,37 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
                "timeline": memory.timeline, "coverage": coverage(graph, unknown, allow_unknown), "method": traced.prepared.note,
                "optimizer": [step.cost.note for step in steps]}
     return build_prediction(config, step_totals(graph, costs, memory, steps), time.perf_counter() - started, details)
+
+
+def _predict_evaluation(config: StepConfig, graph: StepGraph, costs: list[OpCost | None], unknown: list[dict[str, str]],
+                        allow_unknown: bool, manager: pluggy.PluginManager, model: nn.Module | None,
+                        started: float) -> Prediction:
+    """An evaluation pass: the forward of ``graph`` (traced in eval mode, nothing requiring grad)
+    beside what the training so far leaves alive. Which parameters hold a gradient, and the
+    optimizer's state after ``config.step`` steps, come from the training step's own graph."""
+    # The gradients and the state have the parameters' sizes, whatever the batch; the training graph
+    # is taken at two images or more, since batch norm cannot train on one value per channel while
+    # an evaluation of one image is fine.
+    training = config.replace(phase=TRAINING, step=max(config.step, 1), batch=max(config.batch, 2))
+    train_traced = trace_config(training, manager, model) if model is not None else traced_step(training, manager)
+    train_graph = build_step_graph(train_traced, shape_facts(train_traced, training.batch, config.resolution))
+    train_costs, _ = cost_nodes(train_graph, manager, allow_unknown)
+    flow = gradient_flow(train_graph, train_costs)
+    groups = updated_groups(train_traced.prepared.param_groups, flow)
+    state, grads = state_after(groups, flow, manager, training, config.step)
+    memory = simulate_evaluation(graph, costs, state, grads)
+    forward = Flops()
+    for cost in costs:
+        if cost is not None:
+            forward = forward + cost.forward
+    totals = StepTotals({conv: evaluation_flops(getattr(forward, conv)) for conv in FLOP_CONVENTIONS},
+                        memory.fields(), sum(p.numel for p in train_graph.params if p.trainable),
+                        sum(p.numel for p in train_graph.params))
+    details = {"nodes": node_costs(graph, costs, memory, {gap["node"] for gap in unknown}),
+               "timeline": memory.timeline, "coverage": coverage(graph, unknown, allow_unknown),
+               "method": train_traced.prepared.note,
+               "optimizer": [f"state after {config.step} training step{'' if config.step == 1 else 's'}: {state:,} B"]}
+    return build_prediction(config, totals, time.perf_counter() - started, details)
 
 
 def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) -> tuple[StepCost | CostModelError, bool]:
@@ -423,7 +467,8 @@ def first_answer(predict_at: Callable[[int], StepCost], ranks: Sequence[int]) ->
 
 
 def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 4, batch: int = 1,
-            resolution: int = 224, classes: int = 10, step: int = 2, channels: int = 3, loss: str = "cross_entropy",
+            resolution: int = 224, classes: int = 10, step: int = 2, phase: str = TRAINING, channels: int = 3,
+            loss: str = "cross_entropy",
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
@@ -434,7 +479,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     fed ``batch`` images of ``channels`` x ``resolution`` x ``resolution`` and a target through the
     loss ``loss`` (``"cross_entropy"``: integer labels through ``nn.CrossEntropyLoss``; ``"mse"``:
     ``nn.MSELoss`` on a target shaped like the logits; an unknown name is refused before any work);
-    it is copied to the meta device and never modified. Extra keyword
+    it is copied to the meta device and never modified. ``phase="evaluate"`` predicts the
+    evaluation pass after ``step`` training steps instead (``StepConfig.phase``). Extra keyword
     arguments are method options (``StepConfig.options``). ``alpha``, ``galore_update_proj_gap``
     and ``galore_scale`` are shorthands for the options ``alpha`` (LoRA/DoRA; None: the rank),
     ``update_proj_gap`` and ``scale`` (GaLore; None: the method's defaults, 200 and 0.25); a method
@@ -461,5 +507,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     else:
         raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
-                        step=step, lr=lr, channels=channels, loss=loss, options=dict(options))
+                        step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options))
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

@@ -54,7 +54,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import tree_flatten, tree_map
 
 from costmodel import nested
-from costmodel.config import StepConfig
+from costmodel.config import TRAINING, StepConfig
 from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta, TensorMeta
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, Value, tensor_meta, build_step_graph, node_op
@@ -830,7 +830,8 @@ def predict_many(config: StepConfig, points: Iterable[Point], *,
     wanted = list(dict.fromkeys((int(b), int(r), int(k)) for b, r, k in points))
     found: dict[Point, Prediction | CostModelError] = {}
     shared = None
-    if _int64_safe(wanted):
+    # An evaluation pass is predicted point by point (it is one forward; sharing is for training steps).
+    if config.phase == TRAINING and _int64_safe(wanted):
         try:
             shared = _share(config, wanted, manager)
         except (_NotShared, CostModelError, MixedSizes):

@@ -6,9 +6,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from costmodel.config import StepConfig
+from costmodel.config import EVALUATION, StepConfig
 
+# The phases of a training step (``StepConfig.phase == "train"``), in order.
 PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
+# The one phase of an evaluation pass (``StepConfig.phase == "evaluate"``): the step's forward and
+# loss with the model in eval mode under ``torch.no_grad()``.
+EVALUATE = EVALUATION
 FLOP_CONVENTIONS: tuple[str, ...] = ("torch", "exact")
 # MemTracker's categories. OTH holds the tensors passed to track_external: inputs and labels.
 MEMORY_GROUPS: tuple[str, ...] = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -16,8 +20,19 @@ MEMORY_FIELDS: tuple[str, ...] = MEMORY_GROUPS + ("peak", "sum_of_group_peaks")
 
 
 def phase_flops(forward: int, backward: int, optimizer: int) -> dict[str, int]:
+    """A training step's FLOPs in one convention: per phase and their total."""
     return {"forward": forward, "backward": backward, "optimizer": optimizer,
             "total": forward + backward + optimizer}
+
+
+def evaluation_flops(evaluate: int) -> dict[str, int]:
+    """An evaluation pass's FLOPs in one convention: its one phase and the total."""
+    return {EVALUATE: evaluate, "total": evaluate}
+
+
+def phases_of(kind: str) -> tuple[str, ...]:
+    """The phases whose FLOPs a step of ``kind`` (``StepConfig.phase``) reports, in order."""
+    return (EVALUATE,) if kind == EVALUATE else PHASES
 
 
 @dataclass
@@ -58,19 +73,26 @@ class StepCost:
         c = self.config
         lines = [
             f"{self.source}: {c.model}, method={c.method}, rank={c.rank}, batch={c.batch}, "
-            f"resolution={c.resolution}, classes={c.classes}, step={c.step} "
+            f"resolution={c.resolution}, classes={c.classes}, {step_label(c)} "
             f"({self.seconds * 1e3:.1f} ms)",
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
             "",
         ]
         lines += format_table(["FLOPs", *conventions],
                               [[phase, *(f"{self.flops[conv][phase]:,}" for conv in conventions)]
-                               for phase in PHASES + ("total",)])
+                               for phase in phases_of(c.phase) + ("total",)])
         lines.append("")
         lines += format_table(["memory", "bytes", "MiB"],
                               [[name, f"{self.memory[name]:,}", f"{self.memory[name] / 2**20:,.3f}"]
                                for name in MEMORY_FIELDS])
         return "\n".join(lines)
+
+
+def step_label(config: StepConfig) -> str:
+    """How a result's header names its step: ``step=2``, or ``evaluate after 3 steps``."""
+    if config.phase == EVALUATE:
+        return f"evaluate after {config.step} training step{'' if config.step == 1 else 's'}"
+    return f"step={config.step}"
 
 
 def format_table(header: list[str], rows: list[list[str]], gap: int = 2, last_left: bool = False) -> list[str]:
@@ -101,7 +123,7 @@ def render_comparison(predicted: StepCost, measured: StepCost) -> str:
     lines = [
         f"{predicted.config.model}, method={predicted.config.method}, rank={predicted.config.rank}, "
         f"batch={predicted.config.batch}, resolution={predicted.config.resolution}, "
-        f"step={predicted.config.step}",
+        f"{step_label(predicted.config)}",
         f"predict took {predicted.seconds * 1e3:.1f} ms, measure took {measured.seconds * 1e3:.1f} ms "
         f"({measured.seconds / max(predicted.seconds, 1e-9):.0f}x)",
         "",
@@ -112,7 +134,7 @@ def render_comparison(predicted: StepCost, measured: StepCost) -> str:
 
     rows = []
     for conv in FLOP_CONVENTIONS:
-        for phase in PHASES + ("total",):
+        for phase in phases_of(predicted.config.phase) + ("total",):
             rows.append(row(f"FLOPs {conv} {phase}", predicted.flops[conv][phase], measured.flops[conv][phase]))
     for name in MEMORY_FIELDS:
         rows.append(row(f"memory {name} (B)", predicted.memory[name], measured.memory[name]))

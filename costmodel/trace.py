@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from costmodel.config import StepConfig
+from costmodel.config import EVALUATION, StepConfig
 from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
@@ -276,6 +276,17 @@ def prepare_method(manager: pluggy.PluginManager, model: nn.Module, config: Step
     return prepared
 
 
+def for_phase(model: nn.Module, config: StepConfig) -> None:
+    """Make a prepared model run what ``config.phase`` runs: unchanged for a training step; for an
+    evaluation pass, eval mode (batch norm normalises with its running statistics, dropout passes
+    its input through) and no parameter requiring grad, which is what ``torch.no_grad()`` amounts
+    to for the forward: autograd records no op, so nothing is saved for a backward."""
+    if config.phase == EVALUATION:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device.
 
@@ -398,6 +409,7 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
     else:
         model = meta_copy(model).train()
     prepared = prepare_method(manager, model, config)
+    for_phase(model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes)
 
 

@@ -14,16 +14,18 @@ from torch import nn
 
 from costmodel.models import make_batch
 from costmodel.result import MEMORY_FIELDS, StepCost
-from costmodel.validation.measure import loss_of, measure_step
+from costmodel.models import TrainingStep
+from costmodel.validation.measure import loss_of, measure_step, tracked_evaluation, train_step
 
 
 def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bool] = lambda name: True, *,
                    batch: int = 2, resolution: int = 8, classes: int = 10, step: int = 2, channels: int = 3,
-                   loss: str = "cross_entropy",
+                   loss: str = "cross_entropy", phase: str = "train",
                    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                    fake: bool = True) -> dict[str, Any]:
     """FLOPs per phase and memory per group of step ``step`` of ``build()`` trained with ``optimizer``
-    (AdamW(lr=1e-3) by default) on the parameters whose name ``trainable`` accepts."""
+    (AdamW(lr=1e-3) by default) on the parameters whose name ``trainable`` accepts; with
+    ``phase="evaluate"``, of the evaluation pass after ``step`` training steps."""
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -38,7 +40,13 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
         criterion, target = loss_of(loss)
         images, labels = make_batch(batch, resolution, classes, channels=channels, target=target)
-        measured = measure_step(model, opt, images, labels, step, criterion())
+        if phase == "evaluate":
+            training_step = TrainingStep(model, criterion())
+            for _ in range(step):
+                train_step(training_step, opt, images, labels)
+            measured = tracked_evaluation(training_step, opt, images, labels).measured
+        else:
+            measured = measure_step(model, opt, images, labels, step, criterion())
     return {"flops": measured.flops, "memory": measured.memory}
 
 

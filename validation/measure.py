@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from costmodel.config import StepConfig
+from costmodel.config import TRAINING, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import TrainingStep, build_model, make_batch
-from costmodel.result import PHASES, StepCost, phase_flops
+from costmodel.models import TrainingStep, build_model, make_batch, training_loss
+from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
 from costmodel.validation.methods import apply_config
@@ -122,10 +122,43 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     optimizer (call it inside the FakeTensorMode that made them, if any)."""
     training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion)
     for _ in range(step - 1):
-        optimizer.zero_grad(set_to_none=True)
-        _forward_loss(training_step, images, labels).backward()
-        optimizer.step()
+        train_step(training_step, optimizer, images, labels)
+    return tracked_train_step(training_step, optimizer, images, labels).measured
 
+
+def train_step(training_step: TrainingStep, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor) -> float:
+    """One untracked training step, exactly as :func:`tracked_train_step` runs it; the loss's value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = _forward_loss(training_step, images, labels)
+    loss.backward()
+    optimizer.step()
+    return _value(loss)
+
+
+@dataclass
+class TrackedStep:
+    """A tracked training step or evaluation pass: what it measured, the loss's value, and for an
+    evaluation the logits (for accuracy), computed inside the tracked region."""
+
+    measured: MeasuredStep
+    loss: float
+    logits: torch.Tensor | None = None
+
+
+def tracked_train_step(training_step: TrainingStep, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                       labels: torch.Tensor) -> TrackedStep:
+    """Measure one training step in place (``StepConfig.phase == "train"``)::
+
+        optimizer.zero_grad(set_to_none=True)         # tracked, no FLOPs
+        loss = training_step(images, labels)          # phase "forward"
+        loss.backward()                               # phase "backward"
+        optimizer.step()                              # phase "optimizer"
+
+    Everything that exists before it (the model's parameters, buffers and gradients, the
+    optimizer's state, the batch) counts; the optimizer's step number is whatever it is at: in a
+    real run the step's own index."""
+    model = training_step.model
     tracker = GroupPeakMemTracker()
     tracker.track_external(model, optimizer, images, labels)
     flops = PhaseFlops()
@@ -137,17 +170,63 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
             loss.backward()
         with flops.phase("optimizer"):
             optimizer.step()
+        value = _value(loss)
         del loss
+    counts = _covered(flops)
+    return TrackedStep(MeasuredStep(flops={conv: phase_flops(*(counts[conv].get(phase, 0) for phase in PHASES))
+                                           for conv in flops.conventions},
+                                    memory=tracker.memory(), flops_by_op=flops.by_op), value)
 
+
+def evaluation_logits(training_step: TrainingStep, images: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation forward: ``model.eval()``, then under ``torch.no_grad()`` the step's forward
+    and loss (``training_loss``, as ``TrainingStep`` runs it), then ``model.train()`` again. The
+    logits and the loss; the caller computes accuracy from the logits, outside any tracked region."""
+    model = training_step.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(images)
+            loss = training_loss(training_step.criterion, logits, labels)
+    finally:
+        model.train(was_training)
+    return logits, loss
+
+
+def tracked_evaluation(training_step: TrainingStep, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                       labels: torch.Tensor) -> TrackedStep:
+    """Measure one evaluation forward in place (``StepConfig.phase == "evaluate"``, phase
+    ``evaluate``): :func:`evaluation_logits`, with the parameters, buffers, gradients left by the
+    last training step, the optimizer's state and the batch counted as existing before it."""
+    tracker = GroupPeakMemTracker()
+    tracker.track_external(training_step.model, optimizer, images, labels)
+    flops = PhaseFlops()
+    with tracker:
+        with flops.phase(EVALUATE):
+            logits, loss = evaluation_logits(training_step, images, labels)
+        value = _value(loss)
+        del loss
+    counts = _covered(flops)
+    return TrackedStep(MeasuredStep(flops={conv: evaluation_flops(counts[conv].get(EVALUATE, 0))
+                                           for conv in flops.conventions},
+                                    memory=tracker.memory(), flops_by_op=flops.by_op), value, logits)
+
+
+def _value(loss: torch.Tensor) -> float:
+    """The loss as a number (nan under FakeTensorMode, which computes nothing)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return float("nan") if is_fake(loss) else float(loss.detach())
+
+
+def _covered(flops: PhaseFlops) -> dict[str, dict[str, int]]:
+    """The counts, once every op seen is in the exact convention (else an error naming them)."""
     if flops.uncovered:
         ops = ", ".join(f"{op} (x{count})" for op, count in sorted(flops.uncovered.items()))
         raise CostModelError(f"ops outside the exact FLOP convention (docs/flop-convention.md): {ops}")
-    return MeasuredStep(
-        flops={conv: phase_flops(*(flops.counts[conv].get(phase, 0) for phase in PHASES))
-               for conv in flops.conventions},
-        memory=tracker.memory(),
-        flops_by_op=flops.by_op,
-    )
+    return flops.counts
 
 
 def available_memory() -> int | None:
@@ -186,7 +265,9 @@ def check_fits_in_memory(config: StepConfig, fake: bool, predicted: StepCost | N
 
 
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
-    """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it."""
+    """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it; for an
+    evaluation (``config.phase == "evaluate"``), run ``config.step`` training steps untracked and
+    measure the evaluation pass after them."""
     started = time.perf_counter()
     criterion, target = loss_of(config.loss)
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -204,7 +285,13 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
             applied = apply_config(build_model(config.model, num_classes=config.classes), config)
         images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED,
                                     channels=config.channels, target=target)
-        measured = measure_step(applied.model, applied.optimizer, images, labels, config.step, criterion())
+        training_step = TrainingStep(applied.model, criterion())
+        for _ in range(config.step - 1 if config.phase == TRAINING else config.step):
+            train_step(training_step, applied.optimizer, images, labels)
+        if config.phase == TRAINING:
+            measured = tracked_train_step(training_step, applied.optimizer, images, labels).measured
+        else:
+            measured = tracked_evaluation(training_step, applied.optimizer, images, labels).measured
 
     return StepCost(
         config=config,
