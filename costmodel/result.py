@@ -73,7 +73,7 @@ class StepCost:
         c = self.config
         lines = [
             f"{self.source}: {c.model}, method={c.method}, rank={c.rank}, batch={c.batch}, "
-            f"resolution={c.resolution}, classes={c.classes}, {step_label(c)} "
+            f"resolution={c.resolution}, classes={c.classes}, {step_label(c)}{setup_label(c)} "
             f"({self.seconds * 1e3:.1f} ms)",
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,}",
             "",
@@ -93,6 +93,13 @@ def step_label(config: StepConfig) -> str:
     if config.phase == EVALUATE:
         return f"evaluate after {config.step} training step{'' if config.step == 1 else 's'}"
     return f"step={config.step}"
+
+
+def setup_label(config: StepConfig) -> str:
+    """The input and loss, where they are not the default ones (", channels=1, loss=mse")."""
+    defaults = StepConfig()
+    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss")
+                   if getattr(config, name) != getattr(defaults, name))
 
 
 def format_table(header: list[str], rows: list[list[str]], gap: int = 2, last_left: bool = False) -> list[str]:
@@ -123,7 +130,7 @@ def render_comparison(predicted: StepCost, measured: StepCost) -> str:
     lines = [
         f"{predicted.config.model}, method={predicted.config.method}, rank={predicted.config.rank}, "
         f"batch={predicted.config.batch}, resolution={predicted.config.resolution}, "
-        f"{step_label(predicted.config)}",
+        f"{step_label(predicted.config)}{setup_label(predicted.config)}",
         f"predict took {predicted.seconds * 1e3:.1f} ms, measure took {measured.seconds * 1e3:.1f} ms "
         f"({measured.seconds / max(predicted.seconds, 1e-9):.0f}x)",
         "",

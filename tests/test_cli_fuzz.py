@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from costmodel.cli import main
-from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, MEMORY_GROUPS, PHASES
+from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, MEMORY_GROUPS, phases_of
 
 # One example's bound: a cold prediction of a new model takes about a second here, a FakeTensorMode
 # measurement a few; far past that is a hang.
@@ -64,6 +64,7 @@ class Values:
             self.maybe("--rank", self.pick(SMALL, HUGE)), self.maybe("--alpha", self.pick(FLOATS, BAD_FLOATS)),
             self.maybe("--channels", self.pick(["3"], ["1", "4", *HUGE])),
             self.maybe("--loss", self.pick(["cross_entropy", "mse"], ["nosuch", "", "CrossEntropy"], junk_too=False)),
+            self.maybe("--phase", self.pick(["train", "evaluate"], ["eval", "", "TRAIN"], junk_too=False)),
             *self.scenario_options(),
             st.lists(self.pick(OPTIONS, BAD_OPTIONS), max_size=2).map(lambda chosen: [w for o in chosen for w in ("--option", o)]),
             _flag("--json"),
@@ -195,11 +196,13 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 def check_step_cost(data: dict[str, Any]) -> None:
     """A StepCost's JSON: non-negative integers that add up."""
+    kinds = phases_of(data.get("config", {}).get("phase", "train"))  # plan's candidates: training steps
     for conv in FLOP_CONVENTIONS:
         phases = data["flops"][conv]
-        for phase in (*PHASES, "total"):
+        assert set(phases) == {*kinds, "total"}, (conv, sorted(phases))
+        for phase in (*kinds, "total"):
             assert isinstance(phases[phase], int) and phases[phase] >= 0, (conv, phase, phases[phase])
-        assert phases["total"] == sum(phases[p] for p in PHASES)
+        assert phases["total"] == sum(phases[p] for p in kinds)
     memory = data["memory"]
     for name in MEMORY_FIELDS:
         assert isinstance(memory[name], int) and memory[name] >= 0, (name, memory[name])
