@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,14 @@ from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, MEMORY_GROUPS, pha
 # One example's bound: a cold prediction of a new model takes about a second here, a FakeTensorMode
 # measurement a few; far past that is a hang.
 EXAMPLE_SECONDS = 120
+
+
+def example_seconds() -> int:
+    """The bound on one example's wall time: :data:`EXAMPLE_SECONDS` on a machine with a core per
+    runnable process, scaled by how oversubscribed it is now (a load of 6 on 2 cores makes every
+    example 3x slower; the bound is there to catch hangs, not a busy machine)."""
+    oversubscribed = os.getloadavg()[0] / (os.cpu_count() or 1)
+    return int(EXAMPLE_SECONDS * max(1.0, oversubscribed))
 
 
 class Values:
@@ -189,7 +198,7 @@ def _deadline(seconds: int) -> Iterator[None]:
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _deadline(EXAMPLE_SECONDS):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _deadline(example_seconds()):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
