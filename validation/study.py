@@ -539,16 +539,22 @@ def _claim_galore_consistent(models: Sequence[str], tasks: Sequence[str],
                  verdict_of(classes), evidence)
 
 
+def _near_fft(gaps: Mapping[str, Cell | None], margin: float) -> tuple[list[str], list[str]]:
+    """For each labelled gap to FFT (a method minus FFT, paired by seed; None: not run): holds when
+    at most :data:`FEW_POINTS` below FFT, against when below by more than that plus ``margin``."""
+    classes, evidence = [], []
+    for label, gap in gaps.items():
+        if gap is None:
+            continue
+        classes.append(classify(gap.mean + FEW_POINTS, 0.0, -margin))
+        evidence.append(f"{label} - FFT {_spread_text(gap)}")
+    return classes, evidence
+
+
 def _claim_galore_matches_fft(models: Sequence[str], tasks: Sequence[str],
                               gap_to_fft: Callable[[str, str, str], Cell | None], margin: float) -> Claim:
-    evidence, classes = [], []
-    for model in models:
-        for task in tasks:
-            gap = gap_to_fft(model, "galore", task)
-            if gap is None:
-                continue
-            classes.append(classify(gap.mean + FEW_POINTS, 0.0, -margin))
-            evidence.append(f"{model} {task}: GaLore - FFT {_spread_text(gap)}")
+    classes, evidence = _near_fft({f"{model} {task}: GaLore": gap_to_fft(model, "galore", task)
+                                   for model in models for task in tasks}, margin)
     return Claim("GaLore is comparable to FFT",
                  "GaLore achieves results comparable to FFT (Fig. 3)",
                  f"every (model, task): GaLore at most {FEW_POINTS:.0%} below FFT (against: more than that plus "
@@ -581,13 +587,8 @@ def _claim_adapters_lose_on_hard_shifts(models: Sequence[str], cell: Callable[..
 
 def _claim_bn_head_light_shift(models: Sequence[str], gap_to_fft: Callable[[str, str, str], Cell | None],
                                margin: float) -> Claim:
-    evidence, classes = [], []
-    for model in models:
-        gap = gap_to_fft(model, "bn_head", LIGHT_TASK)
-        if gap is None:
-            continue
-        classes.append(classify(gap.mean + FEW_POINTS, 0.0, -margin))
-        evidence.append(f"{model} {LIGHT_TASK}: BN+H - FFT {_spread_text(gap)}")
+    classes, evidence = _near_fft({f"{model} {LIGHT_TASK}: BN+H": gap_to_fft(model, "bn_head", LIGHT_TASK)
+                                   for model in models}, margin)
     return Claim("BN+H is adequate on a light shift",
                  "BN+H performs acceptably on light adaptations like brightness (Fig. 3)",
                  f"per model on {LIGHT_TASK}: BN+H at most {FEW_POINTS:.0%} below FFT (against: more than that "
