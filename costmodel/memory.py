@@ -39,17 +39,22 @@ Sizes may be numpy integer arrays instead of ints, one entry per rank of a batch
 (``costmodel.ranks``): the simulation's decisions never depend on a size except through
 :func:`is_zero` and :func:`is_positive`, which refuse a size that is zero (or positive) at some
 ranks only (:class:`MixedSizes`), so one pass simulates every rank exactly.
+
+On request (``record_events=True``) the simulation also records its allocation event stream
+(:class:`AllocEvent`), the input of the CUDA caching allocator model (``costmodel.allocator``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
+from typing import NamedTuple
 
 import numpy as np
 
 from costmodel.costs import OpCost, OptimizerCost, TensorMeta
+from costmodel.errors import CostModelError
 from costmodel.graph import NodeRecord, StepGraph, Value
 from costmodel.result import MEMORY_GROUPS
 
@@ -84,6 +89,14 @@ def _larger(a: int | np.ndarray, b: int | np.ndarray) -> int | np.ndarray:
 PARAM, BUFFER, GRAD, ACT, TEMP, OPT, OTH = (GROUP_INDEX[name] for name in MEMORY_GROUPS)
 
 
+def refuse_arrays(nbytes: int | np.ndarray) -> None:
+    """Allocation events are per tensor of one configuration: a batched prediction's sizes (arrays
+    over ranks) would give one stream per rank, which the simulation does not record."""
+    if isinstance(nbytes, np.ndarray):
+        raise CostModelError("allocation events are recorded for one rank at a time, not for a batched "
+                             "prediction (its sizes are arrays over ranks)")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The bytes of every group right after one op: ``groups`` in ``MEMORY_GROUPS`` order."""
@@ -102,6 +115,35 @@ class Snapshot:
                 **dict(zip(MEMORY_GROUPS, self.groups)), "total": self.total}
 
 
+class AllocEvent(NamedTuple):
+    """One event of the simulated step's allocation stream, in the order it happens.
+
+    ``kind`` is ``"alloc"`` (a storage of ``nbytes`` is created), ``"free"`` (the last reference to
+    storage ``key`` is dropped; ``nbytes`` is its size) or ``"snapshot"`` (the simulation took
+    snapshot number ``key`` of its timeline here; ``nbytes`` is 0), so that a consumer can compare
+    what is live at every snapshot. A storage moving between groups (a gradient becoming ``.grad``)
+    is no event: the allocator does not see it.
+
+    Keys are hashable and unique among live storages; their first item says what they are:
+    ``("storage", id)`` a traced storage (parameters, buffers, the batch, forward outputs: the same
+    key in every step of one graph), ``("anonymous", n)`` a transient, saved tensor or gradient,
+    ``("entry", group, n)`` a tensor that exists when the step starts (the optimizer state in
+    ``"OPT"``, the previous step's gradients in ``"GRAD"``), ``("lump", group, n)`` an optimizer
+    event's tensor (``costs.MemEvent``).
+
+    Lump sums: the engine knows the entry gradients one per parameter (``GradientFlow``) and the
+    entry optimizer state one per tensor when the caller passes ``state_tensors``; otherwise the
+    state is one ``"entry"`` event of its total, which an allocator model then rounds (and places)
+    once instead of once per tensor: an approximation. An optimizer ``MemEvent`` with negative bytes
+    frees the most recent live lump (else entry tensor) of its group with exactly that size:
+    ``MemEvent`` carries no identity, so among equal sizes the choice is a guess that changes
+    addresses, never byte counts."""
+
+    kind: str
+    key: object
+    nbytes: int
+
+
 @dataclass
 class MemoryResult:
     maxima: dict[str, int]
@@ -112,6 +154,8 @@ class MemoryResult:
     # Record index -> elements of the gradients its backward accumulated into an existing one
     # (autograd's ``old + new``: one add per element in the exact FLOP convention).
     accumulated: dict[int, int] = field(default_factory=dict)
+    # The allocation event stream, when the simulation was asked to record it (``record_events``).
+    events: list[AllocEvent] | None = None
 
     def fields(self) -> dict[str, int]:
         """The result schema's memory fields."""
@@ -124,7 +168,7 @@ class _Storages:
     A total is replaced, never changed in place: with sizes as arrays over ranks, each snapshot of
     the timeline then keeps the arrays of its own moment."""
 
-    def __init__(self, record_timeline: bool) -> None:
+    def __init__(self, record_timeline: bool, record_events: bool = False) -> None:
         self.current = [0] * len(MEMORY_GROUPS)
         self.maxima = [0] * len(MEMORY_GROUPS)
         self.peak = 0
@@ -133,6 +177,14 @@ class _Storages:
         self.refs: dict[object, int] = {}
         self.timeline: list[Snapshot] | None = [] if record_timeline else None
         self._anonymous = count()
+        self.events: list[AllocEvent] | None = [] if record_events else None
+        self._snapshots = count()
+        # Live tensors of lump sums, per group, in allocation order: (key, nbytes).
+        self.lumps: dict[int, list[tuple[object, int]]] = {}
+
+    def _record(self, kind: str, key: object, nbytes: int) -> None:
+        refuse_arrays(nbytes)
+        self.events.append(AllocEvent(kind, key, int(nbytes)))
 
     def new_key(self) -> object:
         return ("anonymous", next(self._anonymous))
@@ -144,6 +196,8 @@ class _Storages:
         self.group[key] = group
         self.refs[key] = refs
         self.current[group] = self.current[group] + nbytes
+        if self.events is not None:
+            self._record("alloc", key, nbytes)
         return key
 
     def anonymous(self, nbytes: int, group: int) -> object:
@@ -159,7 +213,10 @@ class _Storages:
             return
         del self.refs[key]
         group = self.group.pop(key)
-        self.current[group] = self.current[group] - self.nbytes.pop(key)
+        nbytes = self.nbytes.pop(key)
+        self.current[group] = self.current[group] - nbytes
+        if self.events is not None:
+            self._record("free", key, nbytes)
 
     def retag(self, key: object, group: int) -> None:
         old = self.group[key]
@@ -168,8 +225,33 @@ class _Storages:
             self.current[old] = self.current[old] - self.nbytes[key]
             self.current[group] = self.current[group] + self.nbytes[key]
 
-    def add(self, group: int, nbytes: int) -> None:
+    def add(self, group: int, nbytes: int, parts: Sequence[int] | None = None, kind: str = "lump") -> None:
+        """A lump sum into (or, negative, out of) ``group``; recording events, it is ``parts`` (the
+        individual tensors, all of one sign, summing to ``nbytes``) or else one tensor of ``nbytes``:
+        a positive part allocates a ``(kind, group, n)`` tensor, a negative one frees the most recent
+        live tensor of that group and size (:class:`AllocEvent`)."""
         self.current[group] = self.current[group] + nbytes
+        if self.events is None:
+            return
+        refuse_arrays(nbytes)
+        live = self.lumps.setdefault(group, [])
+        for part in ([nbytes] if parts is None else parts):
+            refuse_arrays(part)
+            if part == 0:
+                continue
+            if part > 0:
+                key = (kind, MEMORY_GROUPS[group], next(self._anonymous))
+                live.append((key, part))
+                self._record("alloc", key, part)
+                continue
+            for i in range(len(live) - 1, -1, -1):  # lumps first (most recent), then entry tensors
+                if live[i][1] == -part:
+                    key, size = live.pop(i)
+                    self._record("free", key, size)
+                    break
+            else:
+                raise CostModelError(f"cannot record the allocation events: {-part} B leave group "
+                                     f"{MEMORY_GROUPS[group]} but no live tensor of it has that size")
 
     def snapshot(self, phase: str, node: str, label: str) -> None:
         current = self.current
@@ -177,12 +259,14 @@ class _Storages:
         for i, value in enumerate(current):
             maxima[i] = _larger(maxima[i], value)
         self.peak = _larger(self.peak, sum(current))
+        if self.events is not None:
+            self.events.append(AllocEvent("snapshot", next(self._snapshots), 0))
         if self.timeline is not None:
             self.timeline.append(Snapshot(phase, node, label, tuple(current)))
 
     def result(self, ran_backward: set[int], accumulated: dict[int, int]) -> MemoryResult:
         return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward,
-                            accumulated)
+                            accumulated, self.events)
 
 
 @dataclass(frozen=True)
@@ -245,13 +329,21 @@ class OptimizerStep:
 
 
 def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, optimizer_steps: list[OptimizerStep],
-             state_before: int, grads_before: int, record_timeline: bool = True) -> MemoryResult:
+             state_before: int, grads_before: int, record_timeline: bool = True, *, record_events: bool = False,
+             state_tensors: Sequence[int] | None = None) -> MemoryResult:
     """Simulate the step's memory; ``costs[i]`` is record ``i``'s cost (None: an uncovered node,
     counted as allocating its fresh outputs only), ``flow`` is ``gradient_flow(graph, costs)``.
     ``state_before`` / ``grads_before`` are the optimizer state and parameter gradients that exist
-    when the step starts."""
+    when the step starts.
+
+    ``record_events``: also record the allocation event stream (``MemoryResult.events``, plain int
+    sizes only). The entry gradients are then one tensor per parameter when ``grads_before`` is
+    the sum of ``flow.gradient_bytes`` (what ``prediction.state_after`` gives), and the entry state
+    one per entry of ``state_tensors`` when they sum to ``state_before``; else one lump each."""
+    entry_grads = list(flow.gradient_bytes.values()) if record_events else None
     mem, saved = _entry_and_forward(graph, costs, state_before, grads_before, record_timeline,
-                                    zero_grad=True, phase="forward")
+                                    zero_grad=True, phase="forward", record_events=record_events,
+                                    state_tensors=state_tensors, grad_tensors=entry_grads)
 
     # -- backward
     ones_like = mem.anonymous(graph.loss_meta.storage_nbytes, ACT)  # created before the engine starts
@@ -294,41 +386,62 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
 
 
 def simulate_evaluation(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int,
-                        record_timeline: bool = True) -> MemoryResult:
+                        record_timeline: bool = True, *, record_events: bool = False,
+                        state_tensors: Sequence[int] | None = None,
+                        grad_tensors: Sequence[int] | None = None) -> MemoryResult:
     """Simulate an evaluation pass (``StepConfig.phase == "evaluate"``): ``graph`` traced with the
     model in eval mode and no parameter requiring grad, as under ``torch.no_grad()`` (no op records
     autograd, so nothing is saved and every value is dropped after its last use). ``state`` and
     ``grads`` are the optimizer state and parameter gradients alive beside it (the last training
-    step's; no ``zero_grad`` runs). Its snapshots are of phase ``evaluate``."""
-    mem, saved = _entry_and_forward(graph, costs, state, grads, record_timeline, zero_grad=False, phase="evaluate")
+    step's; no ``zero_grad`` runs). Its snapshots are of phase ``evaluate``. ``record_events``,
+    ``state_tensors``: as for :func:`simulate`; ``grad_tensors``: the gradients one per parameter
+    (used when they sum to ``grads``)."""
+    mem, saved = _entry_and_forward(graph, costs, state, grads, record_timeline, zero_grad=False, phase="evaluate",
+                                    record_events=record_events, state_tensors=state_tensors,
+                                    grad_tensors=grad_tensors)
     assert not saved, "an evaluation graph in which autograd records an op"
     return mem.result(set(), {})
 
 
 def _entry_and_forward(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int, record_timeline: bool,
-                       *, zero_grad: bool, phase: str) -> tuple[_Storages, dict[int, list[object]]]:
+                       *, zero_grad: bool, phase: str, record_events: bool = False,
+                       state_tensors: Sequence[int] | None = None,
+                       grad_tensors: Sequence[int] | None = None) -> tuple[_Storages, dict[int, list[object]]]:
     """The storages at entry (parameters, buffers, the inputs, the optimizer ``state`` and the
     gradients ``grads`` that exist before the first op; ``zero_grad``: a training step's
     ``zero_grad(set_to_none=True)`` then frees the gradients, without an op or a snapshot) and
-    after the forward of every record; what autograd saved, per record."""
-    mem = _Storages(record_timeline)
+    after the forward of every record; what autograd saved, per record. Recording events, the
+    state and gradients are their individual tensors where those are given and add up."""
+    mem = _Storages(record_timeline, record_events)
+    if record_events:
+        refuse_arrays(state)
+        refuse_arrays(grads)
+    state_parts = _parts_if_they_sum(state_tensors, state)
+    grad_parts = _parts_if_they_sum(grad_tensors, grads)
     for key, nbytes in graph.param_storages.items():
         mem.allocate(("storage", key), nbytes, PARAM)
     for key, nbytes in graph.buffer_storages.items():
         mem.allocate(("storage", key), nbytes, BUFFER)
     for meta in (graph.images, graph.labels):
         mem.allocate(("storage", meta.storage), meta.storage_nbytes, OTH)
-    mem.add(OPT, state)
-    mem.add(GRAD, grads)
+    mem.add(OPT, state, state_parts, kind="entry")
+    mem.add(GRAD, grads, grad_parts, kind="entry")
     mem.snapshot("entry", "", "entry")
-    if zero_grad:
-        mem.add(GRAD, -grads)
+    if zero_grad:  # ``zero_grad(set_to_none=True)`` drops them parameter by parameter
+        mem.add(GRAD, -grads, None if grad_parts is None else [-part for part in grad_parts], kind="entry")
 
     storage_key = _storage_key(graph)
     saved: dict[int, list[object]] = {}
     for record, cost in zip(graph.records, costs):
         _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()), phase)
     return mem, saved
+
+
+def _parts_if_they_sum(parts: Sequence[int] | None, total: int) -> list[int] | None:
+    """``parts`` if they are the individual tensors of ``total`` (they add up), else None (one lump)."""
+    if parts is None or isinstance(total, np.ndarray) or sum(parts) != total:
+        return None
+    return list(parts)
 
 
 def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
