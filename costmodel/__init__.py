@@ -4,7 +4,7 @@ from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import StepCost
 
-__all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks", "predict_many"]
+__all__ = ["StepConfig", "StepCost", "CostModelError", "predict", "predict_ranks", "predict_many", "fits", "maximize"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,12 @@ def __getattr__(name: str):
         from costmodel import ranks
 
         return getattr(ranks, name)
+    if name == "fits":
+        from costmodel.devices import fits
+
+        return fits
+    if name == "maximize":
+        from costmodel.plan import maximize
+
+        return maximize
     raise AttributeError(f"module 'costmodel' has no attribute {name!r}")

@@ -175,12 +175,39 @@ def _measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(spec: str | None):  # -> DeviceProfile | None (costmodel.devices loads only when asked for)
+    """The ``--device`` profile (an id or a JSON file), refused in one line before any work."""
+    if spec is None:
+        return None
+    from costmodel.devices import resolve_device
+
+    try:
+        return resolve_device(spec)
+    except CostModelError as error:
+        raise CostModelError(f"--device: {error}") from None
+
+
 def _predict(args: argparse.Namespace) -> int:
     from costmodel.prediction import predict_config
 
-    prediction = predict_config(_config(args), allow_unknown=args.allow_unknown)
+    config = _config(args)
+    device = _device(args.device)
+    prediction = predict_config(config, allow_unknown=args.allow_unknown)
     conventions = FLOP_CONVENTIONS if args.flops is None else (args.flops,)
-    _print(prediction, args, conventions)
+    if device is None:
+        _print(prediction, args, conventions)
+        return 0
+    from costmodel.devices import fit_of
+
+    fit = fit_of(prediction.memory["peak"], device)
+    if args.json:
+        import json
+
+        print(json.dumps({**prediction.to_dict(), "device": fit.to_dict()}, indent=2))
+    else:
+        print(prediction.render(conventions))
+        print("")
+        print(fit.describe())
     return 0
 
 
@@ -281,16 +308,31 @@ def _sweep(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from costmodel import plan, sweep
 
+    if args.device is not None and args.memory is not None:
+        raise CostModelError("--memory and --device both set the memory budget: give one (a device profile "
+                             "file with its own usable_bytes sets a tighter one)")
+    device = _device(args.device)
     budget = plan.Budget(
-        memory=None if args.memory is None else plan.parse_memory(args.memory),
+        memory=device.usable if device is not None else None if args.memory is None else plan.parse_memory(args.memory),
         flops=None if args.flops is None else plan.parse_flops(args.flops),
-        memory_metric=args.memory_metric, flop_convention=args.flops_convention,
+        memory_metric=args.memory_metric, flop_convention=args.flops_convention, device=device,
     )
     base = _scenario(args).replace(model=_check_models([args.model], "--model")[0])
     methods = None if args.methods is None else _check_methods(sweep.parse_names(args.methods, "--methods"), "--methods")
+    if args.maximize is not None:
+        from costmodel.config import check_int
+
+        base = base.replace(rank=check_int(args.rank, "--rank"))
+        result = plan.maximize_methods(base, budget, args.maximize, sweep.default_predictor(), methods)
+        if not any(m.fits for m in result.maxima):
+            raise plan.no_maximum(result)
+        print(result.to_json() if args.json else result.render())
+        return 0
     ranks = sweep.parse_ranks(args.ranks)
     workers = _workers(args.jobs)
     result = plan.plan(base, budget, sweep.default_predictor(), ranks, methods, sort=args.sort, workers=workers)
+    if device is not None and not result.fitting:  # "which method fits on that device": none does
+        raise plan.nothing_fits(result)
     print(result.to_json() if args.json else result.render())
     return 0
 
@@ -325,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_options(predict)
     predict.add_argument("--flops", choices=FLOP_CONVENTIONS, default=None, help="show only this FLOP convention in the table")
     predict.add_argument("--allow-unknown", action="store_true", help="instead of failing at an op no plugin covers, give a lower bound (marked as such) and the coverage")
+    predict.add_argument("--device", default=None, metavar="NAME|FILE", help="also say whether the step's peak fits this device's usable memory: a device id (jetson-nano, raspberry-pi-5-8gb, this-machine, ...) or a JSON profile file")
     predict.set_defaults(run=_predict)
 
     measure = commands.add_parser("measure", help="run one step for real and measure it (FlopCounterMode, MemTracker)")
@@ -361,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default=StepConfig().model, help="torchvision model name (default: %(default)s)")
     plan.add_argument("--memory", default=None, help="memory budget, e.g. 64MiB, 1.5GB, 512KiB")
     plan.add_argument("--flops", default=None, help="FLOP budget for one step, e.g. 2GFLOP, 500MFLOP, 2e9")
+    plan.add_argument("--device", default=None, metavar="NAME|FILE", help="memory budget: this device's usable memory (a device id such as jetson-nano, or a JSON profile file); not with --memory")
+    plan.add_argument("--maximize", default=None, choices=("batch", "resolution", "rank"), help="per method, the largest batch size, resolution or rank that fits the budget (the other two as given; --batch or --resolution is then ignored for the one maximized), found by bisection")
+    plan.add_argument("--rank", type=int, default=StepConfig().rank, help="with --maximize batch or resolution: the rank of the methods that take one (default: %(default)s)")
     plan.add_argument("--memory-metric", default="peak", choices=("peak", "sum_of_group_peaks"), help="which memory figure the budget limits (default: %(default)s, the true simultaneous peak)")
     plan.add_argument("--flops-convention", default="exact", choices=FLOP_CONVENTIONS, help="which FLOP convention the budget limits (default: %(default)s)")
     plan.add_argument("--methods", default=None, help="comma-separated methods (default: every method the predictor can cost)")

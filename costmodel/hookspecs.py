@@ -142,3 +142,23 @@ def costmodel_loss(name: str) -> "LossSpec | None":
 def costmodel_loss_names() -> "list[str]":
     """The names of the losses this plugin describes through ``costmodel_loss`` (for listings and
     messages)."""
+
+
+@hookspec
+def costmodel_device_profiles() -> "list[dict]":
+    """Device profiles this plugin adds (``costmodel.devices``): a list of dicts, each in the
+    schema of the package's ``device_profiles.json`` entries.
+
+    :returns: ``[{"id": "my-board", "name": "My board (2 GB)", "kind": "cpu" or "cuda",
+        "memory_bytes": {"value": ..., "source": "..."}, "usable_bytes": {...}`` (or
+        ``"usable_fraction"``), ``"peak_flops": {"fp32": {...}, ...}, "memory_bandwidth": {...}}]``;
+        every figure carries the ``source`` it comes from (a datasheet, or the derivation or
+        estimate it is).
+
+    Every plugin is asked (no ``firstresult``) and the answers are collected; the built-in profiles
+    come from the package's file, not from this hook. A profile whose id is a built-in one replaces
+    it (as a plugin's op rule overrides a built-in rule); where two plugins give one id, the plugin
+    asked first (registered last) wins. A profile that breaks the schema is a one-line
+    ``CostModelError`` naming the plugin and the field. Profiles are looked up by id wherever a
+    device is accepted (``--device ID``, ``costmodel.fits``, ``costmodel.maximize``).
+    """
