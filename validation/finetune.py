@@ -414,6 +414,32 @@ def predict_schedule(config: FinetuneConfig, classes: int, schedule: Sequence[Pl
     return predictions
 
 
+def check_fits_in_memory(config: FinetuneConfig, task: "Task", predictions: Sequence[Mapping[str, Any]],
+                         predictor: Predictor) -> None:
+    """A real run allocates what its steps allocate: refuse, before any work, one whose largest
+    predicted peak (a fine-tuning step, an evaluation, or a pretraining step: FFT on the source task
+    at the pretraining batch) is more than this machine has available (it would be killed, or take
+    the machine down)."""
+    from costmodel.validation.measure import available_memory
+
+    available = available_memory()
+    if available is None:
+        return
+    pretrain_images = len(task.train) if config.pretrain_size is None else config.pretrain_size
+    pretraining = StepConfig(model=config.model, method="fft", batch=max(1, min(PRETRAIN_BATCH, pretrain_images)),
+                             resolution=config.resolution, classes=task.classes, step=2)
+    try:
+        peaks = [predictor(pretraining)["memory"]["peak"]]
+    except CostModelError:  # the pretraining step is measured by running it; the run's own steps predict
+        peaks = []
+    peaks += [prediction["memory"]["peak"] for prediction in predictions]
+    needed = max(peaks)
+    if needed > available:
+        raise CostModelError(f"this run needs about {needed / 2**30:,.1f} GiB (its largest predicted peak), more "
+                             f"than the {available / 2**30:,.1f} GiB this machine has available; choose a "
+                             f"smaller --batch or --resolution")
+
+
 # -- pretraining and its checkpoint
 
 def cache_directory() -> Path:
@@ -561,6 +587,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     schedule = plan_schedule(config, len(task.train), len(task.eval))
     predictor = Predictor()
     predictions = predict_schedule(config, task.classes, schedule, predictor)
+    check_fits_in_memory(config, task, predictions, predictor)
 
     model, checkpoint, reused = pretrain(config, task.source)
     new_head = None if keeps_source_labels(task.name, task.source) else reinitialise_head(model, config.seed)
