@@ -41,18 +41,25 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
                              "include_grouped=true, adapt_head=true; LoRA/DoRA alpha=16; GaLore update_proj_gap=50, "
                              "scale=0.5")
+    parser.add_argument("--optimizer", default=None, metavar="NAME",
+                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's; "
+                             "GaLore has its own (default: " + defaults.optimizer + ")")
+    parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
+                        help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
+                             "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _method_options(pairs: Sequence[str] | None) -> dict[str, object]:
-    """``--option KEY=VALUE`` pairs; a VALUE that parses as JSON is taken as such, else as a string."""
+def _method_options(pairs: Sequence[str] | None, flag: str = "--option") -> dict[str, object]:
+    """``--option KEY=VALUE`` pairs (or those of ``flag``: ``--optimizer-option``); a VALUE that
+    parses as JSON is taken as such, else as a string."""
     import json
 
     options: dict[str, object] = {}
     for pair in pairs or ():
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise CostModelError(f"--option expects KEY=VALUE, got {pair!r}")
+            raise CostModelError(f"{flag} expects KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(text)
         except ValueError:
@@ -72,11 +79,41 @@ def _config(args: argparse.Namespace) -> StepConfig:
     options = check_method_arguments(default_plugin_manager(), args.method, args.rank is not None,
                                      _method_options(args.option), _shorthands(args))
     defaults = StepConfig()
-    return StepConfig(
+    config = StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
         batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, phase=args.phase,
-        channels=args.channels, loss=args.loss, options=options,
+        channels=args.channels, loss=args.loss, options=options, **_optimizer_fields(args),
     )
+    _check_optimizer(config)
+    return config
+
+
+def _optimizer_fields(args: argparse.Namespace) -> dict[str, object]:
+    """``StepConfig.optimizer`` and ``optimizer_options`` from ``--optimizer`` and
+    ``--optimizer-option`` (the StepConfig defaults where not given)."""
+    fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option")}
+    if args.optimizer is not None:
+        fields["optimizer"] = args.optimizer
+    return fields
+
+
+def _check_optimizer(config: StepConfig) -> None:
+    """Refuse, before any work, an optimizer no plugin costs or options its plugin refuses: the
+    plugins are asked to cost one step over a probe group of one float32 element with
+    ``config.lr`` and ``config.optimizer_options`` (what a method's group carries); a plugin
+    checks its options before anything else, and answers None for a name it does not know.
+    A method with its own optimizer (GaLore) refuses ``--optimizer`` itself, when it prepares."""
+    import torch
+
+    from costmodel.costs import ParamGroup, ParamMeta
+    from costmodel.plugin_calls import OPTIMIZER_COST, ask_first
+    from costmodel.registry import default_plugin_manager
+
+    probe = ParamGroup(config.optimizer, [ParamMeta("probe", (1,), torch.float32, True)],
+                       {"lr": config.lr, **config.optimizer_options})
+    if ask_first(default_plugin_manager(), OPTIMIZER_COST, group=probe, step=1, config=config) is None:
+        raise CostModelError(f"--optimizer: no optimizer plugin covers {config.optimizer!r} "
+                             f"(the default is {StepConfig().optimizer!r})")
 
 
 # The flags that are short for a method option: flag's argparse destination -> (option key, flag).
@@ -247,6 +284,12 @@ def _add_scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T, for the GaLore predictions (default: 200)")
+    parser.add_argument("--optimizer", default=None, metavar="NAME",
+                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's, for every method but GaLore; "
+                             "GaLore keeps its own (default: " + defaults.optimizer + ")")
+    parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
+                        help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
+                             "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")
 
 
 def _scenario(args: argparse.Namespace) -> StepConfig:
@@ -257,8 +300,10 @@ def _scenario(args: argparse.Namespace) -> StepConfig:
     shared: dict[str, object] = {}
     if args.galore_update_proj_gap is not None:
         shared["update_proj_gap"] = check_int(args.galore_update_proj_gap, "--galore-update-proj-gap")
-    return StepConfig(batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-                      shared_options=shared)
+    config = StepConfig(batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
+                        shared_options=shared, **_optimizer_fields(args))
+    _check_optimizer(config)
+    return config
 
 
 def _write_text(path: str, text: str, option: str) -> None:

@@ -26,6 +26,7 @@ STEP_KINDS: tuple[str, ...] = (TRAINING, EVALUATION)
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
+    "optimizer": "--optimizer", "optimizer_options": "--optimizer-option",
 }
 
 
@@ -99,6 +100,14 @@ class StepConfig:
     # (sweep, plan, report: ``--galore-update-proj-gap`` applies to GaLore only): a method that
     # declares a key gets its value unless ``options`` gives one; a method that does not ignores it.
     shared_options: dict[str, Any] = field(default_factory=dict)
+    # The optimizer the method's parameter groups are trained with, by name: what an optimizer
+    # plugin costs (``costmodel_optimizer_cost``): "adamw" (the default), "adam", "sgd". A method
+    # with an optimizer of its own (GaLore's GaLoreAdamW) refuses any other.
+    optimizer: str = "adamw"
+    # Its keyword arguments besides the learning rate (``lr`` above), as ``torch.optim`` takes
+    # them: ``{"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}``. Checked here for type
+    # only; the optimizer plugin refuses a key it does not know or a value it does not model.
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
@@ -117,6 +126,15 @@ class StepConfig:
             if not isinstance(getattr(self, name), dict):
                 raise CostModelError(f"method {name.replace('_', ' ')} must be a dict of option names to values, "
                                      f"got {getattr(self, name)!r}")
+        if not isinstance(self.optimizer, str) or not self.optimizer:
+            raise CostModelError(f"{_FIELD_NAMES['optimizer']} must be a non-empty optimizer name, got {self.optimizer!r}")
+        if not isinstance(self.optimizer_options, dict) or not all(
+                isinstance(key, str) and key for key in self.optimizer_options):
+            raise CostModelError(f"{_FIELD_NAMES['optimizer_options']}: the optimizer options must be a dict of "
+                                 f"option names to values, got {self.optimizer_options!r}")
+        if "lr" in self.optimizer_options:  # one learning rate, not two that may disagree
+            raise CostModelError(f"{_FIELD_NAMES['optimizer_options']} lr: give the learning rate as lr, "
+                                 f"not as an optimizer option")
 
     def replace(self, **changes: Any) -> "StepConfig":
         return dataclasses.replace(self, **changes)

@@ -471,6 +471,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             loss: str = "cross_entropy",
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
+            optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
             allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
@@ -484,7 +485,9 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     arguments are method options (``StepConfig.options``). ``alpha``, ``galore_update_proj_gap``
     and ``galore_scale`` are shorthands for the options ``alpha`` (LoRA/DoRA; None: the rank),
     ``update_proj_gap`` and ``scale`` (GaLore; None: the method's defaults, 200 and 0.25); a method
-    that does not declare the option refuses it.
+    that does not declare the option refuses it. ``optimizer`` and ``optimizer_options`` choose the
+    optimizer and its keyword arguments besides ``lr`` (``StepConfig.optimizer``, None: its default,
+    and ``StepConfig.optimizer_options``: ``optimizer="sgd", optimizer_options={"momentum": 0.9}``).
     """
     from costmodel.config import check_int, check_positive
 
@@ -507,5 +510,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     else:
         raise CostModelError(f"predict() takes a model name or an nn.Module, not {type(model_or_name).__name__}")
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
-                        step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options))
+                        step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
+                        optimizer=StepConfig.optimizer if optimizer is None else optimizer,
+                        optimizer_options={} if optimizer_options is None else optimizer_options)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

@@ -1,5 +1,12 @@
 """``torch.optim.AdamW`` as it runs on CPU with default options: the single-tensor path.
 
+Which path runs: ``torch.optim.adam.adam`` (torch 2.14) with ``foreach=None`` and ``fused=None``
+asks ``torch.optim.optimizer._default_to_fused_or_foreach``, which picks foreach only when every
+parameter's device is in ``_get_foreach_kernels_supported_devices()`` (cuda, xpu, mtia, the
+privateuse1 backend): never CPU, so CPU tensors (and fake CPU tensors) take
+``_single_tensor_adam``. ``foreach=False`` / ``fused=False`` say the same explicitly; ``foreach=True``
+or ``fused=True`` (both exist on CPU) run other kernels and are refused.
+
 Per parameter ``p`` with ``n`` elements (``torch/optim/adam.py``, ``_single_tensor_adam``,
 ``decoupled_weight_decay=True``):
 
@@ -16,10 +23,14 @@ Memory inside ``step()`` (all OPT): ``sqrt`` allocates ``n`` elements, the divis
 then the square root's result is freed; ``denom`` stays bound to its local variable until the next
 parameter's ``denom`` replaces it (after that one's ``add_``), so at the next division three such
 temporaries are alive. The last ``denom`` dies when the group's update returns.
+
+``torch.optim.Adam`` runs the same function with ``decoupled_weight_decay=False``: the
+``costmodel.plugins.adam`` plugin costs it with :func:`adam_family_cost` too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
@@ -33,20 +44,57 @@ DEFAULTS: dict[str, Any] = {
 }
 # What _single_tensor_adam covers here; anything else takes another code path.
 MODELLED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+# The options that choose another kernel when true (None and False: the single-tensor path on CPU).
+PATH_OPTIONS = ("foreach", "fused")
 STEP_BYTES = 4  # torch.tensor(0.0, dtype=_get_scalar_dtype()): float32 unless the default dtype is float64
 
 
-def options_of(group: ParamGroup) -> dict[str, Any]:
-    options = {**DEFAULTS, **group.options}
-    unknown = sorted(set(options) - set(DEFAULTS))
+def is_number(value: Any) -> bool:
+    """A real number as torch.optim takes it (an int or a float, never a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_optimizer_options(what: str, given: Mapping[str, Any], defaults: Mapping[str, Any],
+                              modelled: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` completed with ``defaults``, or a one-line CostModelError naming the option.
+
+    Refused: a key ``defaults`` does not list (a typo must not silently change nothing); a value of
+    another type than its default's (a number for a number, a bool for a bool, a pair of numbers
+    for ``betas``); an option of ``modelled`` with another value than the one modelled
+    (``maximize=True`` negates every gradient into a new tensor: another rule); ``foreach`` or
+    ``fused`` true (another kernel: the single-tensor rule does not describe it). ``lr`` comes
+    from ``StepConfig.lr`` and is checked there."""
+    unknown = [key for key in given if key not in defaults]
     if unknown:
-        raise CostModelError(f"AdamW has no option(s) {', '.join(unknown)}")
-    for key, value in MODELLED.items():
-        if bool(options[key]) != value:
-            raise CostModelError(f"AdamW with {key}={options[key]!r} is not modelled (only {key}={value})")
-    if options["foreach"] or options["fused"]:
-        raise CostModelError("AdamW's foreach/fused paths are not modelled (CPU runs the single-tensor path)")
+        raise CostModelError(f"--optimizer-option {unknown[0]}: {what} has no such option; "
+                             f"known: {', '.join(key for key in defaults if key != 'lr')}")
+    options = {**defaults, **given}
+    for key, value in given.items():
+        default = defaults[key]
+        if isinstance(default, bool) or key in modelled or key in PATH_OPTIONS:
+            if not (isinstance(value, bool) or (value is None and default is None)):
+                raise CostModelError(f"--optimizer-option {key}: {what} expects true or false, got {value!r}")
+        elif isinstance(default, tuple):
+            if not (isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(is_number, value))):
+                raise CostModelError(f"--optimizer-option {key}: {what} expects {len(default)} numbers "
+                                     f"(like {list(default)}), got {value!r}")
+            options[key] = tuple(value)
+        elif is_number(default) and not is_number(value):
+            raise CostModelError(f"--optimizer-option {key}: {what} expects a number, got {value!r}")
+    for key in PATH_OPTIONS:
+        if options.get(key):
+            raise CostModelError(f"--optimizer-option {key}={options[key]!r}: {what}'s {key} path is not modelled "
+                                 f"(only the single-tensor path, torch's default on CPU)")
+    for key, value in modelled.items():
+        if options[key] != value:
+            raise CostModelError(f"--optimizer-option {key}={options[key]!r}: {what} is modelled only with "
+                                 f"{key}={value!r}")
     return options
+
+
+def options_of(group: ParamGroup) -> dict[str, Any]:
+    """The group's AdamW options completed with torch's defaults, or a one-line refusal."""
+    return checked_optimizer_options("AdamW", group.options, DEFAULTS, MODELLED)
 
 
 def state_bytes(params: list[ParamMeta]) -> int:
@@ -54,18 +102,67 @@ def state_bytes(params: list[ParamMeta]) -> int:
     return sum(STEP_BYTES + 2 * p.nbytes for p in params)
 
 
-def step_flops(n: int, step: int, options: dict[str, Any]) -> int:
-    """Exact-convention FLOPs of one parameter's update on step ``step``."""
+def step_flops(n: int, step: int, options: dict[str, Any], decoupled_weight_decay: bool = True) -> int:
+    """Exact-convention FLOPs of one parameter's update on step ``step``.
+
+    With ``decoupled_weight_decay`` (AdamW) a weight decay is ``p.mul_(1 - lr*wd)`` (n); without it
+    (Adam) it is L2, ``grad = grad.add(p, alpha=wd)`` (n for the add, +n when ``wd != 1``)."""
     beta1, beta2 = options["betas"]
     lr, weight_decay = options["lr"], options["weight_decay"]
     step_size = lr / (1 - beta1 ** step)
     flops = 1  # step_t += 1
-    flops += n if weight_decay != 0 else 0  # param.mul_(1 - lr * wd)
+    if weight_decay != 0:
+        flops += n if decoupled_weight_decay else (1 + (weight_decay != 1)) * n
     flops += 3 * n  # exp_avg.lerp_(grad, 1 - beta1)
     flops += n + (2 + ((1 - beta2) != 1)) * n  # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     flops += 3 * n  # sqrt, / bias_correction2_sqrt, add_(eps)
     flops += (2 + (-step_size != 1)) * n  # param.addcdiv_(exp_avg, denom, value=-step_size)
     return flops
+
+
+def adam_family_cost(what: str, params: list[ParamMeta], step: int, options: dict[str, Any],
+                     decoupled_weight_decay: bool) -> OptimizerCost:
+    """``_single_tensor_adam`` over ``params`` on step ``step``: the state on step 1, then each
+    parameter's temporaries in the order the loop makes and drops them.
+
+    Without ``decoupled_weight_decay`` and with ``wd != 0`` (Adam's L2), ``grad = grad.add(p,
+    alpha=wd)`` is a new tensor of the parameter's size, bound to the local ``grad`` until the next
+    parameter's ``grad = grads[i]`` rebinds it at the top of its iteration (before that one's
+    temporaries), the last one until the function returns."""
+    l2_gradient = options["weight_decay"] != 0 and not decoupled_weight_decay
+    events: list[MemEvent] = []
+    if step == 1:
+        for p in params:
+            events += [MemEvent(STEP_BYTES, "OPT", f"{p.name}: state step"),
+                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg"),
+                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg_sq")]
+    previous: ParamMeta | None = None
+    flops = 0
+    for p in params:
+        if l2_gradient and previous is not None:
+            events.append(MemEvent(-previous.nbytes, "OPT", "previous grad + wd * p freed"))
+        if l2_gradient:
+            events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: grad + wd * p"))
+        temporary = p.nbytes  # sqrt and the division keep the moment's dtype, the parameter's
+        events += [MemEvent(temporary, "OPT", f"{p.name}: exp_avg_sq.sqrt()"),
+                   MemEvent(temporary, "OPT", f"{p.name}: / bias_correction2_sqrt"),
+                   MemEvent(-temporary, "OPT", f"{p.name}: sqrt freed")]
+        if previous is not None:
+            events.append(MemEvent(-previous.nbytes, "OPT", "previous denom freed"))
+        previous = p
+        flops += step_flops(p.numel, step, options, decoupled_weight_decay)
+    if previous is not None:
+        events.append(MemEvent(-previous.nbytes, "OPT", "last denom freed"))
+        if l2_gradient:
+            events.append(MemEvent(-previous.nbytes, "OPT", "last grad + wd * p freed"))
+    per_element = step_flops(1, step, options, decoupled_weight_decay) - 1
+    return OptimizerCost(
+        flops=Flops(torch=0, exact=flops),
+        state_bytes=state_bytes(params),
+        events=events,
+        note=f"{what} over {len(params)} tensors ({amount(sum(p.numel for p in params))} elements): "
+             f"{per_element}n+1 FLOPs each",
+    )
 
 
 @hookimpl
@@ -74,28 +171,4 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
         return None
     options = options_of(group)
     params = [p for p in group.params if p.trainable]
-    events: list[MemEvent] = []
-    if step == 1:
-        for p in params:
-            events += [MemEvent(STEP_BYTES, "OPT", f"{p.name}: state step"),
-                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg"),
-                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg_sq")]
-    previous_denom = None
-    flops = 0
-    for p in params:
-        temporary = p.nbytes  # sqrt and the division keep the moment's dtype, the parameter's
-        events += [MemEvent(temporary, "OPT", f"{p.name}: exp_avg_sq.sqrt()"),
-                   MemEvent(temporary, "OPT", f"{p.name}: / bias_correction2_sqrt"),
-                   MemEvent(-temporary, "OPT", f"{p.name}: sqrt freed")]
-        if previous_denom is not None:
-            events.append(MemEvent(-previous_denom, "OPT", "previous denom freed"))
-        previous_denom = temporary
-        flops += step_flops(p.numel, step, options)
-    if previous_denom is not None:
-        events.append(MemEvent(-previous_denom, "OPT", "last denom freed"))
-    return OptimizerCost(
-        flops=Flops(torch=0, exact=flops),
-        state_bytes=state_bytes(params),
-        events=events,
-        note=f"AdamW over {len(params)} tensors ({amount(sum(p.numel for p in params))} elements): 14n+1 FLOPs each",
-    )
+    return adam_family_cost("AdamW", params, step, options, decoupled_weight_decay=True)

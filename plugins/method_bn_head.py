@@ -1,6 +1,6 @@
 """Head + batch norm (BN+H): only the classification head trains; every batch-norm layer stays in
 training mode (batch statistics, running statistics updated) with its affine parameters frozen.
-One AdamW group over the head's parameters."""
+One group of the configured optimizer (AdamW by default) over the head's parameters."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from costmodel.costs import MethodOptions, PreparedMethod
 from costmodel.hookspecs import hookimpl
 from costmodel.models import head_name
 
-from .method_fft import NO_ARGUMENTS, prepare_adamw_method
+from .method_fft import NO_ARGUMENTS, prepare_selection_method
 
 NAME = "bn_head"
 
@@ -32,6 +32,6 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
         return None
     head = head_name(model)
     model.train()  # batch norm keeps using batch statistics and updating its running statistics
-    return prepare_adamw_method(NAME, model, config,
+    return prepare_selection_method(NAME, model, config,
                                 lambda qualified: qualified == head or qualified.startswith(head + "."),
                                 f"head {head!r}")

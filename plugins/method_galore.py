@@ -27,6 +27,7 @@ from torch import nn
 
 from costmodel.config import StepConfig
 from costmodel.costs import MethodOptions, OptionSpec, ParamGroup, ParamMeta, PreparedMethod
+from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.method_targets import KNOWN_OPTIONS, TARGET_OPTIONS, select_targets
 
@@ -81,10 +82,28 @@ def costmodel_method_options(name: str) -> MethodOptions | None:
     return ARGUMENTS if name == METHOD else None
 
 
+# The optimizer name StepConfig carries by default: GaLoreAdamW is an AdamW, so it is no conflict.
+DEFAULT_OPTIMIZER = StepConfig().optimizer
+
+
+def refuse_other_optimizer(config: StepConfig) -> None:
+    """GaLore's projection lives in its optimizer: galore-torch's GaLoreAdamW projects each
+    gradient, keeps its Adam moments in the low-rank space and projects the update back. Another
+    optimizer (``--optimizer sgd``) would be no GaLore at all, and GaLoreAdamW's own keywords
+    (weight decay, betas) are not modelled: both are refused, in one line."""
+    if config.optimizer != DEFAULT_OPTIMIZER:
+        raise CostModelError(f"--optimizer {config.optimizer}: method galore trains with its own optimizer "
+                             f"(galore-torch's GaLoreAdamW, which projects the gradients); drop --optimizer")
+    if config.optimizer_options:
+        raise CostModelError(f"--optimizer-option {next(iter(config.optimizer_options))}: method galore's "
+                             f"GaLoreAdamW is modelled with its defaults only")
+
+
 @hookimpl
 def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
     if name != METHOD:
         return None
+    refuse_other_optimizer(config)
     group = galore_param_group(model, config)
     return PreparedMethod(
         param_groups=[group],

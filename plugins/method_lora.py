@@ -74,10 +74,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.config import StepConfig
-from costmodel.costs import MethodOptions, OptionSpec, ParamGroup, PreparedMethod
+from costmodel.costs import MethodOptions, OptionSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
-from costmodel.plugins.method_fft import trainable_metas
+from costmodel.plugins.method_fft import optimizer_group, trainable_metas
 from costmodel.plugins.method_targets import TARGET_OPTIONS, Target, head_module_names, replace_module, select_targets
 
 METHODS: tuple[str, ...] = ("lora", "dora")
@@ -255,7 +255,7 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
         return None
     targets = apply_adapters(model, config, use_dora=name == "dora")
     ranks = sorted({t.rank for t in targets})
-    group = ParamGroup("adamw", trainable_metas(model), {"lr": config.lr})
+    group = optimizer_group(trainable_metas(model), config)
     # Every adapter's size follows the rank, and its scaling alpha / rank does not (alpha = rank):
     # unless a pattern pins some layers' rank or alpha, or a grouped convolution accepts only some
     # ranks.
@@ -265,5 +265,5 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     return PreparedMethod(
         param_groups=[group],
         note=f"{name}: {len(targets)} adapted layers (rank {', '.join(map(str, ranks))}); "
-             f"AdamW over {sum(p.numel for p in group.params):,} trainable parameters",
+             f"{config.optimizer} over {sum(p.numel for p in group.params):,} trainable parameters",
         affine_in_rank=affine)

@@ -1,8 +1,14 @@
 """``torch.optim.SGD`` (with momentum) as it runs on CPU: the single-tensor path.
 
+Which path runs: ``torch.optim.sgd.sgd`` (torch 2.14) with ``foreach=None`` and ``fused=None``
+asks ``_default_to_fused_or_foreach`` (``use_fused=False``), whose foreach devices (cuda, xpu,
+mtia, privateuse1) exclude CPU: ``_single_tensor_sgd``. ``foreach=True``/``fused=True``,
+``maximize`` and ``differentiable`` are refused (other code), as is any key SGD does not take.
+
 Per parameter with ``n`` elements (``torch/optim/sgd.py``, ``_single_tensor_sgd``):
 
-- ``weight_decay != 0``: ``grad = grad.add(p, alpha=wd)`` (a new tensor; 2n FLOPs);
+- ``weight_decay != 0``: ``grad = grad.add(p, alpha=wd)`` (a new tensor; 2n FLOPs, n when ``wd == 1``:
+  a scalar coefficient of 1 costs nothing, docs/flop-convention.md);
 - ``momentum != 0``: on the first step ``buf = grad.detach().clone()`` (the state, 0 FLOPs), later
   ``buf.mul_(momentum).add_(grad, alpha=1 - dampening)`` (n + n, +n when ``1 - dampening != 1``);
   with ``nesterov`` ``grad = grad.add(buf, alpha=momentum)`` (a new tensor; 2n), else ``grad = buf``;
@@ -21,23 +27,25 @@ from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMet
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 
+from .adamw import checked_optimizer_options
+
 NAME = "sgd"
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
     "maximize": False, "foreach": None, "differentiable": False, "fused": None,
 }
+# What _single_tensor_sgd covers here (maximize negates every gradient into a new tensor).
+MODELLED = {"maximize": False, "differentiable": False}
 
 
 def options_of(group: ParamGroup) -> dict[str, Any]:
-    options = {**DEFAULTS, **group.options}
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise CostModelError(f"SGD has no option(s) {', '.join(unknown)}")
-    if options["maximize"] or options["differentiable"] or options["foreach"] or options["fused"]:
-        raise CostModelError("SGD is modelled on its plain single-tensor path only "
-                             "(maximize, differentiable, foreach and fused off)")
+    """The group's SGD options completed with torch's defaults, or a one-line refusal (an unknown
+    key, a value of the wrong type, foreach/fused true, maximize or differentiable true, and
+    torch's own refusal of Nesterov momentum without a momentum or with a dampening)."""
+    options = checked_optimizer_options("SGD", group.options, DEFAULTS, MODELLED)
     if options["nesterov"] and (options["momentum"] <= 0 or options["dampening"] != 0):
-        raise CostModelError("SGD: Nesterov momentum requires a momentum and zero dampening")
+        raise CostModelError("--optimizer-option nesterov=true: SGD's Nesterov momentum requires a momentum > 0 "
+                             "and zero dampening")
     return options
 
 
@@ -66,30 +74,29 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
     options = options_of(group)
     params = [p for p in group.params if p.trainable]
     momentum, nesterov = options["momentum"] != 0, options["nesterov"]
+    decays = options["weight_decay"] != 0
     events: list[MemEvent] = []
-    carried = 0  # a temporary still bound to ``grad`` from the previous parameter
+    carried: ParamMeta | None = None  # the parameter whose temporary is still bound to ``grad``
     flops = 0
     for p in params:
-        if carried:  # ``grad = grads[i]`` rebinds: the previous parameter's temporary is freed
-            events.append(MemEvent(-carried, "OPT", "previous gradient freed"))
-            carried = 0
-        decayed = 0
-        if options["weight_decay"] != 0:
-            decayed = p.nbytes
-            events.append(MemEvent(decayed, "OPT", f"{p.name}: grad + wd * p"))
+        if carried is not None:  # ``grad = grads[i]`` rebinds: the previous parameter's temporary is freed
+            events.append(MemEvent(-carried.nbytes, "OPT", "previous gradient freed"))
+            carried = None
+        if decays:
+            events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: grad + wd * p"))
         if momentum:
             if step == 1:
                 events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: momentum_buffer"))
             if nesterov:
                 events.append(MemEvent(p.nbytes, "OPT", f"{p.name}: grad + momentum * buf"))
-            if decayed:  # ``grad`` is rebound to the Nesterov sum or to ``buf``
-                events.append(MemEvent(-decayed, "OPT", "decayed gradient freed"))
-            carried = p.nbytes if nesterov else 0
+            if decays:  # ``grad`` is rebound to the Nesterov sum or to ``buf``
+                events.append(MemEvent(-p.nbytes, "OPT", "decayed gradient freed"))
+            carried = p if nesterov else None
         else:
-            carried = decayed
+            carried = p if decays else None
         flops += step_flops(p.numel, step, options)
-    if carried:
-        events.append(MemEvent(-carried, "OPT", "last gradient freed"))
+    if carried is not None:
+        events.append(MemEvent(-carried.nbytes, "OPT", "last gradient freed"))
     return OptimizerCost(
         flops=Flops(torch=0, exact=flops),
         state_bytes=state_bytes(params, options),

@@ -6,7 +6,7 @@ It works on real tensors and inside ``FakeTensorMode`` alike (the measurement's 
 
 The methods, as the runtime-reference issue defines them:
 
-- ``fft``: every parameter trainable; ``torch.optim.AdamW(lr)``.
+- ``fft``: every parameter trainable; ``torch.optim.AdamW(lr)`` (or the configured optimizer, below).
 - ``bn_head``: only the head (``costmodel.models.head_name``) trainable; batch-norm layers stay in
   train mode (batch statistics used, running statistics updated) but their affine parameters are
   frozen; AdamW on the head.
@@ -22,6 +22,11 @@ The methods, as the runtime-reference issue defines them:
   (rank, update_proj_gap, scale, proj_type="std"), all other parameters in a plain group. A 4-D conv
   gradient is projected as the matrix (C_out, C_in/groups * kh * kw) and reshaped back after
   ``project_back`` (galore-torch 1.0 only handles matrices); see :class:`MatrixGaLoreProjector`.
+
+The optimizer of fft, bn_head, lora and dora is ``StepConfig.optimizer`` (``OPTIMIZERS``: adamw,
+adam, sgd), built for real as ``torch.optim.AdamW / Adam / SGD(trainable parameters, lr=lr,
+**StepConfig.optimizer_options)``, torch's defaults for every option not given (on CPU: the
+single-tensor path). GaLore has its own optimizer, GaLoreAdamW: any other is refused.
 
 Method options (``StepConfig.options``; ``apply_method(..., options=...)``), the ones the
 predictor's method plugins accept, with the same meaning; any other is a CostModelError:
@@ -95,6 +100,9 @@ class MethodOptions:
     lr: float = 1e-3
     update_proj_gap: int = 200
     scale: float = 0.25
+    # StepConfig.optimizer and StepConfig.optimizer_options: which torch.optim class, with which keywords.
+    optimizer: str = "adamw"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     # StepConfig.options: which layers, at which rank (and alpha); checked by check_layer_options.
     layer_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -208,15 +216,34 @@ def low_rank_weights(model: nn.Module, rank: int = 4, options: Mapping[str, Any]
     return chosen
 
 
-def _adamw_on_trainable(model: nn.Module, lr: float) -> Callable[[], torch.optim.Optimizer]:
-    return lambda: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+# StepConfig.optimizer -> the torch.optim class the reference builds for fft, bn_head, lora and dora.
+OPTIMIZERS: dict[str, str] = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+
+
+def build_optimizer(name: str, params: list[nn.Parameter], lr: float,
+                    optimizer_options: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """``torch.optim.<OPTIMIZERS[name]>(params, lr=lr, **optimizer_options)``; an unknown name, or
+    a keyword or value torch refuses, is a one-line CostModelError."""
+    if name not in OPTIMIZERS:
+        raise CostModelError(f"--optimizer {name!r}: the runtime reference builds {', '.join(OPTIMIZERS)}")
+    optimizer_class = getattr(torch.optim, OPTIMIZERS[name])
+    try:
+        return optimizer_class(params, lr=lr, **optimizer_options)
+    except (TypeError, ValueError) as error:
+        raise CostModelError(f"--optimizer-option: torch.optim.{OPTIMIZERS[name]} refuses "
+                             f"{dict(optimizer_options)!r}: {' '.join(str(error).split())}") from error
+
+
+def _optimizer_on_trainable(model: nn.Module, options: MethodOptions) -> Callable[[], torch.optim.Optimizer]:
+    return lambda: build_optimizer(options.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                   options.lr, options.optimizer_options)
 
 
 def prepare_fft(model: nn.Module, options: MethodOptions) -> PreparedModel:
-    """Full fine-tuning: every parameter trainable, AdamW."""
+    """Full fine-tuning: every parameter trainable, the configured optimizer (AdamW by default)."""
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    return PreparedModel(model, _adamw_on_trainable(model, options.lr))
+    return PreparedModel(model, _optimizer_on_trainable(model, options))
 
 
 def prepare_bn_head(model: nn.Module, options: MethodOptions) -> PreparedModel:
@@ -224,7 +251,7 @@ def prepare_bn_head(model: nn.Module, options: MethodOptions) -> PreparedModel:
     head = head_name(model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(_in_head(name, head))
-    return PreparedModel(model.train(), _adamw_on_trainable(model, options.lr))
+    return PreparedModel(model.train(), _optimizer_on_trainable(model, options))
 
 
 def inject_lora(model: nn.Module, targets: str | list[str], *, rank: int, alpha: float, use_dora: bool,
@@ -266,7 +293,7 @@ def _prepare_lora_family(model: nn.Module, options: MethodOptions, *, use_dora: 
         # peft freezes everything but its adapters; the head is trained in full on top of them.
         parameter.requires_grad_(".lora_" in name or _in_head(name, head))
     adapted = {name: module.r["default"] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-    return PreparedModel(model, _adamw_on_trainable(model, options.lr), {"targets": adapted})
+    return PreparedModel(model, _optimizer_on_trainable(model, options), {"targets": adapted})
 
 
 def prepare_lora(model: nn.Module, options: MethodOptions) -> PreparedModel:
@@ -300,7 +327,14 @@ def _galore_projector_class() -> type:
 
 
 def prepare_galore(model: nn.Module, options: MethodOptions) -> PreparedModel:
-    """GaLore: all trainable; conv/linear weights outside the head projected to ``rank``."""
+    """GaLore: all trainable; conv/linear weights outside the head projected to ``rank``.
+    Its optimizer is GaLoreAdamW with its defaults: another optimizer, or optimizer options, are refused."""
+    if options.optimizer != "adamw":
+        raise CostModelError(f"--optimizer {options.optimizer}: method galore trains with its own optimizer "
+                             f"(galore-torch's GaLoreAdamW, which projects the gradients); drop --optimizer")
+    if options.optimizer_options:
+        raise CostModelError(f"--optimizer-option {next(iter(options.optimizer_options))}: method galore's "
+                             f"GaLoreAdamW is built with its defaults only")
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     low_rank_names = low_rank_weights(model, options.rank, options.layer_options)
@@ -342,10 +376,13 @@ METHODS: dict[str, MethodPreparer] = {
 
 def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float | None = None, lr: float = 1e-3,
                  update_proj_gap: int = 200, scale: float = 0.25, options: Mapping[str, Any] | None = None,
+                 optimizer: str = "adamw", optimizer_options: Mapping[str, Any] | None = None,
                  materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
     """Prepare ``model`` (in place) for ``method`` and build its optimizer.
 
-    ``options`` are the method's layer options (``StepConfig.options``, see the module docstring).
+    ``options`` are the method's layer options (``StepConfig.options``, see the module docstring);
+    ``optimizer`` and ``optimizer_options`` the optimizer and its keywords besides ``lr``
+    (``StepConfig.optimizer``, ``StepConfig.optimizer_options``).
     ``materialize``, if given, runs between the preparation and the optimizer's creation; it may
     replace the model's tensors (``measure(fake=True)`` turns meta tensors into fake ones there).
     """
@@ -359,7 +396,10 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
     update_proj_gap = check_int(update_proj_gap, "option update_proj_gap")
     scale = check_positive(scale, "option scale")
     check_layer_options(method, options or {})
+    if optimizer not in OPTIMIZERS:  # before any work (the optimizer is built last)
+        raise CostModelError(f"--optimizer {optimizer!r}: the runtime reference builds {', '.join(OPTIMIZERS)}")
     settings = MethodOptions(rank=rank, alpha=alpha, lr=lr, update_proj_gap=update_proj_gap, scale=scale,
+                             optimizer=optimizer, optimizer_options=dict(optimizer_options or {}),
                              layer_options=dict(options or {}))
     prepared = METHODS[method](model, settings)
     if materialize is not None:
@@ -378,7 +418,7 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
 
 def apply_config(model: nn.Module, config: StepConfig,
                  materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
-    """``apply_method`` with the method, rank, learning rate and options of ``config``: its
+    """``apply_method`` with the method, rank, learning rate, optimizer and options of ``config``: its
     hyper-parameters (``SETTINGS_BY_METHOD``: ``config.options``, else ``config.shared_options``)
     as keywords, every other option as a layer option."""
     taken = SETTINGS_BY_METHOD.get(config.method, frozenset())
@@ -386,4 +426,5 @@ def apply_config(model: nn.Module, config: StepConfig,
     options.update(config.options)
     settings = {key: options.pop(key) for key in taken if key in options}
     return apply_method(model, config.method, rank=config.rank, lr=config.lr, **settings,
-                        options=options, materialize=materialize)
+                        options=options, optimizer=config.optimizer, optimizer_options=config.optimizer_options,
+                        materialize=materialize)

@@ -1,0 +1,139 @@
+"""The optimizer choice (``StepConfig.optimizer``, ``--optimizer``, ``--optimizer-option``): each
+optimizer plugin's rule (adamw, adam, sgd: torch's single-tensor CPU path) held against a live
+measurement of the same step, FLOP for FLOP and byte for byte, and the one-line refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import costmodel
+from costmodel import cli
+from costmodel.config import StepConfig
+from costmodel.errors import CostModelError
+from costmodel.prediction import predict_config
+from engine_live import assert_matches, measure_module
+
+TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+class SmallNet(nn.Module):
+    """A conv, a batch norm and a linear head: parameters of four sizes for the optimizer's
+    temporaries to overlap on (a previous parameter's temporary alive beside the next one's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("sgd", {}),
+    ("sgd", {"momentum": 0.9}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    ("adam", {}),
+    ("adam", {"weight_decay": 0.01}),
+    ("adam", {"weight_decay": 0.01, "decoupled_weight_decay": True}),
+    ("adamw", {"weight_decay": 0.0}),
+]
+
+
+def predicted_small(name: str, options: dict[str, Any], step: int) -> costmodel.Prediction:
+    return costmodel.predict(SmallNet(), "fft", batch=2, resolution=8, step=step, optimizer=name,
+                             optimizer_options=options)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize(("name", "options"), CASES, ids=[f"{n}-{o}" for n, o in CASES])
+def test_each_optimizer_rule_equals_the_measured_step(name, options, step):
+    measured = measure_module(SmallNet, batch=2, resolution=8, step=step,
+                              optimizer=lambda ps: TORCH_OPTIMIZERS[name](ps, lr=1e-3, **options))
+    assert_matches(predicted_small(name, options, step), measured)
+
+
+def test_adams_l2_gradient_is_a_temporary_with_real_tensors_too():
+    """Adam's ``grad.add(p, alpha=wd)`` is a new tensor: the OPT maximum grows by it, and real
+    tensors (not fake ones) allocate exactly what the rule says."""
+    options = {"weight_decay": 0.01}
+    measured = measure_module(SmallNet, batch=2, resolution=8, step=2, fake=False,
+                              optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3, **options))
+    with_decay = predicted_small("adam", options, 2)
+    assert_matches(with_decay, measured)
+    assert with_decay.memory["OPT"] > predicted_small("adam", {}, 2).memory["OPT"]
+
+
+def test_lora_with_sgd_momentum_on_resnet18_equals_the_reference():
+    from costmodel.validation.measure import measure
+
+    config = StepConfig(model="resnet18", method="lora", rank=4, batch=2, resolution=32, optimizer="sgd",
+                        optimizer_options={"momentum": 0.9})
+    assert_matches(predict_config(config), measure(config, fake=True))
+
+
+def test_the_reference_builds_the_configured_optimizer():
+    from costmodel.validation.methods import apply_config
+
+    config = StepConfig(model="fft_probe", method="fft", optimizer="sgd",
+                        optimizer_options={"momentum": 0.9, "nesterov": True})
+    optimizer = apply_config(SmallNet(), config).optimizer
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["nesterov"] is True
+    assert optimizer.param_groups[0]["lr"] == config.lr
+
+
+def refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line ``costmodel ARGV`` prints on stderr, exiting 2."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def test_galore_refuses_another_optimizer(capsys):
+    err = refusal(["predict", "--model", "resnet18", "--method", "galore", "--resolution", "32",
+                   "--optimizer", "sgd"], capsys)
+    assert "--optimizer sgd" in err and "GaLoreAdamW" in err
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_flag(capsys):
+    err = refusal(["predict", "--model", "resnet18", "--resolution", "32", "--optimizer", "lion"], capsys)
+    assert "--optimizer" in err and "'lion'" in err
+
+
+def test_an_unmodelled_option_is_refused_naming_it(capsys):
+    err = refusal(["predict", "--model", "resnet18", "--resolution", "32", "--optimizer", "sgd",
+                   "--optimizer-option", "foreach=true"], capsys)
+    assert "--optimizer-option foreach" in err and "single-tensor" in err
+
+
+def test_scenario_commands_take_the_optimizer_too(capsys):
+    err = refusal(["plan", "--model", "resnet18", "--memory", "64MiB", "--optimizer", "adam",
+                   "--optimizer-option", "amsgrad=true"],
+                  capsys)
+    assert "--optimizer-option amsgrad" in err
+
+
+@pytest.mark.parametrize(("name", "options", "named"), [
+    ("sgd", {"momentom": 0.9}, "momentom"),
+    ("adam", {"maximize": True}, "maximize"),
+    ("adamw", {"fused": True}, "fused"),
+    ("sgd", {"momentum": "high"}, "momentum"),
+    ("sgd", {"nesterov": True}, "nesterov"),
+])
+def test_the_python_api_refuses_in_one_line(name, options, named):
+    with pytest.raises(CostModelError, match=f"--optimizer-option {named}") as refused:
+        predicted_small(name, options, 2)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_learning_rate_is_not_an_optimizer_option():
+    with pytest.raises(CostModelError, match="lr"):
+        StepConfig(optimizer="sgd", optimizer_options={"lr": 0.1})
