@@ -112,8 +112,11 @@ def _check_optimizer(config: StepConfig) -> None:
     probe = ParamGroup(config.optimizer, [ParamMeta("probe", (1,), torch.float32, True)],
                        {"lr": config.lr, **config.optimizer_options})
     if ask_first(default_plugin_manager(), OPTIMIZER_COST, group=probe, step=1, config=config) is None:
-        raise CostModelError(f"--optimizer: no optimizer plugin covers {config.optimizer!r} "
-                             f"(the default is {StepConfig().optimizer!r})")
+        from costmodel.registry import optimizer_names
+
+        raise CostModelError(f"--optimizer: no optimizer plugin covers {config.optimizer!r}; optimizers the plugins "
+                             f"cost: {', '.join(optimizer_names(default_plugin_manager()))} (the default is "
+                             f"{StepConfig().optimizer!r})")
 
 
 # The flags that are short for a method option: flag's argparse destination -> (option key, flag).

@@ -73,6 +73,12 @@ def costmodel_optimizer_cost(group: "ParamGroup", step: int, config: "StepConfig
     """
 
 
+@hookspec
+def costmodel_optimizer_names() -> "list[str]":
+    """The names of the optimizers this plugin costs through ``costmodel_optimizer_cost`` (what
+    ``StepConfig.optimizer`` / ``--optimizer`` may name), for listings and messages."""
+
+
 @hookspec(firstresult=True)
 def costmodel_prepare_method(name: str, model: "nn.Module", config: "StepConfig") -> "PreparedMethod | None":
     """Apply fine-tuning method ``name`` to ``model`` (on the meta device), or return None if this

@@ -293,6 +293,8 @@ OPTIMIZER_COST = HookContract("costmodel_optimizer_cost", _about_optimizer, chec
 PREPARE_METHOD = HookContract("costmodel_prepare_method", _about_method, check_prepared_method)
 METHOD_NAMES = HookContract("costmodel_method_names", lambda kwargs: "the method listing", check_method_names)
 LOSS = HookContract("costmodel_loss", lambda kwargs: f"loss {kwargs['name']!r}", check_loss_spec)
+OPTIMIZER_NAMES = HookContract("costmodel_optimizer_names", lambda kwargs: "the optimizer listing",
+                               check_method_names)
 # A list of names, checked as the method listing is.
 LOSS_NAMES = HookContract("costmodel_loss_names", lambda kwargs: "the loss listing", check_method_names)
 

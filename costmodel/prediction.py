@@ -50,7 +50,7 @@ from costmodel.graph import StepGraph, build_step_graph
 from costmodel.memory import (GradientFlow, MemoryResult, OptimizerStep, Snapshot, gradient_flow, simulate,
                               simulate_evaluation)
 from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker, loss_spec
-from costmodel.registry import default_plugin_manager
+from costmodel.registry import default_plugin_manager, optimizer_names
 from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
 from costmodel.models import meta_model
@@ -272,7 +272,8 @@ def optimizer_steps(groups: list[ParamGroup], manager: pluggy.PluginManager, con
     for index, group in enumerate(groups):
         cost = ask(group=group, step=step, config=config)
         if cost is None:
-            raise CostModelError(f"no optimizer plugin covers {group.optimizer!r} "
+            raise CostModelError(f"no optimizer plugin covers {group.optimizer!r}; optimizers the plugins cost: "
+                                 f"{', '.join(optimizer_names(manager))} "
                                  f"(parameter group {index} of method {config.method!r})")
         steps.append(OptimizerStep(f"{group.optimizer}[{index}]", cost))
     return steps

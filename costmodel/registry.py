@@ -17,7 +17,7 @@ import pluggy
 
 from costmodel import hookspecs
 from costmodel.errors import CostModelError
-from costmodel.plugin_calls import METHOD_NAMES, ask_every, one_line
+from costmodel.plugin_calls import METHOD_NAMES, OPTIMIZER_NAMES, ask_every, one_line
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 # The distribution whose entry points are the built-in plugins.
@@ -85,6 +85,11 @@ def default_plugin_manager() -> pluggy.PluginManager:
             "no costmodel plugins are registered; reinstall the package (pip install -e .) "
             "so that its entry points are recorded")
     return manager
+
+
+def optimizer_names(manager: pluggy.PluginManager) -> list[str]:
+    """Every optimizer some plugin costs, sorted (``costmodel_optimizer_names``)."""
+    return sorted({name for names in ask_every(manager, OPTIMIZER_NAMES) for name in names})
 
 
 def method_names(manager: pluggy.PluginManager) -> list[str]:

@@ -52,3 +52,8 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
     decoupled = options["decoupled_weight_decay"]
     return adam_family_cost("Adam (decoupled weight decay)" if decoupled else "Adam", params, step, options,
                             decoupled_weight_decay=decoupled)
+
+
+@hookimpl
+def costmodel_optimizer_names() -> list[str]:
+    return [NAME]

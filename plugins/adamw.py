@@ -172,3 +172,8 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
     options = options_of(group)
     params = [p for p in group.params if p.trainable]
     return adam_family_cost("AdamW", params, step, options, decoupled_weight_decay=True)
+
+
+@hookimpl
+def costmodel_optimizer_names() -> list[str]:
+    return [NAME]

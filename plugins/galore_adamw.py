@@ -221,3 +221,8 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: StepConfig) -
     if group.optimizer != OPTIMIZER:
         return None
     return galore_step(group.params, group.options.get("low_rank", {}), step)
+
+
+@hookimpl
+def costmodel_optimizer_names() -> list[str]:
+    return [OPTIMIZER]

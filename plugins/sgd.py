@@ -103,3 +103,8 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
         events=events,
         note=f"SGD (momentum {options['momentum']}) over {len(params)} tensors",
     )
+
+
+@hookimpl
+def costmodel_optimizer_names() -> list[str]:
+    return [NAME]
