@@ -87,7 +87,9 @@ STEPS = 90  # 2 epochs of 1,438 images at batch 32 (45 steps an epoch, the last 
 # 61: a few refreshes per run, as the paper's runs have, and refresh steps in the prediction check.
 STUDY_UPDATE_PROJ_GAP = 30
 EVAL_EVERY = 15
-MEASURE_EVERY = 45
+# Every 20th step is measured besides the special ones: steps 20, 40, 60 and 80 are steady steps (the
+# epochs end at 45 and 90, GaLore refreshes at 1, 31 and 61), so every kind of step is measured.
+MEASURE_EVERY = 20
 BATCH = 32
 RESOLUTION = 32
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
@@ -892,6 +894,8 @@ def render_report(summaries: Sequence[Mapping[str, Any]], claims: Sequence[Claim
     costs = cost_table(summaries)
     classes = _task_classes(summaries)
     runs = usable(summaries)
+    galore_gap = next((run["config"].get("galore_update_proj_gap") for run in runs
+                       if run["config"].get("method") == "galore"), STUDY_UPDATE_PROJ_GAP)
     failed = [summary for summary in summaries if "error" in summary]
     models = [model for model in MODELS if any(key[0] == model for key in cells)] or sorted({k[0] for k in cells})
     tasks = [task for task in MAIN_TASKS if any(key[3] == task for key in cells)] or sorted({k[3] for k in cells})
@@ -914,7 +918,9 @@ def render_report(summaries: Sequence[Mapping[str, Any]], claims: Sequence[Claim
         "## What was run",
         "",
         f"- Models {', '.join(models)}; methods {', '.join(METHOD_LABEL[m] for m in METHODS)}; rank "
-        f"{MAIN_RANK} with the paper's Table 2 (alpha = r, GaLore scale 0.25, T = 200, proj_type std); AdamW at "
+        f"{MAIN_RANK} with the paper's Table 2 (alpha = r, GaLore scale 0.25, proj_type std) except GaLore's "
+        f"T = {galore_gap} (the paper's 200 would never refresh the subspace in runs this short; {galore_gap} "
+        "refreshes it a few times a run, as the paper's long runs do); AdamW at "
         "each method's default learning rate (`costmodel.validation.finetune`).",
         f"- {first.get('total_steps', STEPS)} training steps at batch {first.get('batch', BATCH)} "
         f"({first.get('train_images', '?')} training images), evaluated on the whole eval split every "
