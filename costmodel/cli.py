@@ -41,13 +41,18 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
                              "include_grouped=true, adapt_head=true; LoRA/DoRA alpha=16; GaLore update_proj_gap=50, "
                              "scale=0.5")
+    _add_optimizer_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
+    """``--optimizer`` and ``--optimizer-option``, for one step and for a scenario alike."""
     parser.add_argument("--optimizer", default=None, metavar="NAME",
-                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's; "
-                             "GaLore has its own (default: " + defaults.optimizer + ")")
+                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's, for "
+                             "every method but GaLore, which keeps its own (default: " + StepConfig().optimizer + ")")
     parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                         help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
                              "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _method_options(pairs: Sequence[str] | None, flag: str = "--option") -> dict[str, object]:
@@ -287,12 +292,7 @@ def _add_scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T, for the GaLore predictions (default: 200)")
-    parser.add_argument("--optimizer", default=None, metavar="NAME",
-                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's, for every method but GaLore; "
-                             "GaLore keeps its own (default: " + defaults.optimizer + ")")
-    parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
-                        help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
-                             "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")
+    _add_optimizer_options(parser)
 
 
 def _scenario(args: argparse.Namespace) -> StepConfig:
