@@ -773,6 +773,7 @@ def draw_figures(summaries: Sequence[Mapping[str, Any]], out: Path) -> list[str]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     cells = accuracy_cells(summaries)
     costs = cost_table(summaries)
@@ -781,7 +782,7 @@ def draw_figures(summaries: Sequence[Mapping[str, Any]], out: Path) -> list[str]
     tasks = [task for task in MAIN_TASKS if any(key[3] == task for key in cells)] or sorted({k[3] for k in cells})
     written: list[str] = []
 
-    for axis_name, cost_key, xlabel in (("flops", "flops_per_step", "predicted FLOPs per training step (torch)"),
+    for axis_name, cost_key, xlabel in (("flops", "flops_per_step", "predicted GFLOPs per training step (torch)"),
                                         ("memory", "peak_memory", "predicted peak memory of a training step (MiB)")):
         figure, axes = plt.subplots(len(models), len(tasks), figsize=(3.2 * len(tasks), 2.8 * len(models)),
                                     squeeze=False, sharey="row")
@@ -793,12 +794,17 @@ def draw_figures(summaries: Sequence[Mapping[str, Any]], out: Path) -> list[str]
                     cost = costs.get((model, method, MAIN_RANK, classes.get(task, 0)))
                     if found is None or not cost:
                         continue
-                    x = cost[cost_key] / (2 ** 20 if axis_name == "memory" else 1)
+                    x = cost[cost_key] / (2 ** 20 if axis_name == "memory" else 10 ** 9)
                     colour, marker = METHOD_STYLE[method]
                     axis.errorbar([x], [found.mean * 100], yerr=[found.std * 100], color=colour, marker=marker,
                                   linestyle="none", capsize=3, label=METHOD_LABEL[method])
                 if axis_name == "flops":
                     axis.set_xscale("log")
+                    # Ticks at 1, 2 and 5 per decade, as plain numbers: the default minor labels
+                    # (2x10^9, 3x10^9, ...) overlap on a narrow panel.
+                    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                    axis.xaxis.set_minor_locator(NullLocator())
+                    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
                 axis.set_title(f"{model} / {_short(task)}", fontsize=9)
                 axis.grid(alpha=0.3)
                 if column == 0:
