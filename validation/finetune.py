@@ -420,11 +420,8 @@ def check_fits_in_memory(config: FinetuneConfig, task: "Task", predictions: Sequ
     predicted peak (a fine-tuning step, an evaluation, or a pretraining step: FFT on the source task
     at the pretraining batch) is more than this machine has available (it would be killed, or take
     the machine down)."""
-    from costmodel.validation.measure import available_memory
+    from costmodel.validation.measure import check_machine_has
 
-    available = available_memory()
-    if available is None:
-        return
     pretrain_images = len(task.train) if config.pretrain_size is None else config.pretrain_size
     pretraining = StepConfig(model=config.model, method="fft", batch=max(1, min(PRETRAIN_BATCH, pretrain_images)),
                              resolution=config.resolution, classes=task.classes, step=2)
@@ -433,11 +430,7 @@ def check_fits_in_memory(config: FinetuneConfig, task: "Task", predictions: Sequ
     except CostModelError:  # the pretraining step is measured by running it; the run's own steps predict
         peaks = []
     peaks += [prediction["memory"]["peak"] for prediction in predictions]
-    needed = max(peaks)
-    if needed > available:
-        raise CostModelError(f"this run needs about {needed / 2**30:,.1f} GiB (its largest predicted peak), more "
-                             f"than the {available / 2**30:,.1f} GiB this machine has available; choose a "
-                             f"smaller --batch or --resolution")
+    check_machine_has(max(peaks), "this run", "its largest predicted peak", "choose a smaller --batch or --resolution")
 
 
 # -- pretraining and its checkpoint

@@ -255,13 +255,18 @@ def check_fits_in_memory(config: StepConfig, fake: bool, predicted: StepCost | N
             predicted = predict_config(config)
         except CostModelError:
             return None
-    available = available_memory()
-    needed = predicted.memory["peak"]
-    if available is not None and needed > available:
-        raise CostModelError(f"measuring this step for real needs about {needed / 2**30:,.1f} GiB (its predicted "
-                             f"peak), more than the {available / 2**30:,.1f} GiB this machine has available; "
-                             f"pass --fake to measure it under FakeTensorMode, which allocates nothing")
+    check_machine_has(predicted.memory["peak"], "measuring this step for real", "its predicted peak",
+                      "pass --fake to measure it under FakeTensorMode, which allocates nothing")
     return predicted
+
+
+def check_machine_has(needed: int, what: str, why: str, advice: str) -> None:
+    """Refuse ``what`` (a measurement, a fine-tuning run) when the ``needed`` bytes (``why``: which
+    prediction says so) are more than this machine has available, in one line ending in ``advice``."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise CostModelError(f"{what} needs about {needed / 2**30:,.1f} GiB ({why}), more than the "
+                             f"{available / 2**30:,.1f} GiB this machine has available; {advice}")
 
 
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
