@@ -109,6 +109,13 @@ class StepTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _InPlaceProxy(node, self)
 
+    def create_node(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    name: str | None = None, type_expr: Any | None = None) -> fx.Node:
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind not in ("placeholder", "output"):
+            refuse_unmodelled_context(node, self.module_stack)
+        return node
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
         qualname = self.path_of_module(m)
@@ -121,6 +128,43 @@ class StepTracer(fx.Tracer):
         if last is not before and arguments:
             self.module_calls.append(ModuleCall(qualname, arguments, last))
         return result
+
+
+# Device types whose autocast state is checked while tracing (torch.autocast's own device types).
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any]) -> None:
+    """Refuse a node that the model's forward creates in a context fx does not record.
+
+    fx traces by running the forward with proxies, so a context manager in it (``torch.autocast``,
+    ``torch.no_grad``, the saved-tensor hooks ``torch.utils.checkpoint`` installs) changes nothing
+    in the graph: its nodes would be predicted as plain fp32 ops that autograd records and saves
+    for, a silently wrong number. The state is visible while the node is created, so such a node is
+    refused by name. Gradients disabled covers ``torch.no_grad()``, ``torch.utils.checkpoint(...,
+    use_reentrant=True)`` and a custom ``torch.autograd.Function`` (its forward runs with grad
+    mode off); saved-tensor hooks cover ``use_reentrant=False`` checkpoints and
+    ``torch.autograd.graph.save_on_cpu``."""
+    where = f"node {node.name!r}"
+    module = next(reversed(module_stack), "") if module_stack else ""
+    if module:
+        where += f" (in module {module.removeprefix(MODEL_PREFIX)!r})"
+    for device in _AUTOCAST_DEVICES:
+        if torch.is_autocast_enabled(device):
+            raise CostModelError(
+                f"{where} runs under torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)}) in the "
+                f"model's forward: the engine models full-precision steps only and would predict it as one; "
+                f"remove the autocast region to predict the step without it")
+    if not torch.is_grad_enabled():
+        raise CostModelError(
+            f"{where} runs with gradients disabled in the model's forward (torch.no_grad, a custom "
+            f"torch.autograd.Function or torch.utils.checkpoint(use_reentrant=True)): the engine cannot model "
+            f"what autograd records there; remove it to predict the step without it")
+    if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+        raise CostModelError(
+            f"{where} runs under saved-tensor hooks in the model's forward (torch.utils.checkpoint or "
+            f"torch.autograd.graph.saved_tensors_hooks): the engine does not model recomputation or moved saved "
+            f"tensors; remove the checkpoint to predict the step without it")
 
 
 def _last_node(graph: fx.Graph) -> fx.Node | None:
@@ -386,7 +430,8 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
     tracer = StepTracer(tuple(prepared.leaf_modules))
     watcher = _LocalsWatcher(tracer)
     try:
-        with watcher:
+        # Traced with gradients on whatever the caller's mode: a node with them off is the forward's own.
+        with watcher, torch.enable_grad():
             graph = tracer.trace(step_module)
     except CostModelError:
         raise
