@@ -41,12 +41,16 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
                              "include_grouped=true, adapt_head=true; LoRA/DoRA alpha=16; GaLore update_proj_gap=50, "
                              "scale=0.5")
-    _add_optimizer_options(parser)
+    _add_setup_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _add_optimizer_options(parser: argparse.ArgumentParser) -> None:
-    """``--optimizer`` and ``--optimizer-option``, for one step and for a scenario alike."""
+def _add_setup_options(parser: argparse.ArgumentParser) -> None:
+    """How the step trains (``--optimizer``, ``--optimizer-option``, ``--accumulate``), for one
+    step and for a scenario alike."""
+    parser.add_argument("--accumulate", type=int, default=StepConfig.accumulate, metavar="N",
+                        help="gradient accumulation: N micro-batches of --batch images per optimizer step, each "
+                             "forward, loss / N and backward, gradients adding up in .grad (default: %(default)s)")
     parser.add_argument("--optimizer", default=None, metavar="NAME",
                         help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's, for "
                              "every method but GaLore, which keeps its own (default: " + StepConfig().optimizer + ")")
@@ -87,16 +91,17 @@ def _config(args: argparse.Namespace) -> StepConfig:
     config = StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
         batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, phase=args.phase,
-        channels=args.channels, loss=args.loss, options=options, **_optimizer_fields(args),
+        channels=args.channels, loss=args.loss, options=options, **_setup_fields(args),
     )
     _check_optimizer(config)
     return config
 
 
-def _optimizer_fields(args: argparse.Namespace) -> dict[str, object]:
-    """``StepConfig.optimizer`` and ``optimizer_options`` from ``--optimizer`` and
-    ``--optimizer-option`` (the StepConfig defaults where not given)."""
-    fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option")}
+def _setup_fields(args: argparse.Namespace) -> dict[str, object]:
+    """``StepConfig.optimizer``, ``optimizer_options`` and ``accumulate`` from ``--optimizer``,
+    ``--optimizer-option`` and ``--accumulate`` (the StepConfig defaults where not given)."""
+    fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
+                                 "accumulate": args.accumulate}
     if args.optimizer is not None:
         fields["optimizer"] = args.optimizer
     return fields
@@ -292,7 +297,7 @@ def _add_scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T, for the GaLore predictions (default: 200)")
-    _add_optimizer_options(parser)
+    _add_setup_options(parser)
 
 
 def _scenario(args: argparse.Namespace) -> StepConfig:
@@ -304,7 +309,7 @@ def _scenario(args: argparse.Namespace) -> StepConfig:
     if args.galore_update_proj_gap is not None:
         shared["update_proj_gap"] = check_int(args.galore_update_proj_gap, "--galore-update-proj-gap")
     config = StepConfig(batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-                        shared_options=shared, **_optimizer_fields(args))
+                        shared_options=shared, **_setup_fields(args))
     _check_optimizer(config)
     return config
 

@@ -26,7 +26,7 @@ STEP_KINDS: tuple[str, ...] = (TRAINING, EVALUATION)
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
-    "optimizer": "--optimizer", "optimizer_options": "--optimizer-option",
+    "optimizer": "--optimizer", "optimizer_options": "--optimizer-option", "accumulate": "--accumulate",
 }
 
 
@@ -108,17 +108,26 @@ class StepConfig:
     # them: ``{"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}``. Checked here for type
     # only; the optimizer plugin refuses a key it does not know or a value it does not model.
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    # Gradient accumulation: the optimizer step follows ``accumulate`` micro-batches of ``batch``
+    # images each. The step is given ``batch * accumulate`` images and labels, split with
+    # ``chunk(accumulate)`` (views, no copy); each micro-batch runs the forward, ``loss /
+    # accumulate`` and ``backward()``, its gradients accumulating in ``.grad``; then one optimizer
+    # step. 1: no accumulation (no division either). An evaluation pass is the same after it.
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
             raise CostModelError(f"{_FIELD_NAMES['phase']} must be one of {', '.join(STEP_KINDS)}, got {self.phase!r}")
-        for name in ("rank", "batch", "resolution", "classes", "step", "channels"):
+        for name in ("rank", "batch", "resolution", "classes", "step", "channels", "accumulate"):
             if name == "step" and self.phase == EVALUATION:  # 0: an evaluation before any training
                 if not ((type(self.step) is int and self.step == 0) or is_valid_int(self.step)):
                     raise CostModelError(f"--step of an evaluation (the training steps before it) must be an "
                                          f"integer >= 0 and <= {MAX_INT} (2**31 - 1), got {self.step!r}")
                 continue
             check_int(getattr(self, name), _FIELD_NAMES[name])
+        if self.batch * self.accumulate > MAX_INT:  # the step is given all its micro-batches' images
+            raise CostModelError(f"--batch x --accumulate (the images of one optimizer step) must be <= {MAX_INT} "
+                                 f"(2**31 - 1), got {self.batch} x {self.accumulate}")
         check_positive(self.lr, _FIELD_NAMES["lr"])
         if not isinstance(self.loss, str) or not self.loss:
             raise CostModelError(f"{_FIELD_NAMES['loss']} must be a non-empty loss name, got {self.loss!r}")
@@ -135,6 +144,12 @@ class StepConfig:
         if "lr" in self.optimizer_options:  # one learning rate, not two that may disagree
             raise CostModelError(f"{_FIELD_NAMES['optimizer_options']} lr: give the learning rate as lr, "
                                  f"not as an optimizer option")
+
+    @property
+    def micro_batches(self) -> int:
+        """The micro-batches the measured pass runs: ``accumulate`` for a training step, 1 for an
+        evaluation pass (one forward of ``batch`` images, its loss not divided)."""
+        return self.accumulate if self.phase == TRAINING else 1
 
     def replace(self, **changes: Any) -> "StepConfig":
         return dataclasses.replace(self, **changes)

@@ -32,6 +32,10 @@ class Flops:
     def __add__(self, other: "Flops") -> "Flops":
         return Flops(self.torch + other.torch, self.exact + other.exact)
 
+    def __mul__(self, times: int) -> "Flops":
+        """The count of an op run ``times`` times (a micro-batch's, over the accumulated step)."""
+        return Flops(self.torch * times, self.exact * times)
+
     @staticmethod
     def both(count: int) -> "Flops":
         """A count on which both conventions agree."""

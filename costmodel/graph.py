@@ -92,14 +92,28 @@ def _label(traced: TracedStep, node: fx.Node) -> str:
     return getattr(node.target, "__name__", None) or str(node.target)
 
 
+def _canonical_names(traced: TracedStep) -> dict[int, str]:
+    """Each parameter's and buffer's one qualified name (``named_parameters()``'s: the first path
+    to it), by identity: a weight shared by two modules (``conv_b.weight = conv_a.weight``) is one
+    parameter, with one ``.grad`` that both modules' gradients accumulate into, whichever module
+    reads it."""
+    names = traced.graph_cache.get("canonical_names")
+    if names is None:
+        module = traced.graph_module
+        names = {id(tensor): name for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+        traced.graph_cache["canonical_names"] = names
+    return names
+
+
 def _static(traced: TracedStep, node: fx.Node) -> tuple[Any, ...]:
     """What does not depend on shapes: (module, its parameters as ParamMeta, target, label)."""
     if node.op != "call_module":
         return None, {}, node.target, _label(traced, node)
     module = traced.graph_module.get_submodule(str(node.target))
     prefix = str(node.target) + "."
-    params = {local: ParamMeta(_param_name(prefix + local), tuple(tensor.shape), tensor.dtype,
-                               bool(tensor.requires_grad) and not is_buffer, is_buffer)
+    canonical = _canonical_names(traced)
+    params = {local: ParamMeta(_param_name(canonical.get(id(tensor), prefix + local)), tuple(tensor.shape),
+                               tensor.dtype, bool(tensor.requires_grad) and not is_buffer, is_buffer)
               for local, tensor, is_buffer in iter_params(module)}
     return module, params, type(module), _label(traced, node)
 

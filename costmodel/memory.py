@@ -156,6 +156,11 @@ class MemoryResult:
     accumulated: dict[int, int] = field(default_factory=dict)
     # The allocation event stream, when the simulation was asked to record it (``record_events``).
     events: list[AllocEvent] | None = None
+    # Gradient accumulation (``StepConfig.accumulate``): the micro-batches the step runs, and per
+    # record the elements its backward adds into an existing ``.grad`` in each micro-batch after
+    # the first (``AccumulateGrad``: ``grad += new``, one add per element in the exact convention).
+    micro_batches: int = 1
+    grad_accumulated: dict[int, int] = field(default_factory=dict)
 
     def fields(self) -> dict[str, int]:
         """The result schema's memory fields."""
@@ -218,6 +223,14 @@ class _Storages:
         if self.events is not None:
             self._record("free", key, nbytes)
 
+    def rekey(self, key: object, new: object) -> None:
+        """Give a live storage a new key, so that the value it was traced as can be allocated again
+        while it lives on (the previous micro-batch's loss); no event: the allocator sees nothing."""
+        if self.events is not None:
+            raise CostModelError("the allocation event stream does not cover gradient accumulation")
+        for table in (self.nbytes, self.group, self.refs):
+            table[new] = table.pop(key)
+
     def retag(self, key: object, group: int) -> None:
         old = self.group[key]
         if old != group:
@@ -264,9 +277,10 @@ class _Storages:
         if self.timeline is not None:
             self.timeline.append(Snapshot(phase, node, label, tuple(current)))
 
-    def result(self, ran_backward: set[int], accumulated: dict[int, int]) -> MemoryResult:
+    def result(self, ran_backward: set[int], accumulated: dict[int, int], micro_batches: int = 1,
+               grad_accumulated: dict[int, int] | None = None) -> MemoryResult:
         return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward,
-                            accumulated, self.events)
+                            accumulated, self.events, micro_batches, grad_accumulated or {})
 
 
 @dataclass(frozen=True)
@@ -330,22 +344,55 @@ class OptimizerStep:
 
 def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, optimizer_steps: list[OptimizerStep],
              state_before: int, grads_before: int, record_timeline: bool = True, *, record_events: bool = False,
-             state_tensors: Sequence[int] | None = None) -> MemoryResult:
+             state_tensors: Sequence[int] | None = None, micro_batches: int = 1) -> MemoryResult:
     """Simulate the step's memory; ``costs[i]`` is record ``i``'s cost (None: an uncovered node,
     counted as allocating its fresh outputs only), ``flow`` is ``gradient_flow(graph, costs)``.
     ``state_before`` / ``grads_before`` are the optimizer state and parameter gradients that exist
     when the step starts.
+
+    ``micro_batches``: gradient accumulation (``StepConfig.accumulate``). The inputs are that many
+    micro-batches' (``chunk`` views of one batch, all alive from the start); each micro-batch runs
+    the forward and backward, and the optimizer steps once. From the second micro-batch on, every
+    ``.grad`` exists, so ``AccumulateGrad`` adds each new gradient into it in place (its tensor
+    hook has tagged the new one GRAD; one snapshot at the ``add_``, then the new one goes), and the
+    previous micro-batch's loss lives until the new one replaces it, after the forward. Micro-batches
+    2..N start from the same state and run the same ops, so the second stands for all of them:
+    two are simulated whatever N (``MemoryResult.micro_batches`` says how many there are).
 
     ``record_events``: also record the allocation event stream (``MemoryResult.events``, plain int
     sizes only). The entry gradients are then one tensor per parameter when ``grads_before`` is
     the sum of ``flow.gradient_bytes`` (what ``prediction.state_after`` gives), and the entry state
     one per entry of ``state_tensors`` when they sum to ``state_before``; else one lump each."""
     entry_grads = list(flow.gradient_bytes.values()) if record_events else None
-    mem, saved = _entry_and_forward(graph, costs, state_before, grads_before, record_timeline,
-                                    zero_grad=True, phase="forward", record_events=record_events,
-                                    state_tensors=state_tensors, grad_tensors=entry_grads)
+    mem = _entry(graph, state_before, grads_before, record_timeline, zero_grad=True, record_events=record_events,
+                 state_tensors=state_tensors, grad_tensors=entry_grads, micro_batches=micro_batches)
+    saved = _forward_pass(mem, graph, costs, "forward")
+    ran_backward, accumulated, _ = _backward_pass(mem, graph, costs, flow, saved, grads_exist=False)
+    grad_accumulated: dict[int, int] = {}
+    if micro_batches > 1:
+        loss = _storage_key(graph)(graph.loss)
+        previous_loss = mem.new_key()
+        mem.rekey(loss, previous_loss)
+        saved = _forward_pass(mem, graph, costs, "forward")
+        mem.release(previous_loss)  # ``loss = ...`` rebinds the loop's name once the forward returns
+        again, again_accumulated, grad_accumulated = _backward_pass(mem, graph, costs, flow, saved, grads_exist=True)
+        assert again == ran_backward and again_accumulated == accumulated, "micro-batches differ"
 
-    # -- backward
+    # -- optimizer
+    for step in optimizer_steps:
+        for event in step.cost.events:
+            mem.add(GROUP_INDEX[event.group], event.nbytes)
+            if is_positive(event.nbytes):
+                mem.snapshot("optimizer", step.label, event.label or "step")
+    return mem.result(ran_backward, accumulated, micro_batches, grad_accumulated)
+
+
+def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow,
+                   saved: dict[int, list[object]], grads_exist: bool
+                   ) -> tuple[set[int], dict[int, int], dict[int, int]]:
+    """``loss.backward()``: the records whose backward ran, the gradient elements each accumulated
+    out of place, and (``grads_exist``: every ``.grad`` is there from an earlier micro-batch) the
+    elements each added into an existing ``.grad``."""
     ones_like = mem.anonymous(graph.loss_meta.storage_nbytes, ACT)  # created before the engine starts
     mem.snapshot("forward", "", "ones_like")
     grads: dict[Value, object] = {graph.loss: ones_like}
@@ -355,6 +402,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     param_buffers: dict[str, object] = {}  # parameter -> its AccumulateGrad's input buffer
     ran_backward: set[int] = set()
     accumulated: dict[int, int] = {}
+    into_grad: dict[int, int] = {}
     for record in reversed(graph.records):
         cost = costs[record.index]
         if cost is None or not record.op.records_autograd:
@@ -363,10 +411,12 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
         if not incoming:
             continue
         ran_backward.add(record.index)
-        elements = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
-                                  graph.metas, param_of_value, pending, param_buffers)
+        elements, added = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
+                                         graph.metas, param_of_value, pending, param_buffers, grads_exist)
         if not is_zero(elements):
             accumulated[record.index] = elements
+        if not is_zero(added):
+            into_grad[record.index] = added
     for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
         for key in keys:
             mem.release(key)
@@ -375,14 +425,7 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     assert not param_buffers, f"AccumulateGrad never ran for {sorted(param_buffers)}"
     assert ran_backward == flow.runs
     mem.release(ones_like)
-
-    # -- optimizer
-    for step in optimizer_steps:
-        for event in step.cost.events:
-            mem.add(GROUP_INDEX[event.group], event.nbytes)
-            if is_positive(event.nbytes):
-                mem.snapshot("optimizer", step.label, event.label or "step")
-    return mem.result(ran_backward, accumulated)
+    return ran_backward, accumulated, into_grad
 
 
 def simulate_evaluation(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int,
@@ -396,22 +439,21 @@ def simulate_evaluation(graph: StepGraph, costs: list[OpCost | None], state: int
     step's; no ``zero_grad`` runs). Its snapshots are of phase ``evaluate``. ``record_events``,
     ``state_tensors``: as for :func:`simulate`; ``grad_tensors``: the gradients one per parameter
     (used when they sum to ``grads``)."""
-    mem, saved = _entry_and_forward(graph, costs, state, grads, record_timeline, zero_grad=False, phase="evaluate",
-                                    record_events=record_events, state_tensors=state_tensors,
-                                    grad_tensors=grad_tensors)
+    mem = _entry(graph, state, grads, record_timeline, zero_grad=False, record_events=record_events,
+                 state_tensors=state_tensors, grad_tensors=grad_tensors)
+    saved = _forward_pass(mem, graph, costs, "evaluate")
     assert not saved, "an evaluation graph in which autograd records an op"
     return mem.result(set(), {})
 
 
-def _entry_and_forward(graph: StepGraph, costs: list[OpCost | None], state: int, grads: int, record_timeline: bool,
-                       *, zero_grad: bool, phase: str, record_events: bool = False,
-                       state_tensors: Sequence[int] | None = None,
-                       grad_tensors: Sequence[int] | None = None) -> tuple[_Storages, dict[int, list[object]]]:
-    """The storages at entry (parameters, buffers, the inputs, the optimizer ``state`` and the
-    gradients ``grads`` that exist before the first op; ``zero_grad``: a training step's
-    ``zero_grad(set_to_none=True)`` then frees the gradients, without an op or a snapshot) and
-    after the forward of every record; what autograd saved, per record. Recording events, the
-    state and gradients are their individual tensors where those are given and add up."""
+def _entry(graph: StepGraph, state: int, grads: int, record_timeline: bool, *, zero_grad: bool,
+           record_events: bool = False, state_tensors: Sequence[int] | None = None,
+           grad_tensors: Sequence[int] | None = None, micro_batches: int = 1) -> _Storages:
+    """The storages at entry: parameters, buffers, the inputs (``micro_batches`` micro-batches'),
+    the optimizer ``state`` and the gradients ``grads`` that exist before the first op;
+    ``zero_grad``: a training step's ``zero_grad(set_to_none=True)`` then frees the gradients,
+    without an op or a snapshot. Recording events, the state and gradients are their individual
+    tensors where those are given and add up."""
     mem = _Storages(record_timeline, record_events)
     if record_events:
         refuse_arrays(state)
@@ -423,18 +465,22 @@ def _entry_and_forward(graph: StepGraph, costs: list[OpCost | None], state: int,
     for key, nbytes in graph.buffer_storages.items():
         mem.allocate(("storage", key), nbytes, BUFFER)
     for meta in (graph.images, graph.labels):
-        mem.allocate(("storage", meta.storage), meta.storage_nbytes, OTH)
+        mem.allocate(("storage", meta.storage), meta.storage_nbytes * micro_batches, OTH)
     mem.add(OPT, state, state_parts, kind="entry")
     mem.add(GRAD, grads, grad_parts, kind="entry")
     mem.snapshot("entry", "", "entry")
     if zero_grad:  # ``zero_grad(set_to_none=True)`` drops them parameter by parameter
         mem.add(GRAD, -grads, None if grad_parts is None else [-part for part in grad_parts], kind="entry")
+    return mem
 
+
+def _forward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], phase: str) -> dict[int, list[object]]:
+    """The forward of every record; what autograd saved, per record."""
     storage_key = _storage_key(graph)
     saved: dict[int, list[object]] = {}
     for record, cost in zip(graph.records, costs):
         _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()), phase)
-    return mem, saved
+    return saved
 
 
 def _parts_if_they_sum(parts: Sequence[int] | None, total: int) -> list[int] | None:
@@ -552,8 +598,9 @@ def _finish_copy_slices(mem: _Storages, record: NodeRecord, clone: list[object],
 def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
                    node_saved: list[object], grads: dict[Value, object], metas: dict[Value, TensorMeta],
                    param_of_value: dict[Value, str], pending: dict[str, int],
-                   param_buffers: dict[str, object]) -> int:
-    """One node's backward; returns the number of gradient elements it accumulated."""
+                   param_buffers: dict[str, object], grads_exist: bool = False) -> tuple[int, int]:
+    """One node's backward; returns the number of gradient elements it accumulated out of place,
+    and those it added into an existing ``.grad`` (``grads_exist``: a later micro-batch)."""
     op = record.op
     name = record.name
     copy_slices = record.copy_slices_base is not None
@@ -606,7 +653,7 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
         mem.release(waiting)
         mem.release(key)
         grads[value] = total
-    ready: list[object] = []
+    ready: list[tuple[object, int]] = []
     for qualified, key, elements in new_param_grads:
         waiting = param_buffers.pop(qualified, None)
         if waiting is not None:  # a parameter used twice: AccumulateGrad's InputBuffer, old + new
@@ -619,10 +666,17 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
         pending[qualified] -= 1
         if pending[qualified]:
             param_buffers[qualified] = key
-        else:  # the last gradient arrived: AccumulateGrad moves the buffer into .grad
-            ready.append(key)
-    if ready:
-        for key in ready:
+        else:  # the last gradient arrived: AccumulateGrad runs
+            ready.append((key, elements))
+    added = 0
+    if ready and grads_exist:  # ``.grad += new``: tagged GRAD by the tensor hook, dropped after the add_
+        for key, elements in ready:
+            mem.retag(key, GRAD)
+            mem.snapshot("backward", name, "grad_add_")
+            mem.release(key)
+            added += elements
+    elif ready:  # the buffer becomes ``.grad`` (TEMP -> GRAD)
+        for key, _ in ready:
             mem.retag(key, GRAD)
         mem.snapshot("backward", name, "grad")
-    return accumulated
+    return accumulated, added

@@ -265,13 +265,18 @@ class TrainingStep(nn.Module):
     its module hooks refuse a top-level module called twice in one tracked iteration ("multiple
     iterative calls"), and a model with auxiliary logits calls ``criterion`` once per logits. Under
     this module the criterion is a child, which MemTracker allows to be called repeatedly. The
-    wrapper allocates nothing and runs no op of its own.
+    wrapper allocates nothing and runs no op of its own, but the division of gradient accumulation.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+    def __init__(self, model: nn.Module, criterion: nn.Module, micro_batches: int = 1) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
+        # Gradient accumulation over this many micro-batches (``StepConfig.accumulate``): each
+        # one's loss is divided by it, as in ``loss = criterion(...) / accumulation_steps``, so
+        # that the accumulated gradient is the whole batch's mean. 1: no division at all.
+        self.micro_batches = micro_batches
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return training_loss(self.criterion, self.model(images), labels)
+        loss = training_loss(self.criterion, self.model(images), labels)
+        return loss / self.micro_batches if self.micro_batches > 1 else loss

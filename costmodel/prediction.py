@@ -198,10 +198,12 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
         for_phase(model, config)
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
-        structure = (manager, config.channels, config.loss, config.classes, structure_key(model, prepared))
+        structure = (manager, config.channels, config.loss, config.classes, config.micro_batches,
+                     structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
-            traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes)
+            traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
+                                 micro_batches=config.micro_batches)
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -304,7 +306,7 @@ def state_after(groups: list[ParamGroup], flow: GradientFlow, manager: pluggy.Pl
 def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,
                steps: list[OptimizerStep]) -> dict[str, dict[str, int]]:
     """FLOPs per convention and phase: every covered node's forward, the backward of the nodes
-    whose backward ran, and the optimizer's steps."""
+    whose backward ran, once per micro-batch, and the optimizer's steps."""
     forward, backward = Flops(), Flops()
     for record, cost in zip(graph.records, costs):
         if cost is None:
@@ -313,8 +315,11 @@ def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResul
         if record.index in memory.ran_backward:
             backward = backward + cost.backward
     # Autograd adds the gradients of a value used twice (one add per element; the stock counter
-    # counts no adds).
+    # counts no adds), and from the second micro-batch on each new gradient into its ``.grad``.
     backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
+    later = memory.micro_batches - 1
+    forward, backward = forward * memory.micro_batches, backward * memory.micro_batches
+    backward = backward + Flops(torch=0, exact=later * sum(memory.grad_accumulated.values()))
     optimizer = Flops()
     for step in steps:
         optimizer = optimizer + step.cost.flops
@@ -386,8 +391,10 @@ def node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
                                   0, False, "not covered by any plugin"))
             continue
         allocated = sum(a.nbytes for a in cost.forward_allocs)
-        backward = cost.backward + Flops(0, memory.accumulated.get(record.index, 0)) if ran else Flops()
-        nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward,
+        micro = memory.micro_batches  # every figure is the step's: the node's over its micro-batches
+        backward = ((cost.backward + Flops(0, memory.accumulated.get(record.index, 0))) * micro
+                    + Flops(0, (micro - 1) * memory.grad_accumulated.get(record.index, 0)) if ran else Flops())
+        nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward * micro,
                               backward, ran, allocated, True, cost.note))
     return nodes
 
@@ -410,7 +417,7 @@ def predict_config(config: StepConfig, *, allow_unknown: bool = False, manager: 
 
     flow = gradient_flow(graph, costs)
     steps, state_before, grads_before = optimizer_timeline(traced.prepared.param_groups, flow, manager, config)
-    memory = simulate(graph, costs, flow, steps, state_before, grads_before)
+    memory = simulate(graph, costs, flow, steps, state_before, grads_before, micro_batches=config.micro_batches)
     details = {"nodes": node_costs(graph, costs, memory, {gap["node"] for gap in unknown}),
                "timeline": memory.timeline, "coverage": coverage(graph, unknown, allow_unknown), "method": traced.prepared.note,
                "optimizer": [step.cost.note for step in steps]}
@@ -473,7 +480,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
-            allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+            accumulate: int = 1, allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
@@ -489,6 +496,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     that does not declare the option refuses it. ``optimizer`` and ``optimizer_options`` choose the
     optimizer and its keyword arguments besides ``lr`` (``StepConfig.optimizer``, None: its default,
     and ``StepConfig.optimizer_options``: ``optimizer="sgd", optimizer_options={"momentum": 0.9}``).
+    ``accumulate``: gradient accumulation over that many micro-batches of ``batch`` images per
+    optimizer step (``StepConfig.accumulate``).
     """
     from costmodel.config import check_int, check_positive
 
@@ -513,5 +522,6 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     config = StepConfig(model=name, method=method, rank=rank, batch=batch, resolution=resolution, classes=classes,
                         step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
                         optimizer=StepConfig.optimizer if optimizer is None else optimizer,
-                        optimizer_options={} if optimizer_options is None else optimizer_options)
+                        optimizer_options={} if optimizer_options is None else optimizer_options,
+                        accumulate=accumulate)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

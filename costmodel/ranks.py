@@ -655,7 +655,8 @@ def _predict_together(shared: _Shared, batch: _RankCosts, started: float) -> dic
     flow = gradient_flow(graph, costs)
     steps, state_before = _optimizer_steps(shared, flow, batch.point)
     grads_before = sum(flow.gradient_bytes.values()) if shared.config.step > 1 else 0
-    memory = simulate(graph, costs, flow, steps, state_before, grads_before)
+    memory = simulate(graph, costs, flow, steps, state_before, grads_before,
+                      micro_batches=shared.config.micro_batches)
     totals = step_totals(graph, costs, memory, steps)
     seconds = (time.perf_counter() - started) / len(batch.point)
     note = f"one of {len(batch.point)} configurations predicted together (costmodel.ranks)"

@@ -96,9 +96,10 @@ def step_label(config: StepConfig) -> str:
 
 
 def setup_label(config: StepConfig) -> str:
-    """The input and loss, where they are not the default ones (", channels=1, loss=mse")."""
+    """The input, loss and accumulation, where they are not the default ones (", channels=1,
+    loss=mse, accumulate=4")."""
     defaults = StepConfig()
-    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss")
+    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss", "accumulate")
                    if getattr(config, name) != getattr(defaults, name))
 
 

@@ -418,15 +418,17 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
 
 
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3, *,
-                loss: LossSpec | None = None, classes: int = StepConfig.classes) -> TracedStep:
+                loss: LossSpec | None = None, classes: int = StepConfig.classes,
+                micro_batches: int = StepConfig.accumulate) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
     ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
-    loss, as the default plugins describe it) for ``classes`` classes."""
+    loss, as the default plugins describe it) for ``classes`` classes; divided by ``micro_batches``
+    when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``)."""
     if loss is None:
         from costmodel.registry import default_plugin_manager
 
         loss = loss_spec(default_plugin_manager(), StepConfig.loss)
-    step_module = TrainingStep(model, loss.criterion())
+    step_module = TrainingStep(model, loss.criterion(), micro_batches)
     tracer = StepTracer(tuple(prepared.leaf_modules))
     watcher = _LocalsWatcher(tracer)
     try:
@@ -455,7 +457,8 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
         model = meta_copy(model).train()
     prepared = prepare_method(manager, model, config)
     for_phase(model, config)
-    return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes)
+    return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
+                       micro_batches=config.micro_batches)
 
 
 class Recorder(fx.Interpreter):

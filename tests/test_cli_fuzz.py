@@ -84,6 +84,7 @@ class Values:
                 self.maybe("--resolution", self.pick(["32", "48", "64"], ["0", "1", "7", "1000000", "100000"])),
                 self.maybe("--classes", self.pick(["2", "10", "100"], HUGE)),
                 self.maybe("--step", self.pick(["1", "2", "3"], HUGE)),
+                self.maybe("--accumulate", self.pick(["1", "2", "3"], HUGE)),
                 self.maybe("--galore-update-proj-gap", self.pick(["1", "2", "200"], HUGE))]
 
     def paths(self) -> st.SearchStrategy[str]:
@@ -190,11 +191,13 @@ def _bounded_measurement(argv: list[str]) -> list[str]:
     """Measuring runs what it measures, which is the reference's nature, not a defect: a real step
     allocates what the step allocates (a batch of 10^7 images takes the machine's memory), and step
     k is measured after running steps 1..k-1 (``--step 64`` runs 63 steps first: minutes). So
-    measurements run under FakeTensorMode (which allocates nothing) and at a small ``--step``."""
+    measurements run under FakeTensorMode (which allocates nothing), at a small ``--step`` and with
+    few micro-batches (``--accumulate 10000`` runs 10,000 forwards and backwards)."""
     if argv and argv[0] in ("measure", "compare") or "--measure" in argv:
         if "--fake" not in argv:
             argv = argv + ["--fake"]
-        argv = [word if index == 0 or argv[index - 1] != "--step" or word not in HUGE else "3"
+        small = {"--step": "3", "--accumulate": "2"}
+        argv = [word if index == 0 or argv[index - 1] not in small or word not in HUGE else small[argv[index - 1]]
                 for index, word in enumerate(argv)]
     return argv
 

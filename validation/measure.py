@@ -116,24 +116,61 @@ class MeasuredStep:
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                 step: int, criterion: nn.Module | None = None) -> MeasuredStep:
+                 step: int, criterion: nn.Module | None = None, micro_batches: int = 1) -> MeasuredStep:
     """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
     on ``images``/``labels`` with ``criterion`` (default ``nn.CrossEntropyLoss()``): any module, any
-    optimizer (call it inside the FakeTensorMode that made them, if any)."""
-    training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion)
+    optimizer (call it inside the FakeTensorMode that made them, if any); ``micro_batches``: gradient
+    accumulation over that many ``chunk``\ s of the batch (:func:`split_micro_batches`)."""
+    training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion, micro_batches)
     for _ in range(step - 1):
         train_step(training_step, optimizer, images, labels)
     return tracked_train_step(training_step, optimizer, images, labels).measured
 
 
+def split_micro_batches(training_step: TrainingStep, images: torch.Tensor, labels: torch.Tensor
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The step's micro-batches (``StepConfig.accumulate``): the batch itself, or with gradient
+    accumulation over ``training_step.micro_batches`` its ``chunk`` views, split before any
+    tracking (views allocate nothing)."""
+    count = training_step.micro_batches
+    if count == 1:
+        return [(images, labels)]
+    if images.shape[0] % count or labels.shape[0] % count:
+        raise CostModelError(f"gradient accumulation over {count} micro-batches needs a batch that divides into "
+                             f"them, got {images.shape[0]} images")
+    return list(zip(images.chunk(count), labels.chunk(count)))
+
+
+def _forward_backward(training_step: TrainingStep, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                      flops: PhaseFlops | None, tracker: GroupPeakMemTracker | None = None
+                      ) -> tuple[torch.Tensor, float]:
+    """Each micro-batch's forward and loss (phase ``forward``) and ``backward()`` (phase
+    ``backward``), gradients accumulating in ``.grad``; the last loss (the loop's ``loss`` holds
+    each until the next one replaces it) and the losses' sum (each already divided by their count).
+    MemTracker refuses a top-level module called twice in one tracked region; its per-module
+    statistics (which the groups and the peak do not use) are reset before each later micro-batch."""
+    phase = flops.phase if flops is not None else (lambda name: contextlib.nullcontext())
+    total = 0.0
+    for number, (images, labels) in enumerate(micro):
+        if number and tracker is not None:
+            tracker.reset_mod_stats()
+        with phase("forward"):
+            loss = _forward_loss(training_step, images, labels)
+        with phase("backward"):
+            loss.backward()
+        if len(micro) > 1:
+            total += _value(loss)
+    return loss, total
+
+
 def train_step(training_step: TrainingStep, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                labels: torch.Tensor) -> float:
     """One untracked training step, exactly as :func:`tracked_train_step` runs it; the loss's value."""
+    micro = split_micro_batches(training_step, images, labels)
     optimizer.zero_grad(set_to_none=True)
-    loss = _forward_loss(training_step, images, labels)
-    loss.backward()
+    loss, total = _forward_backward(training_step, micro, None)
     optimizer.step()
-    return _value(loss)
+    return _value(loss) if len(micro) == 1 else total
 
 
 @dataclass
@@ -155,22 +192,24 @@ def tracked_train_step(training_step: TrainingStep, optimizer: torch.optim.Optim
         loss.backward()                               # phase "backward"
         optimizer.step()                              # phase "optimizer"
 
+    With gradient accumulation (``training_step.micro_batches`` N > 1) the forward and backward
+    run once per micro-batch (:func:`split_micro_batches`: ``images.chunk(N)``), ``loss / N`` each, and
+    the phases sum over them.
+
     Everything that exists before it (the model's parameters, buffers and gradients, the
     optimizer's state, the batch) counts; the optimizer's step number is whatever it is at: in a
     real run the step's own index."""
     model = training_step.model
+    micro = split_micro_batches(training_step, images, labels)
     tracker = GroupPeakMemTracker()
     tracker.track_external(model, optimizer, images, labels)
     flops = PhaseFlops()
     with tracker:
         optimizer.zero_grad(set_to_none=True)
-        with flops.phase("forward"):
-            loss = _forward_loss(training_step, images, labels)
-        with flops.phase("backward"):
-            loss.backward()
+        loss, total = _forward_backward(training_step, micro, flops, tracker)
         with flops.phase("optimizer"):
             optimizer.step()
-        value = _value(loss)
+        value = _value(loss) if len(micro) == 1 else total
         del loss
     counts = _covered(flops)
     return TrackedStep(MeasuredStep(flops={conv: phase_flops(*(counts[conv].get(phase, 0) for phase in PHASES))
@@ -288,9 +327,9 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         torch.manual_seed(SEED)
         if not fake:
             applied = apply_config(build_model(config.model, num_classes=config.classes), config)
-        images, labels = make_batch(config.batch, config.resolution, config.classes, seed=SEED,
+        images, labels = make_batch(config.batch * config.micro_batches, config.resolution, config.classes, seed=SEED,
                                     channels=config.channels, target=target)
-        training_step = TrainingStep(applied.model, criterion())
+        training_step = TrainingStep(applied.model, criterion(), config.micro_batches)
         for _ in range(config.step - 1 if config.phase == TRAINING else config.step):
             train_step(training_step, applied.optimizer, images, labels)
         if config.phase == TRAINING:
