@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from costmodel.config import STEP_KINDS, TRAINING, StepConfig
+from costmodel.config import DTYPES, STEP_KINDS, TRAINING, StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost, render_comparison
 
@@ -48,6 +48,10 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
 def _add_setup_options(parser: argparse.ArgumentParser) -> None:
     """How the step trains (``--optimizer``, ``--optimizer-option``, ``--accumulate``), for one
     step and for a scenario alike."""
+    parser.add_argument("--dtype", default=StepConfig.dtype, choices=tuple(DTYPES),
+                        help="the step's precision: the model is cast with model.to(dtype) before the method is "
+                             "applied, the images are in it, the optimizer state follows the parameters "
+                             "(default: %(default)s)")
     parser.add_argument("--accumulate", type=int, default=StepConfig.accumulate, metavar="N",
                         help="gradient accumulation: N micro-batches of --batch images per optimizer step, each "
                              "forward, loss / N and backward, gradients adding up in .grad (default: %(default)s)")
@@ -101,7 +105,7 @@ def _setup_fields(args: argparse.Namespace) -> dict[str, object]:
     """``StepConfig.optimizer``, ``optimizer_options`` and ``accumulate`` from ``--optimizer``,
     ``--optimizer-option`` and ``--accumulate`` (the StepConfig defaults where not given)."""
     fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
-                                 "accumulate": args.accumulate}
+                                 "accumulate": args.accumulate, "dtype": args.dtype}
     if args.optimizer is not None:
         fields["optimizer"] = args.optimizer
     return fields

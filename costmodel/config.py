@@ -22,11 +22,15 @@ TRAINING = "train"
 EVALUATION = "evaluate"
 STEP_KINDS: tuple[str, ...] = (TRAINING, EVALUATION)
 
+# What ``StepConfig.dtype`` names: the step's floating-point precision, as ``torch`` calls it.
+DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
     "optimizer": "--optimizer", "optimizer_options": "--optimizer-option", "accumulate": "--accumulate",
+    "dtype": "--dtype",
 }
 
 
@@ -114,6 +118,11 @@ class StepConfig:
     # accumulate`` and ``backward()``, its gradients accumulating in ``.grad``; then one optimizer
     # step. 1: no accumulation (no division either). An evaluation pass is the same after it.
     accumulate: int = 1
+    # The precision of the whole step (a key of ``DTYPES``): the model is built in float32, then
+    # ``model.to(dtype)`` casts its floating parameters and buffers (integer buffers stay), before
+    # the method is applied; the images (and a floating target) are in it too; the optimizer keeps
+    # its state as it does for such parameters. A model of one's own must already be in it.
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
@@ -125,6 +134,8 @@ class StepConfig:
                                          f"integer >= 0 and <= {MAX_INT} (2**31 - 1), got {self.step!r}")
                 continue
             check_int(getattr(self, name), _FIELD_NAMES[name])
+        if self.dtype not in DTYPES:
+            raise CostModelError(f"{_FIELD_NAMES['dtype']} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch * self.accumulate > MAX_INT:  # the step is given all its micro-batches' images
             raise CostModelError(f"--batch x --accumulate (the images of one optimizer step) must be <= {MAX_INT} "
                                  f"(2**31 - 1), got {self.batch} x {self.accumulate}")

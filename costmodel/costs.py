@@ -339,7 +339,10 @@ class LossSpec:
     target_shape: Callable[[Any, int], tuple[Any, ...]]
     target_dtype: torch.dtype
 
-    def target(self, batch: Any, classes: int, device: str | torch.device = "meta") -> torch.Tensor:
+    def target(self, batch: Any, classes: int, device: str | torch.device = "meta",
+               floating: torch.dtype | None = None) -> torch.Tensor:
         """An uninitialised target for ``batch`` samples of ``classes`` classes (a meta-device
-        placeholder unless ``device`` says otherwise)."""
-        return torch.empty(tuple(self.target_shape(batch, classes)), dtype=self.target_dtype, device=device)
+        placeholder unless ``device`` says otherwise); a floating target in ``floating`` where
+        given (the step's precision, ``StepConfig.dtype``)."""
+        dtype = floating if floating is not None and self.target_dtype.is_floating_point else self.target_dtype
+        return torch.empty(tuple(self.target_shape(batch, classes)), dtype=dtype, device=device)

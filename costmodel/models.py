@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
+from costmodel.config import DTYPES, StepConfig
 from costmodel.errors import CostModelError
 
 
@@ -144,6 +145,13 @@ def meta_model(name: str, num_classes: int = 10) -> nn.Module:
     return copy.deepcopy(_pristine_meta_model(name, num_classes))
 
 
+def step_model(config: StepConfig) -> nn.Module:
+    """The meta-device model of ``config`` before its method is applied: ``config.model`` with
+    ``config.classes`` classes in the step's precision (:func:`in_step_dtype`). The one place the
+    engine gets a model by name."""
+    return in_step_dtype(meta_model(config.model, config.classes), config)
+
+
 def head_name(model: nn.Module) -> str:
     """The qualified name of the model's classification head: its last direct child that holds
     parameters, taken as a whole (MobileNetV3's ``classifier`` holds two Linear layers and a
@@ -160,18 +168,50 @@ def head_name(model: nn.Module) -> str:
 
 def make_batch(
     batch: int, resolution: int, classes: int, device: str | torch.device = "cpu", seed: int = 0, channels: int = 3,
-    target: Callable[[int, int, torch.Generator], torch.Tensor] | None = None,
+    target: Callable[[int, int, torch.Generator], torch.Tensor] | None = None, dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A generated batch: images channels x resolution x resolution and integer labels, or the
     labels ``target(batch, classes, generator)`` makes (drawn from the same seeded generator, after
-    the images)."""
+    the images); the images, and a floating target, in ``dtype`` (drawn in float32 and cast, so
+    that every precision sees the same values)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, channels, resolution, resolution, generator=generator)
     if target is None:
         labels = torch.randint(0, classes, (batch,), generator=generator)
     else:
         labels = target(batch, classes, generator)
-    return images.to(device), labels.to(device)
+    if labels.is_floating_point():
+        labels = labels.to(dtype)
+    return images.to(device=device, dtype=dtype), labels.to(device)
+
+
+def step_dtype(config: StepConfig) -> torch.dtype:
+    """The torch dtype of ``config.dtype`` (``StepConfig.dtype``)."""
+    return getattr(torch, DTYPES[config.dtype])
+
+
+def in_step_dtype(model: nn.Module, config: StepConfig, label: str = "") -> nn.Module:
+    """A torchvision model (built in float32) cast to the step's precision, before the method is
+    applied, as one loads a model in bf16 and then adds adapters: ``model.to(dtype)`` (floating
+    parameters and buffers; integer buffers such as ``num_batches_tracked`` stay). A model of one's
+    own (``label`` names it) is never cast: one whose floating tensors are not all in the step's
+    precision is refused, naming the first that is not."""
+    dtype = step_dtype(config)
+    if not label:
+        return model if dtype == torch.float32 else model.to(dtype)
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                raise CostModelError(
+                    f"{label}'s {kind} {name!r} is {tensor.dtype} but the step's dtype is {config.dtype} "
+                    f"({dtype}): pass dtype={_dtype_name(tensor.dtype)!r} (--dtype) if the whole model is in it, or "
+                    f"convert the model; a model mixing precisions is not modelled")
+    return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {getattr(torch, name): key for key, name in DTYPES.items()}
+    return names.get(dtype, str(dtype))
 
 
 # ---------------------------------------------------------------------------------------------

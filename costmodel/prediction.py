@@ -53,7 +53,7 @@ from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker, loss_spec
 from costmodel.registry import default_plugin_manager, optimizer_names
 from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
-from costmodel.models import meta_model
+from costmodel.models import step_dtype, step_model
 from costmodel.trace import TracedStep, for_phase, prepare_method, structure_key, trace_config, trace_model
 
 
@@ -193,17 +193,17 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     traced = _TRACE_CACHE.get(key)
     if traced is None:
         loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
-        model = meta_model(config.model, config.classes)
+        model = step_model(config)
         prepared = prepare_method(manager, model, config)
         for_phase(model, config)
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
-        structure = (manager, config.channels, config.loss, config.classes, config.micro_batches,
+        structure = (manager, config.channels, config.loss, config.classes, config.micro_batches, config.dtype,
                      structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
             traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
-                                 micro_batches=config.micro_batches)
+                                 micro_batches=config.micro_batches, dtype=step_dtype(config))
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -480,7 +480,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
-            accumulate: int = 1, allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+            accumulate: int = 1, dtype: str = "fp32", allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
@@ -497,7 +497,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     optimizer and its keyword arguments besides ``lr`` (``StepConfig.optimizer``, None: its default,
     and ``StepConfig.optimizer_options``: ``optimizer="sgd", optimizer_options={"momentum": 0.9}``).
     ``accumulate``: gradient accumulation over that many micro-batches of ``batch`` images per
-    optimizer step (``StepConfig.accumulate``).
+    optimizer step (``StepConfig.accumulate``). ``dtype``: the step's precision, ``"fp32"``,
+    ``"bf16"`` or ``"fp16"`` (``StepConfig.dtype``; a module must already be in it).
     """
     from costmodel.config import check_int, check_positive
 
@@ -523,5 +524,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
                         step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
                         optimizer=StepConfig.optimizer if optimizer is None else optimizer,
                         optimizer_options={} if optimizer_options is None else optimizer_options,
-                        accumulate=accumulate)
+                        accumulate=accumulate, dtype=dtype)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

@@ -59,7 +59,7 @@ from costmodel.costs import MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMe
 from costmodel.errors import CostModelError
 from costmodel.graph import StepGraph, Value, tensor_meta, build_step_graph, node_op
 from costmodel.memory import GradientFlow, MemoryResult, MixedSizes, OptimizerStep, Snapshot, gradient_flow, simulate
-from costmodel.models import meta_model
+from costmodel.models import step_model
 from costmodel.plugin_calls import OP_COST, HookAsker, PluginFailure
 from costmodel.prediction import (Deferred, NodeCost, Prediction, at_index, build_prediction, cost_nodes, coverage,
                                   first_answer, node_costs, optimizer_timeline, predict_config, step_totals, traced_step)
@@ -672,7 +672,7 @@ def _point_details(shared: _Shared, graph: StepGraph, costs: list[OpCost | None]
     config = _config_at(shared.config, point)
 
     def method_note() -> str:  # the method's own words at this rank (it may name the rank)
-        return prepare_method(shared.manager, meta_model(config.model, config.classes), config).note
+        return prepare_method(shared.manager, step_model(config), config).note
 
     def optimizer_notes() -> list[str]:
         steps, _, _ = optimizer_timeline(shared.dependence.groups_at(point[2]), flow, shared.manager, config)
@@ -720,7 +720,7 @@ def _share(config: StepConfig, points: Sequence[Point], manager: pluggy.PluginMa
             raise _NotShared(f"method {config.method!r} does not promise sizes affine in the rank for this configuration")
         models, groups = [traced.model], [traced.prepared.param_groups]
         for other in probes[1:]:
-            model = meta_model(config.model, config.classes)
+            model = step_model(config)
             prepared = prepare_method(manager, model, config.replace(rank=other))
             if not prepared.affine_in_rank:
                 raise _NotShared(f"method {config.method!r} does not promise sizes affine in rank {other}")

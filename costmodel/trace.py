@@ -30,7 +30,7 @@ from costmodel.config import EVALUATION, StepConfig
 from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import TrainingStep, meta_model
+from costmodel.models import TrainingStep, in_step_dtype, step_dtype, step_model
 from costmodel.plugin_calls import PREPARE_METHOD, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
@@ -292,6 +292,8 @@ class TracedStep:
     # ``StepConfig.classes`` bound): ``batch -> a meta placeholder`` of the target's shape and dtype,
     # the batch concrete or symbolic. Set by ``trace_model``.
     target: Callable[[Any], torch.Tensor] | None = None
+    # The images' dtype (``StepConfig.dtype``), part of the structure like the channels.
+    dtype: torch.dtype = torch.float32
 
     @property
     def graph(self) -> fx.Graph:
@@ -419,11 +421,12 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
 
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3, *,
                 loss: LossSpec | None = None, classes: int = StepConfig.classes,
-                micro_batches: int = StepConfig.accumulate) -> TracedStep:
+                micro_batches: int = StepConfig.accumulate, dtype: torch.dtype = torch.float32) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
     ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
     loss, as the default plugins describe it) for ``classes`` classes; divided by ``micro_batches``
-    when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``)."""
+    when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``); the images, and
+    a floating target, in ``dtype``."""
     if loss is None:
         from costmodel.registry import default_plugin_manager
 
@@ -445,20 +448,21 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
         ) from None
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
     return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
-                      channels=channels, target=functools.partial(loss.target, classes=classes))
+                      channels=channels, target=functools.partial(loss.target, classes=classes, floating=dtype),
+                      dtype=dtype)
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
     """Build (or copy to meta) the model, let the method plugin prepare it, and trace the step."""
     loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
     if model is None:
-        model = meta_model(config.model, config.classes)
+        model = step_model(config)
     else:
-        model = meta_copy(model).train()
+        model = meta_copy(in_step_dtype(model, config, label=config.model)).train()
     prepared = prepare_method(manager, model, config)
     for_phase(model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
-                       micro_batches=config.micro_batches)
+                       micro_batches=config.micro_batches, dtype=step_dtype(config))
 
 
 class Recorder(fx.Interpreter):
@@ -499,7 +503,8 @@ def step_inputs(traced: TracedStep, batch: Any, resolution: Any) -> tuple[torch.
     """The step's two inputs on the meta device: ``batch`` images of ``channels`` x ``resolution``
     x ``resolution`` and the loss's target (sizes may be symbolic). The one place they are made,
     for a concrete propagation, a shape template and a template over many configurations."""
-    return torch.empty(batch, traced.channels, resolution, resolution, device="meta"), traced.target(batch)
+    images = torch.empty(batch, traced.channels, resolution, resolution, dtype=traced.dtype, device="meta")
+    return images, traced.target(batch)
 
 
 def propagate(traced: TracedStep, batch: int, resolution: int) -> Recorder:

@@ -30,6 +30,12 @@ Low-rank parameter, its gradient seen as the ``m x n`` matrix ``(shape[0], numel
   ``* scale`` (``m n``, a second ``m x n`` tensor; the ``mm`` result dies when ``project_back``
   returns); ``p.add_(..., alpha=-step_size)`` (``2 m n``).
 
+Parameters that are not float32 (``--dtype bf16|fp16``): ``get_orthogonal_matrix`` first copies
+the gradient with ``.float()`` (an ``m x n`` float32 tensor), runs the SVD and the thrown-away
+factor in float32, and casts the projector back with ``.type(original_type)``: a new ``r' x n``
+(right) or ``m x r'`` (left) tensor of the parameter's dtype, so the projector no longer keeps the
+SVD's factor alive. Everything else is in the parameter's dtype.
+
 The SVD's FLOPs and output shapes are the ``svd`` op plugin's (thin SVD, Golub-Reinsch); the stock
 counter counts only the ``mm`` ops.
 
@@ -52,6 +58,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from costmodel.config import StepConfig
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, smaller
@@ -81,8 +89,8 @@ class _StepMemory:
     events: list[MemEvent] = field(default_factory=list)
     locals_: dict[str, _Storage | None] = field(default_factory=dict)
 
-    def alloc(self, numel: int, label: str) -> _Storage:
-        storage = _Storage(numel * self.itemsize, label)
+    def alloc(self, numel: int, label: str, itemsize: int | None = None) -> _Storage:
+        storage = _Storage(numel * (self.itemsize if itemsize is None else itemsize), label)
         self.events.append(MemEvent(storage.nbytes, "OPT", label))
         return storage
 
@@ -130,11 +138,22 @@ def low_rank_moment_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
     return (m, r) if m >= n else (r, n)
 
 
-def projector_storage_numel(shape: tuple[int, ...]) -> int:
-    """Elements of the storage a projector keeps alive: all of ``Vh`` (right) or ``U`` (left)."""
+def projector_storage_numel(shape: tuple[int, ...], rank: int, cast: bool = False) -> int:
+    """Elements of the storage a projector keeps alive: all of ``Vh`` (right) or ``U`` (left), of
+    which it is a view; or, for parameters that are not float32 (``cast``), only its own ``r' x n``
+    or ``m x r'`` elements, the copy ``.type(original_type)`` makes."""
     m, n = _matrix_shape(shape)
+    if cast:
+        r = smaller(rank, min(m, n))
+        return r * n if m >= n else m * r
     u_shape, _, vh_shape = svd_output_shapes(m, n, full_matrices=False)
     return math.prod(vh_shape if m >= n else u_shape)
+
+
+# galore-torch's ``get_orthogonal_matrix`` runs the SVD in float32: a parameter of another dtype
+# has its gradient copied with ``.float()`` first, and the projector cast back with
+# ``.type(original_type)`` (a copy: no longer a view of the SVD's factor).
+SVD_ITEMSIZE = torch.float32.itemsize
 
 
 def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any]], step: int) -> OptimizerCost:
@@ -142,8 +161,10 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
     if not params:
         return OptimizerCost(Flops(), 0)
     itemsize = params[0].dtype.itemsize
-    if any(p.dtype.itemsize != itemsize for p in params):
+    if any(p.dtype != params[0].dtype for p in params):
         raise CostModelError("galore_adamw: parameters of mixed dtypes are not modelled")
+    cast = params[0].dtype != torch.float32
+    svd_itemsize = SVD_ITEMSIZE if cast else itemsize
     memory = _StepMemory(itemsize)
     flops_torch = flops_exact = 0
     state_bytes = 0
@@ -154,7 +175,7 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
             state_bytes += 2 * p.numel * itemsize
         else:
             rows, cols = low_rank_moment_shape(p.shape, settings["rank"])
-            state_bytes += (2 * rows * cols + projector_storage_numel(p.shape)) * itemsize
+            state_bytes += (2 * rows * cols + projector_storage_numel(p.shape, settings["rank"], cast)) * itemsize
 
     for p in params:
         settings = low_rank.get(p.name)
@@ -171,20 +192,25 @@ def galore_step(params: list[ParamMeta], low_rank: Mapping[str, Mapping[str, Any
             refresh = first_step or (step - 1) % gap == 0
             if refresh:
                 u_shape, s_shape, vh_shape = svd_output_shapes(m, n, full_matrices=False)
-                u = memory.alloc(math.prod(u_shape), f"{p.name}: svd U")
-                s = memory.alloc(math.prod(s_shape), f"{p.name}: svd S")
-                vh = memory.alloc(math.prod(vh_shape), f"{p.name}: svd Vh")
-                diag = memory.alloc(r * r, f"{p.name}: diag(S[:r])")
-                unused = memory.alloc(m * r if right else r * n, f"{p.name}: unused svd factor")
+                factors = [memory.alloc(m * n, f"{p.name}: float32 copy of the gradient", SVD_ITEMSIZE)] if cast else []
+                u = memory.alloc(math.prod(u_shape), f"{p.name}: svd U", svd_itemsize)
+                s = memory.alloc(math.prod(s_shape), f"{p.name}: svd S", svd_itemsize)
+                vh = memory.alloc(math.prod(vh_shape), f"{p.name}: svd Vh", svd_itemsize)
+                diag = memory.alloc(r * r, f"{p.name}: diag(S[:r])", svd_itemsize)
+                unused = memory.alloc(m * r if right else r * n, f"{p.name}: unused svd factor", svd_itemsize)
                 memory.temporary(diag)
-                for storage in (u, s, vh, unused):
+                factors += [u, s, vh, unused]
+                for storage in factors:
                     memory.hold(storage)
-                projector = vh if right else u
-                memory.hold(projector)  # the projector's view keeps it alive
-                for storage in (u, s, vh, unused):  # get_orthogonal_matrix returns
+                if cast:  # .type(original_type): the projector's own copy
+                    projector = memory.alloc(projector_storage_numel(p.shape, r, cast), f"{p.name}: projector")
+                else:
+                    projector = vh if right else u  # the projector's view keeps all of it alive
+                memory.hold(projector)
+                for storage in factors:  # get_orthogonal_matrix returns
                     memory.drop(storage)
                 if not first_step:  # assigning the new projector frees the old one
-                    memory.events.append(MemEvent(-projector_storage_numel(p.shape) * itemsize, "OPT",
+                    memory.events.append(MemEvent(-projector_storage_numel(p.shape, r, cast) * itemsize, "OPT",
                                                   f"free {p.name}: old projector"))
                 svd = svd_flops(m, n, full_matrices=False)  # GaLore's linalg.svd(G, full_matrices=False)
                 factor = 2 * m * r * r if right else 2 * r * r * n

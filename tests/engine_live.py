@@ -21,12 +21,14 @@ from costmodel.validation.measure import loss_of, measure_step, tracked_evaluati
 def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bool] = lambda name: True, *,
                    batch: int = 2, resolution: int = 8, classes: int = 10, step: int = 2, channels: int = 3,
                    loss: str = "cross_entropy", phase: str = "train", accumulate: int = 1,
+                   dtype: torch.dtype = torch.float32,
                    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                    fake: bool = True) -> dict[str, Any]:
     """FLOPs per phase and memory per group of step ``step`` of ``build()`` trained with ``optimizer``
     (AdamW(lr=1e-3) by default) on the parameters whose name ``trainable`` accepts; with
     ``phase="evaluate"``, of the evaluation pass after ``step`` training steps; ``accumulate``
-    micro-batches of ``batch`` images per training step (``StepConfig.accumulate``)."""
+    micro-batches of ``batch`` images per training step (``StepConfig.accumulate``); the images (and
+    a floating target) in ``dtype`` (``build()`` makes the model in it)."""
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -41,15 +43,17 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
         criterion, target = loss_of(loss)
         if phase == "evaluate":
-            images, labels = make_batch(batch, resolution, classes, channels=channels, target=target)
+            images, labels = make_batch(batch, resolution, classes, channels=channels, target=target, dtype=dtype)
             training = TrainingStep(model, criterion(), accumulate)
             if accumulate > 1:  # the training steps see the whole accumulated batch
-                batches = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target)
+                batches = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target,
+                                     dtype=dtype)
             for _ in range(step):
                 train_step(training, opt, *(batches if accumulate > 1 else (images, labels)))
             measured = tracked_evaluation(training, opt, images, labels).measured
         else:
-            images, labels = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target)
+            images, labels = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target,
+                                     dtype=dtype)
             measured = measure_step(model, opt, images, labels, step, criterion(), micro_batches=accumulate)
     return {"flops": measured.flops, "memory": measured.memory}
 

@@ -104,8 +104,8 @@ def test_projected_shapes() -> None:
     assert low_rank_moment_shape((16, 8, 3, 3), 4) == (4, 72)  # wide: left, r x n
     assert low_rank_moment_shape((48, 12, 1, 1), 4) == (48, 4)  # tall: right, m x r
     assert low_rank_moment_shape((16, 1, 3, 3), 64) == (16, 9)  # the rank is capped at min(m, n)
-    assert projector_storage_numel((48, 12, 1, 1)) == 12 * 12  # the projector keeps all of Vh
-    assert projector_storage_numel((16, 8, 3, 3)) == 16 * 16  # ... or all of U
+    assert projector_storage_numel((48, 12, 1, 1), 4) == 12 * 12  # the projector keeps all of Vh
+    assert projector_storage_numel((16, 8, 3, 3), 4) == 16 * 16  # ... or all of U
 
 
 # ---------------------------------------------------------------------------------------------

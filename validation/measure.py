@@ -39,7 +39,7 @@ from torch import nn
 
 from costmodel.config import TRAINING, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import TrainingStep, build_model, make_batch, training_loss
+from costmodel.models import TrainingStep, build_model, in_step_dtype, make_batch, step_dtype, training_loss
 from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
@@ -321,14 +321,14 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         mode = FakeTensorMode()
         # peft moves new adapters with Module.to(), which must swap fake parameters and cannot
         # (FakeTensorMode holds weak references to its tensors): prepare on meta, then materialise.
-        applied = apply_config(build_model(config.model, num_classes=config.classes, device="meta"), config,
-                               materialize=lambda model: materialize_fake(model, mode))
+        applied = apply_config(in_step_dtype(build_model(config.model, num_classes=config.classes, device="meta"),
+                                             config), config, materialize=lambda model: materialize_fake(model, mode))
     with mode:
         torch.manual_seed(SEED)
         if not fake:
-            applied = apply_config(build_model(config.model, num_classes=config.classes), config)
+            applied = apply_config(in_step_dtype(build_model(config.model, num_classes=config.classes), config), config)
         images, labels = make_batch(config.batch * config.micro_batches, config.resolution, config.classes, seed=SEED,
-                                    channels=config.channels, target=target)
+                                    channels=config.channels, target=target, dtype=step_dtype(config))
         training_step = TrainingStep(applied.model, criterion(), config.micro_batches)
         for _ in range(config.step - 1 if config.phase == TRAINING else config.step):
             train_step(training_step, applied.optimizer, images, labels)
