@@ -52,6 +52,10 @@ def _add_setup_options(parser: argparse.ArgumentParser) -> None:
                         help="the step's precision: the model is cast with model.to(dtype) before the method is "
                              "applied, the images are in it, the optimizer state follows the parameters "
                              "(default: %(default)s)")
+    parser.add_argument("--checkpoint", default=StepConfig.checkpoint, metavar="PATTERN",
+                        help="activation checkpointing of the outermost modules whose qualified name matches the "
+                             "fnmatch PATTERN (layer* -> ResNet's layer1..layer4): torch.utils.checkpoint.checkpoint("
+                             "module, *args, use_reentrant=False), recomputed in backward (default: none)")
     parser.add_argument("--accumulate", type=int, default=StepConfig.accumulate, metavar="N",
                         help="gradient accumulation: N micro-batches of --batch images per optimizer step, each "
                              "forward, loss / N and backward, gradients adding up in .grad (default: %(default)s)")
@@ -105,7 +109,7 @@ def _setup_fields(args: argparse.Namespace) -> dict[str, object]:
     """``StepConfig.optimizer``, ``optimizer_options`` and ``accumulate`` from ``--optimizer``,
     ``--optimizer-option`` and ``--accumulate`` (the StepConfig defaults where not given)."""
     fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
-                                 "accumulate": args.accumulate, "dtype": args.dtype}
+                                 "accumulate": args.accumulate, "dtype": args.dtype, "checkpoint": args.checkpoint}
     if args.optimizer is not None:
         fields["optimizer"] = args.optimizer
     return fields

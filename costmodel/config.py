@@ -30,7 +30,7 @@ _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
     "optimizer": "--optimizer", "optimizer_options": "--optimizer-option", "accumulate": "--accumulate",
-    "dtype": "--dtype",
+    "dtype": "--dtype", "checkpoint": "--checkpoint",
 }
 
 
@@ -123,6 +123,12 @@ class StepConfig:
     # the method is applied; the images (and a floating target) are in it too; the optimizer keeps
     # its state as it does for such parameters. A model of one's own must already be in it.
     dtype: str = "fp32"
+    # Activation checkpointing: an fnmatch pattern over the model's qualified module names (before
+    # the method is applied); each call of the outermost matching modules (``layer*``: ResNet's
+    # ``layer1``..``layer4``) runs as ``torch.utils.checkpoint.checkpoint(module, *args,
+    # use_reentrant=False)``: its forward saves nothing for backward but its inputs, and the
+    # backward recomputes it. "": none.
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
@@ -134,6 +140,8 @@ class StepConfig:
                                          f"integer >= 0 and <= {MAX_INT} (2**31 - 1), got {self.step!r}")
                 continue
             check_int(getattr(self, name), _FIELD_NAMES[name])
+        if not isinstance(self.checkpoint, str):
+            raise CostModelError(f"{_FIELD_NAMES['checkpoint']} must be a module name pattern, got {self.checkpoint!r}")
         if self.dtype not in DTYPES:
             raise CostModelError(f"{_FIELD_NAMES['dtype']} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch * self.accumulate > MAX_INT:  # the step is given all its micro-batches' images

@@ -165,6 +165,12 @@ class Alloc:
       max-pool indices, a dropout mask, a clone of an in-place op's input); freed when this node's
       backward has run;
     - ``"transient"``: freed when the node finishes (visible to MemTracker only while it lives).
+
+    The order matters beyond allocation: a ``"saved"`` storage listed before every ``"output"``
+    one is made and saved before the op computes (a clone of an in-place op's input, dropout's
+    mask), one listed after is among the op's results (batch norm's statistics, max-pool's
+    indices). Activation checkpointing's recomputation stops at the last tensor saved
+    (``costmodel.memory``): after the op, or before it.
     """
 
     nbytes: int

@@ -47,6 +47,17 @@ class NodeRecord:
         return self.op.name
 
 
+@dataclass(frozen=True)
+class CheckpointRegion:
+    """One checkpointed module call (``StepConfig.checkpoint``): the records run inside it, in
+    order, and the values of its tensor arguments (``torch.utils.checkpoint`` keeps them for the
+    recomputation)."""
+
+    name: str
+    records: tuple[int, ...]
+    inputs: tuple[Value, ...]
+
+
 @dataclass
 class StepGraph:
     """Every costed node in execution order, the step's inputs, parameters and liveness."""
@@ -67,6 +78,8 @@ class StepGraph:
     # Values that are trainable parameters used as plain inputs (get_attr): their gradient is the
     # parameter's gradient.
     param_values: dict[Value, str] = field(default_factory=dict)
+    # The checkpointed module calls, in order; a record is in at most one.
+    checkpoint_regions: list[CheckpointRegion] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[NodeRecord]:
         return iter(self.records)
@@ -236,7 +249,33 @@ def build_step_graph(traced: TracedStep, propagation: Propagation) -> StepGraph:
     if released_after is None:  # it depends on the graph's structure only
         released_after = traced.graph_cache["released_after"] = _liveness(traced, records, position, loss)
     return StepGraph(records, placeholders[0], placeholders[1], loss, metas[loss], params, buffers,
-                     param_storages, buffer_storages, released_after, metas, param_values)
+                     param_storages, buffer_storages, released_after, metas, param_values,
+                     _checkpoint_regions(traced, position, metas, same_tensor))
+
+
+def _checkpoint_regions(traced: TracedStep, position: Mapping[fx.Node, int], metas: Mapping[Value, TensorMeta],
+                        same_tensor: Mapping[Value, Value]) -> list[CheckpointRegion]:
+    regions = []
+    for call in traced.checkpoint_calls:
+        inside: list[int] = []
+        node = call.first
+        while True:
+            if node in position:
+                inside.append(position[node])
+            if node is call.last:
+                break
+            node = node.next
+        inputs = []
+        for argument in call.arguments:
+            k = 0
+            while (argument, k) in metas:
+                value = same_tensor.get((argument, k), (argument, k))
+                if value not in inputs:
+                    inputs.append(value)
+                k += 1
+        if inside:
+            regions.append(CheckpointRegion(_param_name(call.qualname), tuple(inside), tuple(inputs)))
+    return regions
 
 
 def _note_values(node: fx.Node, tensors: int, identities: Mapping[Value, tuple[int, int | None]],

@@ -161,6 +161,9 @@ class MemoryResult:
     # the first (``AccumulateGrad``: ``grad += new``, one add per element in the exact convention).
     micro_batches: int = 1
     grad_accumulated: dict[int, int] = field(default_factory=dict)
+    # Activation checkpointing (``StepConfig.checkpoint``): the records whose forward the backward
+    # ran again (their forward FLOPs count in the backward too).
+    recomputed: set[int] = field(default_factory=set)
 
     def fields(self) -> dict[str, int]:
         """The result schema's memory fields."""
@@ -278,9 +281,9 @@ class _Storages:
             self.timeline.append(Snapshot(phase, node, label, tuple(current)))
 
     def result(self, ran_backward: set[int], accumulated: dict[int, int], micro_batches: int = 1,
-               grad_accumulated: dict[int, int] | None = None) -> MemoryResult:
+               grad_accumulated: dict[int, int] | None = None, recomputed: set[int] | None = None) -> MemoryResult:
         return MemoryResult(dict(zip(MEMORY_GROUPS, self.maxima)), self.peak, self.timeline or [], ran_backward,
-                            accumulated, self.events, micro_batches, grad_accumulated or {})
+                            accumulated, self.events, micro_batches, grad_accumulated or {}, recomputed or set())
 
 
 @dataclass(frozen=True)
@@ -366,16 +369,19 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
     entry_grads = list(flow.gradient_bytes.values()) if record_events else None
     mem = _entry(graph, state_before, grads_before, record_timeline, zero_grad=True, record_events=record_events,
                  state_tensors=state_tensors, grad_tensors=entry_grads, micro_batches=micro_batches)
-    saved = _forward_pass(mem, graph, costs, "forward")
-    ran_backward, accumulated, _ = _backward_pass(mem, graph, costs, flow, saved, grads_exist=False)
+    checkpoints = _Checkpoints(graph, costs)
+    saved = _forward_pass(mem, graph, costs, "forward", checkpoints)
+    ran_backward, accumulated, _ = _backward_pass(mem, graph, costs, flow, saved, False, checkpoints)
     grad_accumulated: dict[int, int] = {}
     if micro_batches > 1:
         loss = _storage_key(graph)(graph.loss)
         previous_loss = mem.new_key()
         mem.rekey(loss, previous_loss)
-        saved = _forward_pass(mem, graph, costs, "forward")
+        again_checkpoints = _Checkpoints(graph, costs)
+        saved = _forward_pass(mem, graph, costs, "forward", again_checkpoints)
         mem.release(previous_loss)  # ``loss = ...`` rebinds the loop's name once the forward returns
-        again, again_accumulated, grad_accumulated = _backward_pass(mem, graph, costs, flow, saved, grads_exist=True)
+        again, again_accumulated, grad_accumulated = _backward_pass(mem, graph, costs, flow, saved, True,
+                                                                    again_checkpoints)
         assert again == ran_backward and again_accumulated == accumulated, "micro-batches differ"
 
     # -- optimizer
@@ -384,11 +390,11 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
             mem.add(GROUP_INDEX[event.group], event.nbytes)
             if is_positive(event.nbytes):
                 mem.snapshot("optimizer", step.label, event.label or "step")
-    return mem.result(ran_backward, accumulated, micro_batches, grad_accumulated)
+    return mem.result(ran_backward, accumulated, micro_batches, grad_accumulated, checkpoints.recomputed)
 
 
 def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow,
-                   saved: dict[int, list[object]], grads_exist: bool
+                   saved: dict[int, list[object]], grads_exist: bool, checkpoints: "_Checkpoints | None" = None
                    ) -> tuple[set[int], dict[int, int], dict[int, int]]:
     """``loss.backward()``: the records whose backward ran, the gradient elements each accumulated
     out of place, and (``grads_exist``: every ``.grad`` is there from an earlier micro-batch) the
@@ -411,8 +417,12 @@ def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None],
         if not incoming:
             continue
         ran_backward.add(record.index)
+        if checkpoints is not None:  # its first unpack of a checkpointed region runs the recomputation
+            checkpoints.before_backward(mem, record, saved)
         elements, added = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
                                          graph.metas, param_of_value, pending, param_buffers, grads_exist)
+        if checkpoints is not None:
+            checkpoints.after_backward(mem, record)
         if not is_zero(elements):
             accumulated[record.index] = elements
         if not is_zero(added):
@@ -420,6 +430,8 @@ def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None],
     for keys in saved.values():  # nodes whose backward never ran: their graph dies with the step
         for key in keys:
             mem.release(key)
+    if checkpoints is not None:  # ... and with it the checkpoint frames still alive
+        checkpoints.release_frames(mem)
     for key in grads.values():  # gradients that reached a value nothing consumes (a leaf input)
         mem.release(key)
     assert not param_buffers, f"AccumulateGrad never ran for {sorted(param_buffers)}"
@@ -474,13 +486,174 @@ def _entry(graph: StepGraph, state: int, grads: int, record_timeline: bool, *, z
     return mem
 
 
-def _forward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], phase: str) -> dict[int, list[object]]:
-    """The forward of every record; what autograd saved, per record."""
+def _forward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], phase: str,
+                  checkpoints: "_Checkpoints | None" = None) -> dict[int, list[object]]:
+    """The forward of every record; what autograd saved, per record. In a checkpointed region
+    (``checkpoints``) autograd saves nothing; the region's inputs are kept by its frame."""
     storage_key = _storage_key(graph)
     saved: dict[int, list[object]] = {}
     for record, cost in zip(graph.records, costs):
-        _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()), phase)
+        inside = checkpoints is not None and checkpoints.enter(mem, record, storage_key)
+        _forward_node(mem, record, cost, storage_key, saved, graph.released_after.get(record.index, ()), phase,
+                      checkpointed=inside)
     return saved
+
+
+def _saves(record: NodeRecord, cost: OpCost | None) -> tuple[bool, bool]:
+    """Whether autograd saves tensors for ``record``'s backward, and whether it saves any after the
+    op has computed (one of its outputs, or a ``"saved"`` allocation listed after an output:
+    ``costs.Alloc``); its inputs, an in-place op's clone of its input and dropout's mask are saved
+    before."""
+    if cost is None or not record.op.records_autograd:
+        return False, False
+    after = any(ref.of != "input" for ref in cost.saved)
+    seen_output = False
+    for alloc in cost.forward_allocs:
+        seen_output = seen_output or alloc.lifetime == "output"
+        after = after or (alloc.lifetime == "saved" and seen_output)
+    return after or bool(cost.saved) or any(a.lifetime == "saved" for a in cost.forward_allocs), after
+
+
+class _Checkpoints:
+    """The checkpointed regions of one forward and backward (``StepGraph.checkpoint_regions``),
+    as ``torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)`` runs them
+    (torch 2.14.1, ``_checkpoint_without_reentrant_generator`` and ``_checkpoint_hook``):
+
+    - forward: the frame keeps the region's inputs (``save_inputs``) from the call on; every tensor
+      autograd would save inside is packed into a placeholder instead, so nothing is kept for the
+      backward (an op's extra saved outputs die with the op);
+    - backward: the first unpack (the backward of the region's last record that saves anything)
+      runs the region's forward again from the kept inputs, with gradients on. MemTracker sees the
+      module's forward run in backward: its outputs are ACT. The recomputation keeps each tensor the
+      original forward saved and stops as soon as the last one is saved (early stop): at the last
+      saving record, before its computation when it saves only inputs (autograd packs those before
+      the op runs), after it when it saves an output. Everything else it made dies when it stops;
+    - a recomputed saved tensor goes when its record's backward has unpacked it (its handle is
+      dropped); the frame, and with it the region's inputs, once every record of the region that
+      saved has run its backward (their placeholders hold it), or with the step's graph.
+    """
+
+    def __init__(self, graph: StepGraph, costs: list[OpCost | None]) -> None:
+        self.graph = graph
+        self.costs = costs
+        self.region_of: dict[int, int] = {}
+        self.saves: dict[int, tuple[bool, bool]] = {}
+        self.fresh: list[set[int]] = []
+        for r, region in enumerate(graph.checkpoint_regions):
+            storages: set[int] = set()
+            for i in region.records:
+                self.region_of[i] = r
+                record = graph.records[i]
+                self.saves[i] = _saves(record, costs[i])
+                storages.update(graph.metas[record.output_values[k]].storage for k in record.fresh_outputs)
+            self.fresh.append(storages)
+        # Per region: the inputs its frame keeps, and the saving records whose backward is to come.
+        self.frames: dict[int, list[object]] = {}
+        self.pending: dict[int, set[int]] = {}
+        self.done: set[int] = set()
+        self.recomputed: set[int] = set()
+
+    def enter(self, mem: _Storages, record: NodeRecord, storage_key: Callable[[Value], object]) -> bool:
+        """Before ``record``'s forward: whether it is in a region; at a region's first record, the
+        frame takes its inputs."""
+        r = self.region_of.get(record.index)
+        if r is None:
+            return False
+        region = self.graph.checkpoint_regions[r]
+        if record.index == region.records[0]:
+            keys = [storage_key(value) for value in region.inputs]
+            for key in keys:
+                mem.hold(key)
+            self.frames[r] = keys
+            self.pending[r] = {i for i in region.records if self.saves[i][0]}
+        return True
+
+    def before_backward(self, mem: _Storages, record: NodeRecord, saved: dict[int, list[object]]) -> None:
+        r = self.region_of.get(record.index)
+        if r is None or r in self.done or not self.saves[record.index][0]:
+            return
+        self.done.add(r)
+        self._recompute(mem, r, saved)
+
+    def after_backward(self, mem: _Storages, record: NodeRecord) -> None:
+        r = self.region_of.get(record.index)
+        if r is None or r not in self.pending:
+            return
+        self.pending[r].discard(record.index)
+        if not self.pending[r]:
+            self._release_frame(mem, r)
+
+    def release_frames(self, mem: _Storages) -> None:
+        for r in list(self.frames):
+            self._release_frame(mem, r)
+
+    def _release_frame(self, mem: _Storages, r: int) -> None:
+        for key in self.frames.pop(r, ()):
+            mem.release(key)
+        self.pending.pop(r, None)
+
+    def _recompute(self, mem: _Storages, r: int, saved: dict[int, list[object]]) -> None:
+        region = self.graph.checkpoint_regions[r]
+        metas = self.graph.metas
+        fresh = self.fresh[r]
+
+        def key(value: Value) -> object:
+            storage = metas[value].storage
+            return ("recompute", r, storage) if storage in fresh else ("storage", storage)
+
+        savers = [i for i in region.records if self.saves[i][0]]
+        stop = savers[-1]
+        held: list[object] = []  # the recomputation's own references (its locals), dropped when it stops
+        for i in region.records:
+            record, cost = self.graph.records[i], self.costs[i]
+            if i == stop and not self.saves[i][1]:  # saves what it saves first, then the recomputation stops
+                keys = [key(record.input_values[ref.index]) for ref in cost.saved]
+                for k in keys:
+                    mem.hold(k)
+                keys += [mem.anonymous(alloc.nbytes, ACT) for alloc in cost.forward_allocs if alloc.lifetime == "saved"]
+                saved[i] = keys
+                mem.snapshot("backward", record.name, "recompute")
+                break
+            node_saved: list[object] = []
+            transients: list[object] = []
+            outputs = record.output_values
+            fresh_outputs = set(record.fresh_outputs)
+            if cost is not None:
+                for alloc in cost.forward_allocs:
+                    if alloc.lifetime == "output":
+                        if alloc.index in fresh_outputs:
+                            fresh_outputs.discard(alloc.index)
+                            mem.allocate(key(outputs[alloc.index]), alloc.nbytes, ACT, refs=0)
+                    elif alloc.lifetime == "saved" and record.op.records_autograd:
+                        node_saved.append(mem.anonymous(alloc.nbytes, ACT))
+                    else:
+                        transients.append(mem.anonymous(alloc.nbytes, ACT))
+            for index in sorted(fresh_outputs):
+                mem.allocate(key(outputs[index]), record.op.outputs[index].storage_nbytes, ACT, refs=0)
+            for value in outputs:
+                mem.hold(key(value))
+                held.append(key(value))
+            if cost is not None and record.op.records_autograd:
+                for ref in cost.saved:
+                    values = record.input_values if ref.of == "input" else outputs
+                    k = key(values[ref.index])
+                    mem.hold(k)
+                    node_saved.append(k)
+            if node_saved:
+                saved[i] = node_saved
+            self.recomputed.add(i)
+            mem.snapshot("backward", record.name, "recompute")
+            for k in transients:
+                mem.release(k)
+            for value in self.graph.released_after.get(i, ()):
+                k = key(value)
+                if k in held:
+                    held.remove(k)
+                    mem.release(k)
+            if i == stop:
+                break
+        for k in held:
+            mem.release(k)
 
 
 def _parts_if_they_sum(parts: Sequence[int] | None, total: int) -> list[int] | None:
@@ -500,12 +673,14 @@ def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
 
 
 def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
-                  saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value], phase: str) -> None:
+                  saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value], phase: str,
+                  checkpointed: bool = False) -> None:
     op = record.op
     outputs = record.output_values
     fresh = set(record.fresh_outputs)
     transients: list[object] = []
-    records_autograd = op.records_autograd
+    # In a checkpointed region autograd keeps a placeholder, not the tensor (``_Checkpoints``).
+    records_autograd = op.records_autograd and not checkpointed
     node_saved: list[object] = []
     if cost is not None:
         for alloc in cost.forward_allocs:

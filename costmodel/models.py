@@ -6,6 +6,7 @@ Shared by the runtime reference and the analytic engine, so both describe the sa
 from __future__ import annotations
 
 import copy
+import fnmatch
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -150,6 +151,23 @@ def step_model(config: StepConfig) -> nn.Module:
     ``config.classes`` classes in the step's precision (:func:`in_step_dtype`). The one place the
     engine gets a model by name."""
     return in_step_dtype(meta_model(config.model, config.classes), config)
+
+
+def checkpointed_modules(model: nn.Module, pattern: str, label: str = "the model") -> list[tuple[str, nn.Module]]:
+    """The modules ``StepConfig.checkpoint`` names: those whose qualified name matches the fnmatch
+    ``pattern``, outermost only (``layer*`` gives ResNet's ``layer1``..``layer4``, not the blocks
+    inside them, which ``layer*`` matches too), in module order. A pattern that matches nothing is
+    refused, naming the model's top-level modules; "" names none."""
+    if not pattern:
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and fnmatch.fnmatchcase(name, pattern) and not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    if not found:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise CostModelError(f"--checkpoint {pattern!r} matches no module of {label} (its top-level modules: {children})")
+    return found
 
 
 def head_name(model: nn.Module) -> str:

@@ -54,7 +54,8 @@ from costmodel.registry import default_plugin_manager, optimizer_names
 from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
 from costmodel.models import step_dtype, step_model
-from costmodel.trace import TracedStep, for_phase, prepare_method, structure_key, trace_config, trace_model
+from costmodel.trace import (TracedStep, check_checkpointed, checkpoint_modules, for_phase, prepare_method,
+                             structure_key, trace_config, trace_model)
 
 
 @dataclass(frozen=True)
@@ -194,16 +195,19 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     if traced is None:
         loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
         model = step_model(config)
+        checkpointed = checkpoint_modules(model, config)
         prepared = prepare_method(manager, model, config)
+        check_checkpointed(model, checkpointed)
         for_phase(model, config)
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
         structure = (manager, config.channels, config.loss, config.classes, config.micro_batches, config.dtype,
-                     structure_key(model, prepared))
+                     config.checkpoint if checkpointed else "", structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
             traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
-                                 micro_batches=config.micro_batches, dtype=step_dtype(config))
+                                 micro_batches=config.micro_batches, dtype=step_dtype(config),
+                                 checkpointed=checkpointed)
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -314,6 +318,8 @@ def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResul
         forward = forward + cost.forward
         if record.index in memory.ran_backward:
             backward = backward + cost.backward
+        if record.index in memory.recomputed:  # activation checkpointing runs it again in backward
+            backward = backward + cost.forward
     # Autograd adds the gradients of a value used twice (one add per element; the stock counter
     # counts no adds), and from the second micro-batch on each new gradient into its ``.grad``.
     backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
@@ -394,6 +400,8 @@ def node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
         micro = memory.micro_batches  # every figure is the step's: the node's over its micro-batches
         backward = ((cost.backward + Flops(0, memory.accumulated.get(record.index, 0))) * micro
                     + Flops(0, (micro - 1) * memory.grad_accumulated.get(record.index, 0)) if ran else Flops())
+        if record.index in memory.recomputed:
+            backward = backward + cost.forward * micro
         nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward * micro,
                               backward, ran, allocated, True, cost.note))
     return nodes
@@ -480,7 +488,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
-            accumulate: int = 1, dtype: str = "fp32", allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+            accumulate: int = 1, dtype: str = "fp32", checkpoint: str = "", allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
@@ -499,6 +507,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     ``accumulate``: gradient accumulation over that many micro-batches of ``batch`` images per
     optimizer step (``StepConfig.accumulate``). ``dtype``: the step's precision, ``"fp32"``,
     ``"bf16"`` or ``"fp16"`` (``StepConfig.dtype``; a module must already be in it).
+    ``checkpoint``: activation checkpointing of the outermost modules whose qualified name matches
+    this fnmatch pattern (``StepConfig.checkpoint``).
     """
     from costmodel.config import check_int, check_positive
 
@@ -524,5 +534,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
                         step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
                         optimizer=StepConfig.optimizer if optimizer is None else optimizer,
                         optimizer_options={} if optimizer_options is None else optimizer_options,
-                        accumulate=accumulate, dtype=dtype)
+                        accumulate=accumulate, dtype=dtype, checkpoint=checkpoint)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

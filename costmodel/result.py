@@ -99,7 +99,7 @@ def setup_label(config: StepConfig) -> str:
     """The input, loss and accumulation, where they are not the default ones (", channels=1,
     loss=mse, accumulate=4")."""
     defaults = StepConfig()
-    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss", "accumulate", "dtype")
+    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss", "accumulate", "dtype", "checkpoint")
                    if getattr(config, name) != getattr(defaults, name))
 
 

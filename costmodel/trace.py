@@ -17,7 +17,7 @@ import sys
 import sysconfig
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from costmodel.config import EVALUATION, StepConfig
 from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import TrainingStep, in_step_dtype, step_dtype, step_model
+from costmodel.models import TrainingStep, checkpointed_modules, in_step_dtype, step_dtype, step_model
 from costmodel.plugin_calls import PREPARE_METHOD, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
@@ -63,6 +63,18 @@ class _InPlaceProxy(fx.Proxy):
 
 
 @dataclass(frozen=True)
+class CheckpointCall:
+    """One call of a module ``StepConfig.checkpoint`` names: the graph nodes recorded inside it
+    (``first`` .. ``last`` in graph order) and the nodes of its tensor arguments, which
+    ``torch.utils.checkpoint`` keeps for the recomputation."""
+
+    qualname: str
+    arguments: tuple[fx.Node, ...]
+    first: fx.Node
+    last: fx.Node
+
+
+@dataclass(frozen=True)
 class ModuleCall:
     """One call of a traced-through (non-leaf) module: eager PyTorch keeps the call's arguments
     alive (the caller's frame and ``Module.__call__`` hold them) until the call returns, i.e. until
@@ -77,10 +89,14 @@ class StepTracer(fx.Tracer):
     """A tracer that keeps method modules (``PreparedMethod.leaf_modules``) whole, records in-place
     operators, and remembers each traced-through module call for liveness."""
 
-    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = ()) -> None:
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), checkpointed: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.leaf_modules = leaf_modules
         self.module_calls: list[ModuleCall] = []
+        # ``id()`` of the modules whose calls are checkpointed, and each such (outermost) call.
+        self.checkpointed = checkpointed
+        self.checkpoint_calls: list[CheckpointCall] = []
+        self._in_checkpoint = False
         self._parameter_names: tuple[nn.Module, dict[int, str]] | None = None
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
@@ -119,6 +135,18 @@ class StepTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
         qualname = self.path_of_module(m)
+        if id(m) in self.checkpointed and not self._in_checkpoint:
+            self._in_checkpoint = True
+            before = _last_node(self.graph)
+            try:
+                result = self.call_module(m, forward, args, kwargs)
+            finally:
+                self._in_checkpoint = False
+            last = _last_node(self.graph)
+            if last is not before:
+                arguments = tuple(a.node for a in tree_flatten((args, kwargs))[0] if isinstance(a, fx.Proxy))
+                self.checkpoint_calls.append(CheckpointCall(qualname, arguments, before.next, last))
+            return result
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
         before = _last_node(self.graph)
@@ -294,6 +322,8 @@ class TracedStep:
     target: Callable[[Any], torch.Tensor] | None = None
     # The images' dtype (``StepConfig.dtype``), part of the structure like the channels.
     dtype: torch.dtype = torch.float32
+    # The calls of the modules ``StepConfig.checkpoint`` names, in graph order.
+    checkpoint_calls: list[CheckpointCall] = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -421,18 +451,20 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
 
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3, *,
                 loss: LossSpec | None = None, classes: int = StepConfig.classes,
-                micro_batches: int = StepConfig.accumulate, dtype: torch.dtype = torch.float32) -> TracedStep:
+                micro_batches: int = StepConfig.accumulate, dtype: torch.dtype = torch.float32,
+                checkpointed: Sequence[tuple[str, nn.Module]] = ()) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
     ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
     loss, as the default plugins describe it) for ``classes`` classes; divided by ``micro_batches``
     when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``); the images, and
-    a floating target, in ``dtype``."""
+    a floating target, in ``dtype``; each call of the ``checkpointed`` modules recorded as a
+    :class:`CheckpointCall` (``checkpoint_modules``)."""
     if loss is None:
         from costmodel.registry import default_plugin_manager
 
         loss = loss_spec(default_plugin_manager(), StepConfig.loss)
     step_module = TrainingStep(model, loss.criterion(), micro_batches)
-    tracer = StepTracer(tuple(prepared.leaf_modules))
+    tracer = StepTracer(tuple(prepared.leaf_modules), frozenset(id(module) for _, module in checkpointed))
     watcher = _LocalsWatcher(tracer)
     try:
         # Traced with gradients on whatever the caller's mode: a node with them off is the forward's own.
@@ -449,7 +481,26 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
     return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
                       channels=channels, target=functools.partial(loss.target, classes=classes, floating=dtype),
-                      dtype=dtype)
+                      dtype=dtype, checkpoint_calls=tracer.checkpoint_calls)
+
+
+def checkpoint_modules(model: nn.Module, config: StepConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config.checkpoint`` names in ``model`` before its method is applied
+    (``models.checkpointed_modules``; none for an evaluation pass, which saves nothing for a
+    backward)."""
+    if config.phase == EVALUATION:
+        return []
+    return checkpointed_modules(model, config.checkpoint, config.model)
+
+
+def check_checkpointed(model: nn.Module, checkpointed: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse a checkpointed module that the method replaced (an adapted layer): checkpointing is
+    of a module of the prepared model, and that one is gone."""
+    present = {id(module) for module in model.modules()}
+    gone = [name for name, module in checkpointed if id(module) not in present]
+    if gone:
+        raise CostModelError(f"--checkpoint: the method replaced {', '.join(gone)}; checkpoint a module that "
+                             f"contains it")
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
@@ -459,10 +510,12 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
         model = step_model(config)
     else:
         model = meta_copy(in_step_dtype(model, config, label=config.model)).train()
+    checkpointed = checkpoint_modules(model, config)
     prepared = prepare_method(manager, model, config)
+    check_checkpointed(model, checkpointed)
     for_phase(model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
-                       micro_batches=config.micro_batches, dtype=step_dtype(config))
+                       micro_batches=config.micro_batches, dtype=step_dtype(config), checkpointed=checkpointed)
 
 
 class Recorder(fx.Interpreter):

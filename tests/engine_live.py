@@ -12,23 +12,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from costmodel.models import make_batch
+from costmodel.models import checkpointed_modules, make_batch
 from costmodel.result import MEMORY_FIELDS, StepCost
 from costmodel.models import TrainingStep
-from costmodel.validation.measure import loss_of, measure_step, tracked_evaluation, train_step
+from costmodel.validation.measure import loss_of, measure_step, tracked_evaluation, train_step, wrap_checkpointed
 
 
 def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bool] = lambda name: True, *,
                    batch: int = 2, resolution: int = 8, classes: int = 10, step: int = 2, channels: int = 3,
                    loss: str = "cross_entropy", phase: str = "train", accumulate: int = 1,
-                   dtype: torch.dtype = torch.float32,
+                   dtype: torch.dtype = torch.float32, checkpoint: str = "",
                    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                    fake: bool = True) -> dict[str, Any]:
     """FLOPs per phase and memory per group of step ``step`` of ``build()`` trained with ``optimizer``
     (AdamW(lr=1e-3) by default) on the parameters whose name ``trainable`` accepts; with
     ``phase="evaluate"``, of the evaluation pass after ``step`` training steps; ``accumulate``
     micro-batches of ``batch`` images per training step (``StepConfig.accumulate``); the images (and
-    a floating target) in ``dtype`` (``build()`` makes the model in it)."""
+    a floating target) in ``dtype`` (``build()`` makes the model in it); the modules ``checkpoint``
+    names run under activation checkpointing (``StepConfig.checkpoint``)."""
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -39,6 +40,8 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         model = build().train()
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable(name))
+        if phase != "evaluate":
+            wrap_checkpointed(model, checkpointed_modules(model, checkpoint))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
         criterion, target = loss_of(loss)

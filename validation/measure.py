@@ -36,10 +36,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from costmodel.config import TRAINING, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import TrainingStep, build_model, in_step_dtype, make_batch, step_dtype, training_loss
+from costmodel.models import TrainingStep, build_model, checkpointed_modules, in_step_dtype, make_batch, step_dtype, training_loss
 from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
@@ -104,6 +105,36 @@ def materialize_fake(model: nn.Module, mode: contextlib.AbstractContextManager) 
                 for name, tensor in tensors.items():
                     if tensor is not None:
                         tensors[name] = fake_like(tensor)
+
+
+class CheckpointedCall(nn.Module):
+    """What ``StepConfig.checkpoint`` makes of a module in the reference:
+    ``torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)``, the module called
+    through ``__call__`` in the recomputation too (as transformers' gradient checkpointing and
+    ``torch.distributed``'s ``checkpoint_wrapper`` call it), so MemTracker sees the recomputation
+    as the module's forward run again in backward (its AC rule: ACT, not TEMP)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(self.module, *args, use_reentrant=False, **kwargs)
+
+
+def wrap_checkpointed(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> None:
+    """Wrap each of ``modules`` (``models.checkpointed_modules`` of the model before its method was
+    applied; the same objects are still in it) in a :class:`CheckpointedCall`, in place. A module
+    the method replaced (an adapted layer) is refused: checkpoint one that contains it."""
+    wanted = {id(module): name for name, module in modules}
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in wanted:
+                parent._modules[key] = CheckpointedCall(child)
+                del wanted[id(child)]
+    if wanted:
+        raise CostModelError(f"--checkpoint: the method replaced {', '.join(sorted(wanted.values()))}; "
+                             f"checkpoint a module that contains it")
 
 
 @dataclass
@@ -321,12 +352,17 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
         mode = FakeTensorMode()
         # peft moves new adapters with Module.to(), which must swap fake parameters and cannot
         # (FakeTensorMode holds weak references to its tensors): prepare on meta, then materialise.
-        applied = apply_config(in_step_dtype(build_model(config.model, num_classes=config.classes, device="meta"),
-                                             config), config, materialize=lambda model: materialize_fake(model, mode))
+        model = in_step_dtype(build_model(config.model, num_classes=config.classes, device="meta"), config)
+        checkpointed = checkpointed_modules(model, config.checkpoint, config.model)
+        applied = apply_config(model, config, materialize=lambda model: materialize_fake(model, mode))
     with mode:
         torch.manual_seed(SEED)
         if not fake:
-            applied = apply_config(in_step_dtype(build_model(config.model, num_classes=config.classes), config), config)
+            model = in_step_dtype(build_model(config.model, num_classes=config.classes), config)
+            checkpointed = checkpointed_modules(model, config.checkpoint, config.model)
+            applied = apply_config(model, config)
+        if config.phase == TRAINING:  # an evaluation under no_grad saves nothing: checkpointing changes nothing
+            wrap_checkpointed(applied.model, checkpointed)
         images, labels = make_batch(config.batch * config.micro_batches, config.resolution, config.classes, seed=SEED,
                                     channels=config.channels, target=target, dtype=step_dtype(config))
         training_step = TrainingStep(applied.model, criterion(), config.micro_batches)
