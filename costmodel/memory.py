@@ -614,37 +614,9 @@ class _Checkpoints:
                 saved[i] = keys
                 mem.snapshot("backward", record.name, "recompute")
                 break
-            node_saved: list[object] = []
-            transients: list[object] = []
-            outputs = record.output_values
-            fresh_outputs = set(record.fresh_outputs)
-            if cost is not None:
-                for alloc in cost.forward_allocs:
-                    if alloc.lifetime == "output":
-                        if alloc.index in fresh_outputs:
-                            fresh_outputs.discard(alloc.index)
-                            mem.allocate(key(outputs[alloc.index]), alloc.nbytes, ACT, refs=0)
-                    elif alloc.lifetime == "saved" and record.op.records_autograd:
-                        node_saved.append(mem.anonymous(alloc.nbytes, ACT))
-                    else:
-                        transients.append(mem.anonymous(alloc.nbytes, ACT))
-            for index in sorted(fresh_outputs):
-                mem.allocate(key(outputs[index]), record.op.outputs[index].storage_nbytes, ACT, refs=0)
-            for value in outputs:
-                mem.hold(key(value))
-                held.append(key(value))
-            if cost is not None and record.op.records_autograd:
-                for ref in cost.saved:
-                    values = record.input_values if ref.of == "input" else outputs
-                    k = key(values[ref.index])
-                    mem.hold(k)
-                    node_saved.append(k)
-            if node_saved:
-                saved[i] = node_saved
+            _run_node(mem, record, cost, key, saved, "backward", "recompute", record.op.records_autograd)
+            held.extend(key(value) for value in record.output_values)
             self.recomputed.add(i)
-            mem.snapshot("backward", record.name, "recompute")
-            for k in transients:
-                mem.release(k)
             for value in self.graph.released_after.get(i, ()):
                 k = key(value)
                 if k in held:
@@ -675,12 +647,22 @@ def _storage_key(graph: StepGraph) -> Callable[[Value], object]:
 def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
                   saved: dict[int, list[object]], released: tuple[Value, ...] | list[Value], phase: str,
                   checkpointed: bool = False) -> None:
+    """One record's forward, then the values the forward code drops after it. In a checkpointed
+    region autograd keeps a placeholder, not the tensor (``_Checkpoints``)."""
+    _run_node(mem, record, cost, storage_key, saved, phase, "forward", record.op.records_autograd and not checkpointed)
+    for value in released:
+        mem.release(storage_key(value))
+
+
+def _run_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
+              saved: dict[int, list[object]], phase: str, label: str, records_autograd: bool) -> None:
+    """What running ``record``'s op allocates (its plugin's list in order; fresh outputs it does not
+    list), one reference to each output for the code that holds it, what autograd keeps
+    (``records_autograd``) in ``saved``, a snapshot, and the transients freed."""
     op = record.op
     outputs = record.output_values
     fresh = set(record.fresh_outputs)
     transients: list[object] = []
-    # In a checkpointed region autograd keeps a placeholder, not the tensor (``_Checkpoints``).
-    records_autograd = op.records_autograd and not checkpointed
     node_saved: list[object] = []
     if cost is not None:
         for alloc in cost.forward_allocs:
@@ -705,11 +687,9 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
             node_saved.append(key)
     if node_saved:
         saved[record.index] = node_saved
-    mem.snapshot(phase, record.name, "forward")
+    mem.snapshot(phase, record.name, label)
     for key in transients:
         mem.release(key)
-    for value in released:
-        mem.release(storage_key(value))
 
 
 def _gradient_target(record: NodeRecord, index: int) -> Value:

@@ -1,0 +1,112 @@
+"""The training-setups acceptance matrix (issue 11): each setup predicted and measured.
+
+    python -m costmodel.validation.setups_matrix [--models mobilenet_v2 resnet18]
+        [--methods fft lora galore] [--setups ...] [--steps 1 2] [--batch 4] [--resolution 64] [--real]
+
+A setup is a set of ``StepConfig`` fields beside the method: the precision (``--dtype``),
+activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
+``features.*`` on MobileNets), gradient accumulation (``--accumulate 4``), the optimizer
+(``--optimizer``, GaLore keeping its own), and all of them together. For every model x method x
+setup x step it predicts the step and measures it (under FakeTensorMode unless ``--real``),
+prints one line each, then a table of the setups: how many configurations are equal on every
+field (FLOPs per phase in both conventions, every memory group and the peak to the byte,
+trainable parameters), and the worst field where one is not. Exits with status 1 if any is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from costmodel.config import StepConfig
+from costmodel.validation.methods_matrix import Errors, errors
+
+MODELS: tuple[str, ...] = ("mobilenet_v2", "resnet18")
+METHODS: tuple[str, ...] = ("fft", "lora", "galore")
+# Every block, by model family: the pattern ``--checkpoint`` takes.
+BLOCKS: dict[str, str] = {"resnet": "layer*", "mobilenet": "features.*"}
+
+
+def blocks(model: str) -> str:
+    for prefix, pattern in BLOCKS.items():
+        if model.startswith(prefix):
+            return pattern
+    raise SystemExit(f"no block pattern for {model!r}; known families: {', '.join(BLOCKS)}")
+
+
+# Setup name -> the StepConfig fields it sets ("BLOCKS": the model's every-block pattern).
+SETUPS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "bf16": {"dtype": "bf16"},
+    "fp16": {"dtype": "fp16"},
+    "checkpoint": {"checkpoint": "BLOCKS"},
+    "accumulate4": {"accumulate": 4},
+    "sgd-momentum": {"optimizer": "sgd", "optimizer_options": {"momentum": 0.9}},
+    "adam": {"optimizer": "adam"},
+    "bf16+checkpoint+accumulate2": {"dtype": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
+}
+OPTIMIZER_FIELDS = ("optimizer", "optimizer_options")
+
+
+def configurations(models: Sequence[str], methods: Sequence[str], setups: Sequence[str], steps: Sequence[int],
+                   batch: int, resolution: int) -> Iterator[tuple[str, StepConfig]]:
+    """Every (setup, configuration); GaLore keeps its own optimizer (no optimizer setups), and is
+    taken at T = 1 (an SVD on every step)."""
+    for model, method, setup, step in itertools.product(models, methods, setups, steps):
+        fields = {key: blocks(model) if value == "BLOCKS" else value for key, value in SETUPS[setup].items()}
+        if method == "galore" and any(key in fields for key in OPTIMIZER_FIELDS):
+            continue
+        options = {"update_proj_gap": 1} if method == "galore" else {}
+        yield setup, StepConfig(model=model, method=method, batch=batch, resolution=resolution, step=step,
+                                options=options, **fields)
+
+
+def table(results: list[tuple[str, Errors]]) -> str:
+    """Per setup: configurations equal on every field, and the worst broken field if any."""
+    lines = [f"{'setup':<30}{'equal':>12}  worst difference"]
+    for setup in dict.fromkeys(name for name, _ in results):
+        rows = [e for name, e in results if name == setup]
+        broken = [e for e in rows if e.broken()]
+        worst = "-" if not broken else f"{broken[0].broken()[0]} ({broken[0].config.model} {broken[0].config.method})"
+        lines.append(f"{setup:<30}{len(rows) - len(broken):>6} of {len(rows):<3}  {worst}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m costmodel.validation.setups_matrix", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--steps", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--real", action="store_true", help="measure with real tensors instead of FakeTensorMode")
+    args = parser.parse_args(argv)
+
+    from costmodel.prediction import predict_config
+    from costmodel.validation.measure import measure
+
+    results: list[tuple[str, Errors]] = []
+    started = time.perf_counter()
+    for setup, config in configurations(args.models, args.methods, args.setups, args.steps, args.batch,
+                                        args.resolution):
+        result = errors(predict_config(config), measure(config, fake=not args.real))
+        results.append((setup, result))
+        broken = result.broken()
+        print(f"{setup:<30}{config.model:<14}{config.method:<8}k={config.step}  "
+              f"{'equal on every field' if not broken else 'BROKEN: ' + '; '.join(broken)}", flush=True)
+    print()
+    print(table(results))
+    failures = sum(1 for _, e in results if e.broken())
+    print(f"\n{len(results)} configurations ({'real' if args.real else 'FakeTensorMode'} measurements, "
+          f"B={args.batch} R={args.resolution}), {failures} not equal, {time.perf_counter() - started:.0f}s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
