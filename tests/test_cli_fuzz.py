@@ -85,6 +85,8 @@ class Values:
                 self.maybe("--classes", self.pick(["2", "10", "100"], HUGE)),
                 self.maybe("--step", self.pick(["1", "2", "3"], HUGE)),
                 self.maybe("--accumulate", self.pick(["1", "2", "3"], HUGE)),
+                self.maybe("--dtype", self.pick(["fp32", "bf16", "fp16"], ["fp64", "", "BF16"], junk_too=False)),
+                self.maybe("--checkpoint", self.pick(["layer*", "features.*", "*"], ["nosuch", "[", ""])),
                 self.maybe("--galore-update-proj-gap", self.pick(["1", "2", "200"], HUGE))]
 
     def paths(self) -> st.SearchStrategy[str]:
