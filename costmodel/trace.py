@@ -96,7 +96,11 @@ class StepTracer(fx.Tracer):
         # ``id()`` of the modules whose calls are checkpointed, and each such (outermost) call.
         self.checkpointed = checkpointed
         self.checkpoint_calls: list[CheckpointCall] = []
+        self.checkpointed_called: set[int] = set()
         self._in_checkpoint = False
+        # The model's own checkpoint calls: id(frame) -> [module name, arguments, first, last, frame]
+        # (the frame is kept so that its id stays unique while tracing).
+        self._own_calls: dict[int, list[Any]] = {}
         self._parameter_names: tuple[nn.Module, dict[int, str]] | None = None
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, fx.Proxy]) -> Any:
@@ -129,13 +133,40 @@ class StepTracer(fx.Tracer):
                     name: str | None = None, type_expr: Any | None = None) -> fx.Node:
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind not in ("placeholder", "output"):
-            refuse_unmodelled_context(node, self.module_stack)
+            own = self._own_checkpoint(node)
+            refuse_unmodelled_context(node, self.module_stack, checkpointed=own)
         return node
+
+    def _own_checkpoint(self, node: fx.Node) -> bool:
+        """Whether ``node`` is created inside the model's own ``torch.utils.checkpoint(module, ...,
+        use_reentrant=False)``: its saved-tensor hooks are checkpoint's, whose frame holds the
+        module (the function it recomputes) and the call's arguments. The node joins that call's
+        region, modelled as ``--checkpoint`` models one. A checkpoint of a plain function (which
+        MemTracker splits between ACT and TEMP by the modules it calls) or inside another
+        checkpointed region is left to ``refuse_unmodelled_context``."""
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False) or self._in_checkpoint:
+            return False
+        frame = _closure_value(hooks[0], "frame")
+        module = _closure_value(getattr(frame, "recompute_fn", None), "fn")
+        if not isinstance(module, nn.Module):
+            return False
+        call = self._own_calls.get(id(frame))
+        if call is None:
+            arguments = tuple(a.node for a in getattr(frame, "saved_args", ()) if isinstance(a, fx.Proxy))
+            call = self._own_calls[id(frame)] = [self.path_of_module(module), arguments, node, node, frame]
+        call[3] = node
+        return True
+
+    def own_checkpoint_calls(self) -> list[CheckpointCall]:
+        """The model's own checkpointed calls (``_own_checkpoint``), in graph order."""
+        return [CheckpointCall(name, arguments, first, last) for name, arguments, first, last, _ in self._own_calls.values()]
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
         qualname = self.path_of_module(m)
         if id(m) in self.checkpointed and not self._in_checkpoint:
+            self.checkpointed_called.add(id(m))
             self._in_checkpoint = True
             before = _last_node(self.graph)
             try:
@@ -162,7 +193,7 @@ class StepTracer(fx.Tracer):
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
-def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any]) -> None:
+def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any], checkpointed: bool = False) -> None:
     """Refuse a node that the model's forward creates in a context fx does not record.
 
     fx traces by running the forward with proxies, so a context manager in it (``torch.autocast``,
@@ -172,7 +203,8 @@ def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any]) ->
     refused by name. Gradients disabled covers ``torch.no_grad()``, ``torch.utils.checkpoint(...,
     use_reentrant=True)`` and a custom ``torch.autograd.Function`` (its forward runs with grad
     mode off); saved-tensor hooks cover ``use_reentrant=False`` checkpoints and
-    ``torch.autograd.graph.save_on_cpu``."""
+    ``torch.autograd.graph.save_on_cpu``, except a checkpointed module call the tracer models
+    (``checkpointed``: ``StepTracer._own_checkpoint``)."""
     where = f"node {node.name!r}"
     module = next(reversed(module_stack), "") if module_stack else ""
     if module:
@@ -188,11 +220,22 @@ def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any]) ->
             f"{where} runs with gradients disabled in the model's forward (torch.no_grad, a custom "
             f"torch.autograd.Function or torch.utils.checkpoint(use_reentrant=True)): the engine cannot model "
             f"what autograd records there; remove it to predict the step without it")
-    if torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+    if not checkpointed and torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
         raise CostModelError(
-            f"{where} runs under saved-tensor hooks in the model's forward (torch.utils.checkpoint or "
-            f"torch.autograd.graph.saved_tensors_hooks): the engine does not model recomputation or moved saved "
-            f"tensors; remove the checkpoint to predict the step without it")
+            f"{where} runs under saved-tensor hooks in the model's forward (torch.autograd.graph.saved_tensors_hooks, "
+            f"save_on_cpu, or torch.utils.checkpoint of a function rather than a module, or nested): the engine "
+            f"models checkpoint(module, ..., use_reentrant=False) only; checkpoint modules (--checkpoint)")
+
+
+def _closure_value(function: Any, name: str) -> Any:
+    """The value of free variable ``name`` in ``function``'s closure, or None."""
+    code = getattr(function, "__code__", None)
+    if code is None or name not in code.co_freevars or function.__closure__ is None:
+        return None
+    try:
+        return function.__closure__[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _last_node(graph: fx.Graph) -> fx.Node | None:
@@ -478,10 +521,20 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
             f"cannot trace {label} with torch.fx ({type(error).__name__}: {error}); a method plugin "
             f"can keep the offending module whole by listing its type in PreparedMethod.leaf_modules"
         ) from None
+    never = [name for name, module in checkpointed if id(module) not in tracer.checkpointed_called]
+    if never:  # a container iterated by the forward (a ModuleList), or a module it does not use
+        raise CostModelError(f"--checkpoint: the forward never calls {', '.join(never)}; checkpoint the modules it "
+                             f"calls (for a container, its children: '{never[0]}.*')")
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
     return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
                       channels=channels, target=functools.partial(loss.target, classes=classes, floating=dtype),
-                      dtype=dtype, checkpoint_calls=tracer.checkpoint_calls)
+                      dtype=dtype, checkpoint_calls=_in_graph_order(graph, tracer.checkpoint_calls
+                                                                    + tracer.own_checkpoint_calls()))
+
+
+def _in_graph_order(graph: fx.Graph, calls: list[CheckpointCall]) -> list[CheckpointCall]:
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    return sorted(calls, key=lambda call: position[call.first])
 
 
 def checkpoint_modules(model: nn.Module, config: StepConfig) -> list[tuple[str, nn.Module]]:

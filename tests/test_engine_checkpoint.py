@@ -48,6 +48,32 @@ def test_checkpointed_blocks_equal_the_measurement(last: str, pattern: str) -> N
     assert_matches(predicted, measure_module(build, batch=2, resolution=8, checkpoint=pattern))
 
 
+class OwnCheckpoints(nn.Module):
+    """A model that calls ``torch.utils.checkpoint`` on its blocks in its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(8, "relu"), Block(8, "add")])
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_a_models_own_checkpoint_calls_are_modelled_like_the_option(step: int) -> None:
+    predicted = costmodel.predict(OwnCheckpoints(), "fft", batch=2, resolution=8, step=step)
+    assert_matches(predicted, measure_module(OwnCheckpoints, batch=2, resolution=8, step=step))
+    with pytest.raises(CostModelError, match="nested"):  # the option around the model's own call
+        costmodel.predict(OwnCheckpoints(), "fft", batch=2, resolution=8, checkpoint="blocks.*")
+    with pytest.raises(CostModelError, match=r"the forward never calls blocks; .* 'blocks\.\*'"):
+        costmodel.predict(OwnCheckpoints(), "fft", batch=2, resolution=8, checkpoint="blocks")
+
+
 def test_checkpointing_with_accumulation_and_bf16_equals_the_measurement() -> None:
     build = lambda: _net("relu")().to(torch.bfloat16)  # noqa: E731 (real tensors: .to is fine)
     predicted = costmodel.predict(build(), "fft", batch=2, resolution=8, checkpoint="[12]", accumulate=2,
