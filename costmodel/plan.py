@@ -28,7 +28,7 @@ from typing import Any
 from costmodel.config import MAX_INT, StepConfig
 from costmodel.devices import DeviceProfile, fit_of, resolve_device
 from costmodel.errors import CostModelError
-from costmodel.result import FLOP_CONVENTIONS, MEMORY_GROUPS, StepCost, format_table
+from costmodel.result import FLOP_CONVENTIONS, MEMORY_GROUPS, StepCost, format_table, setup_label
 from costmodel.sweep import (Predictor, format_bytes, format_flops, predict_all, predict_series, progress_bar,
                              supported_methods)
 
@@ -242,8 +242,8 @@ class Plan:
 
     def render(self) -> str:
         c = self.base
-        lines = [f"{c.model}, batch={c.batch}, resolution={c.resolution}, classes={c.classes}, step={c.step}; "
-                 f"budget: {self.budget.describe()}", ""]
+        lines = [f"{c.model}, batch={c.batch}, resolution={c.resolution}, classes={c.classes}, step={c.step}"
+                 f"{setup_label(c)}; budget: {self.budget.describe()}", ""]
         if self.fitting:
             best_by_method: dict[str, Candidate] = {}
             for candidate in self.fitting:

@@ -425,3 +425,16 @@ def test_report_says_what_is_missing_instead_of_inventing_it(tmp_path) -> None:
     assert "not yet predicted | not yet measured" in dora_row
     data = json.loads((tmp_path / "data.json").read_text())
     assert data["missing"]["measured"] and not data["measured"]
+
+
+def test_plan_takes_the_setup_options_as_the_readme_says(capsys: pytest.CaptureFixture[str]) -> None:
+    """README: resnet18 at B=4, R=64 in 64 MiB: 27 fit in fp32 (LoRA up to r=26, bn_head); 193 with
+    bf16 weights and every stage checkpointed (GaLore and DoRA up to r=64)."""
+    base = ["plan", "--model", "resnet18", "--memory", "64MiB", "--batch", "4", "--resolution", "64"]
+    assert cli.main(base) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert plain[2].startswith("27 fit") and plain[2].endswith("lora r=26, bn_head")
+    assert cli.main(base + ["--dtype", "bf16", "--checkpoint", "layer*"]) == 0
+    setup = capsys.readouterr().out.splitlines()
+    assert "dtype=bf16, checkpoint=layer*" in setup[0]
+    assert setup[2].startswith("193 fit") and "galore r=64, dora r=64" in setup[2]
