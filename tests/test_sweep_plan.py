@@ -427,6 +427,7 @@ def test_report_says_what_is_missing_instead_of_inventing_it(tmp_path) -> None:
     assert data["missing"]["measured"] and not data["measured"]
 
 
+@pytest.mark.slow  # two plans over 5 methods x 64 ranks: 30 s
 def test_plan_takes_the_setup_options_as_the_readme_says(capsys: pytest.CaptureFixture[str]) -> None:
     """README: resnet18 at B=4, R=64 in 64 MiB: 27 fit in fp32 (LoRA up to r=26, bn_head); 193 with
     bf16 weights and every stage checkpointed (GaLore and DoRA up to r=64)."""
