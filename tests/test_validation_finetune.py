@@ -144,3 +144,13 @@ def test_cli_runs_and_writes_json(cache: Path, tmp_path: Path, capsys: pytest.Ca
     assert document["config"]["method"] == "bn_head" and document["config"]["lr"] == 1e-2
     assert [step["kind"] for step in document["steps"]] == ["first", "steady", "evaluate"]
     assert document["accuracy"][0]["step"] == 2
+
+
+def test_a_run_in_bf16_with_checkpointing_equals_its_predictions(cache: Path) -> None:
+    """The setup options on a real run: the pretrained model cast to bf16, every block of the
+    features checkpointed in the training steps; every step still equals its prediction."""
+    result = run_finetune(BASE.replace(method="lora", steps=3, dtype="bf16", checkpoint="features.*"))
+    assert result.all_equal and all(record.measured is not None for record in result.steps)
+    assert "dtype=bf16, checkpoint=features.*" in result.render().splitlines()[0]
+    with pytest.raises(CostModelError, match="--dtype must be one of"):
+        run_finetune(BASE.replace(dtype="fp64"))

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from costmodel.config import EVALUATION, TRAINING, StepConfig, check_int, check_positive
+from costmodel.config import DTYPES, EVALUATION, TRAINING, StepConfig, check_int, check_positive
 from costmodel.errors import CostModelError
 from costmodel.result import MEMORY_FIELDS, relative_error
 
@@ -123,6 +123,11 @@ class FinetuneConfig:
     # Training images of the source task used for pretraining (None: all of them): small for tests.
     pretrain_size: int | None = None
     measure: bool = True
+    # The setup (``StepConfig.dtype``, ``StepConfig.checkpoint``): the pretrained float32 model is
+    # cast to ``dtype`` before the method is applied, each batch too; ``checkpoint``'s modules run
+    # under activation checkpointing in the training steps.
+    dtype: str = StepConfig.dtype
+    checkpoint: str = StepConfig.checkpoint
     # Progress bars on stderr: None shows them only where stderr is a terminal.
     progress: bool | None = None
 
@@ -235,12 +240,17 @@ class FinetuneResult:
                            in enumerate(zip(row, widths))) for row in rows]
         config = self.config
         lines.insert(0, f"{config['model']} {config['method']} on {config['task']}: {config['total_steps']} steps, "
-                        f"batch {config['batch']}, resolution {config['resolution']}, lr {config['lr']:g} "
+                        f"batch {config['batch']}, resolution {config['resolution']}, lr {config['lr']:g}"
+                        f"{''.join(f', {key}={config[key]}' for key in SETUP_FIELDS if config.get(key, '') not in ('', 'fp32'))} "
                         f"({self.seconds:.1f} s); worst relative error, measured vs predicted:")
         lines.append(f"every measured step equals its prediction: {'yes' if self.all_equal else 'NO'}")
         lines += [f"epoch {point.epoch} step {point.step}: train loss {point.train_loss:.4f}, eval loss "
                   f"{point.eval_loss:.4f}, eval accuracy {point.eval_accuracy:.2%}" for point in self.accuracy]
         return "\n".join(lines)
+
+
+# The setup fields a run's header names when they are not the defaults.
+SETUP_FIELDS: tuple[str, ...] = ("dtype", "checkpoint")
 
 
 def _format_error(error: float) -> str:
@@ -307,6 +317,7 @@ def check_config(config: FinetuneConfig) -> tuple[FinetuneConfig, "Task"]:
     _check_optional_int(config.eval_every, "--eval-every")
     _check_optional_int(config.measure_every, "--measure-every")
     check_int(config.pretrain_epochs, "--pretrain-epochs")
+    StepConfig(dtype=config.dtype, checkpoint=config.checkpoint)  # their own checks, in one line
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise CostModelError(f"--seed must be an integer >= 0, got {config.seed!r}")
     lr = DEFAULT_LEARNING_RATES[config.method] if config.lr is None else check_positive(config.lr, "--lr")
@@ -391,7 +402,7 @@ class Predictor:
 def step_config(config: FinetuneConfig, classes: int, phase: str, step: int, batch: int) -> StepConfig:
     return StepConfig(model=config.model, method=config.method, rank=config.rank, batch=batch,
                       resolution=config.resolution, classes=classes, step=step, phase=phase,
-                      lr=config.lr, options=dict(config.options))
+                      lr=config.lr, options=dict(config.options), dtype=config.dtype, checkpoint=config.checkpoint)
 
 
 def predict_schedule(config: FinetuneConfig, classes: int, schedule: Sequence[PlannedStep],
@@ -571,8 +582,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     planned; see the module docstring."""
     from tqdm import tqdm
 
-    from costmodel.models import TrainingStep
-    from costmodel.validation.measure import evaluation_logits, tracked_evaluation, tracked_train_step, train_step
+    from costmodel.models import TrainingStep, checkpointed_modules, in_step_dtype, step_dtype
+    from costmodel.validation.measure import (evaluation_logits, tracked_evaluation, tracked_train_step, train_step,
+                                              wrap_checkpointed)
     from costmodel.validation.methods import apply_config
 
     started = time.perf_counter()
@@ -585,7 +597,12 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     model, checkpoint, reused = pretrain(config, task.source)
     new_head = None if keeps_source_labels(task.name, task.source) else reinitialise_head(model, config.seed)
     torch.manual_seed(config.seed)  # the adapters' initialisation, dropout
-    applied = apply_config(model, step_config(config, task.classes, TRAINING, 1, config.batch))
+    first = step_config(config, task.classes, TRAINING, 1, config.batch)
+    model = in_step_dtype(model, first)
+    checkpointed = checkpointed_modules(model, config.checkpoint, config.model)
+    applied = apply_config(model, first)
+    wrap_checkpointed(applied.model, checkpointed)  # no_grad evaluations run the modules as they are
+    dtype = step_dtype(first)
     training_step = TrainingStep(applied.model, nn.CrossEntropyLoss())
     applied.model.train()
     loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch, shuffle=True, drop_last=False,
@@ -608,6 +625,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             record = StepRecord(planned, predicted)
             if planned.phase == TRAINING:
                 images, labels = next(stream)
+                images = images.to(dtype)  # before the step: the batch is the step's input, OTH
                 if images.shape[0] != planned.batch:  # the schedule and the loader must agree
                     raise CostModelError(f"internal: step {planned.step} planned batch {planned.batch}, "
                                          f"the loader gave {images.shape[0]}")
@@ -626,6 +644,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
                 correct, loss_sum, seen, measured = 0, 0.0, 0, []
                 began = time.perf_counter()
                 for images, labels in eval_loader:
+                    images = images.to(dtype)
                     if planned.measured:
                         tracked = tracked_evaluation(training_step, applied.optimizer, images, labels)
                         logits, loss = tracked.logits, tracked.loss
@@ -654,7 +673,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
                  "total_steps": total, "steps_per_epoch": math.ceil(len(task.train) / config.batch),
                  "galore_update_proj_gap": galore_gap(config), "new_head": new_head,
                  "head": "re-initialised (seeded) after pretraining: the task's classes are new" if new_head
-                 else "pretrained", "checkpoint": str(checkpoint), "checkpoint_reused": reused,
+                 else "pretrained", "pretrained_checkpoint": str(checkpoint), "checkpoint_reused": reused,
                  "pretrain": {"epochs": config.pretrain_epochs, "lr": PRETRAIN_LR, "batch": PRETRAIN_BATCH,
                               "train_size": config.pretrain_size},
                  "trainable_params": applied.trainable_params, "total_params": applied.total_params,
@@ -688,6 +707,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, metavar="T", help=f"GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: {DEFAULT_GALORE_GAP})")
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs, help="epochs of pretraining on the source task (default: %(default)s)")
     parser.add_argument("--pretrain-size", type=int, default=None, metavar="N", help="pretrain on only N source images (default: all)")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=tuple(DTYPES), help="fine-tune in this precision: the pretrained model cast with model.to(dtype) before the method, the images too (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=defaults.checkpoint, metavar="PATTERN", help="activation checkpointing of the outermost modules matching PATTERN in the training steps, as predict --checkpoint (default: none)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every step and the accuracy curve as JSON to FILE")
 
 
@@ -703,7 +724,8 @@ def config_from_arguments(args: argparse.Namespace) -> FinetuneConfig:
         model=args.model, method=args.method, task=args.task, rank=FinetuneConfig().rank if args.rank is None else args.rank,
         epochs=args.epochs, steps=args.steps, batch=args.batch, resolution=args.resolution, lr=args.lr, seed=args.seed,
         train_size=args.train_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every, measure_every=args.measure_every, options=options,
-        pretrain_epochs=args.pretrain_epochs, pretrain_size=args.pretrain_size, measure=not args.no_measure)
+        pretrain_epochs=args.pretrain_epochs, pretrain_size=args.pretrain_size, measure=not args.no_measure,
+        dtype=args.dtype, checkpoint=args.checkpoint)
     return check_config(config)[0]
 
 
