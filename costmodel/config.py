@@ -115,7 +115,7 @@ class StepConfig:
     # Gradient accumulation: the optimizer step follows ``accumulate`` micro-batches of ``batch``
     # images each. The step is given ``batch * accumulate`` images and labels, split with
     # ``chunk(accumulate)`` (views, no copy); each micro-batch runs the forward, ``loss /
-    # accumulate`` and ``backward()``, its gradients accumulating in ``.grad``; then one optimizer
+    # accumulate`` and its backward pass, its gradients accumulating in ``.grad``; then one optimizer
     # step. 1: no accumulation (no division either). An evaluation pass is the same after it.
     accumulate: int = 1
     # The precision of the whole step (a key of ``DTYPES``): the model is built in float32, then

@@ -1,6 +1,7 @@
-"""The memory timeline of one training step, as ``MemTracker`` would record it.
+"""The memory timeline of one training step, group by group.
 
-The simulation mirrors the runtime reference (``validation/memory.py``) rule for rule:
+The simulation follows the memory groups' rules (the README's "What is predicted"; the runtime
+reference holds every one against a measurement):
 
 - The unit is a storage, counted once however many values view it, in the category it got when it
   was created: ACT in the forward pass, TEMP in backward, OPT inside ``optimizer.step()``;
@@ -32,7 +33,7 @@ The simulation mirrors the runtime reference (``validation/memory.py``) rule for
 - A result that is an earlier value's very tensor (``nn.Identity``: no autograd node) is that value
   for its consumers (``graph.build_step_graph``), so their gradients meet at the earlier value.
 - The gradient of the loss (``ones_like``) is created before autograd's engine starts (ACT) and held
-  by ``backward()`` until it returns.
+  by the call that starts the backward pass until it returns.
 - Optimizer: each parameter group's plugin gives its memory events in order.
 
 Sizes may be numpy integer arrays instead of ints, one entry per rank of a batched prediction
@@ -396,13 +397,13 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
 def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow,
                    saved: dict[int, list[object]], grads_exist: bool, checkpoints: "_Checkpoints | None" = None
                    ) -> tuple[set[int], dict[int, int], dict[int, int]]:
-    """``loss.backward()``: the records whose backward ran, the gradient elements each accumulated
+    """The backward pass: the records whose backward ran, the gradient elements each accumulated
     out of place, and (``grads_exist``: every ``.grad`` is there from an earlier micro-batch) the
     elements each added into an existing ``.grad``."""
     ones_like = mem.anonymous(graph.loss_meta.storage_nbytes, ACT)  # created before the engine starts
     mem.snapshot("forward", "", "ones_like")
     grads: dict[Value, object] = {graph.loss: ones_like}
-    mem.hold(ones_like)  # held by backward() until it returns, besides the engine's buffer
+    mem.hold(ones_like)  # held by the backward pass's caller until it returns, besides the engine's buffer
     param_of_value = graph.param_values
     pending = dict(flow.producers)  # parameter -> gradients its AccumulateGrad still waits for
     param_buffers: dict[str, object] = {}  # parameter -> its AccumulateGrad's input buffer
@@ -523,8 +524,8 @@ class _Checkpoints:
       autograd would save inside is packed into a placeholder instead, so nothing is kept for the
       backward (an op's extra saved outputs die with the op);
     - backward: the first unpack (the backward of the region's last record that saves anything)
-      runs the region's forward again from the kept inputs, with gradients on. MemTracker sees the
-      module's forward run in backward: its outputs are ACT. The recomputation keeps each tensor the
+      runs the region's forward again from the kept inputs, with gradients on. A module's forward
+      run again in backward allocates ACT, not TEMP (the groups' rule). The recomputation keeps each tensor the
       original forward saved and stops as soon as the last one is saved (early stop): at the last
       saving record, before its computation when it saves only inputs (autograd packs those before
       the op runs), after it when it saves an output. Everything else it made dies when it stops;
@@ -717,7 +718,7 @@ def _copy_slices(mem: _Storages, record: NodeRecord, incoming: list[object],
 
     Returns the op backward's incoming gradients (the clone), the gradient CopySlices itself holds
     (the scattered zeros) and ``result``. A snapshot after each allocating op.
-    (Under ``FakeTensorMode`` the regenerated ``grad_fn`` replays the view op instead, a view of the
+    (With fake tensors the regenerated ``grad_fn`` replays the view op instead, a view of the
     gradient when the view spans its base: the same bytes from ``new_empty_strided`` on.)"""
     base = metas[record.copy_slices_base]
     name = record.name

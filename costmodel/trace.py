@@ -142,7 +142,7 @@ class StepTracer(fx.Tracer):
         use_reentrant=False)``: its saved-tensor hooks are checkpoint's, whose frame holds the
         module (the function it recomputes) and the call's arguments. The node joins that call's
         region, modelled as ``--checkpoint`` models one. A checkpoint of a plain function (which
-        MemTracker splits between ACT and TEMP by the modules it calls) or inside another
+        whose recomputation allocates ACT or TEMP by the modules it calls) or inside another
         checkpointed region is left to ``refuse_unmodelled_context``."""
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
         if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False) or self._in_checkpoint:
