@@ -170,6 +170,17 @@ def checkpointed_modules(model: nn.Module, pattern: str, label: str = "the model
     return found
 
 
+def check_checkpointed(model: nn.Module, checkpointed: Sequence[tuple[str, nn.Module]]) -> None:
+    """Refuse a module of :func:`checkpointed_modules` (found before the method was applied) that
+    the method replaced and ``model`` no longer holds: checkpointing is of a module of the
+    prepared model. (peft keeps an adapted layer inside its LoRA layer: that one is still there.)"""
+    present = {id(module) for module in model.modules()}
+    gone = [name for name, module in checkpointed if id(module) not in present]
+    if gone:
+        raise CostModelError(f"--checkpoint: the method replaced {', '.join(gone)}; checkpoint a module that "
+                             f"contains it")
+
+
 def head_name(model: nn.Module) -> str:
     """The qualified name of the model's classification head: its last direct child that holds
     parameters, taken as a whole (MobileNetV3's ``classifier`` holds two Linear layers and a

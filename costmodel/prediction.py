@@ -54,8 +54,7 @@ from costmodel.registry import default_plugin_manager, optimizer_names
 from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
 from costmodel.models import step_dtype, step_model
-from costmodel.trace import (TracedStep, check_checkpointed, checkpoint_modules, for_phase, prepare_method,
-                             structure_key, trace_config, trace_model)
+from costmodel.trace import TracedStep, prepare_step, structure_key, trace_config, trace_model
 
 
 @dataclass(frozen=True)
@@ -195,10 +194,7 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
     if traced is None:
         loss = loss_spec(manager, config.loss)  # an unknown loss is refused before any work
         model = step_model(config)
-        checkpointed = checkpoint_modules(model, config)
-        prepared = prepare_method(manager, model, config)
-        check_checkpointed(model, checkpointed)
-        for_phase(model, config)
+        prepared, checkpointed = prepare_step(manager, model, config)
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
         structure = (manager, config.channels, config.loss, config.classes, config.micro_batches, config.dtype,
@@ -315,22 +311,30 @@ def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResul
     for record, cost in zip(graph.records, costs):
         if cost is None:
             continue
-        forward = forward + cost.forward
-        if record.index in memory.ran_backward:
-            backward = backward + cost.backward
-        if record.index in memory.recomputed:  # activation checkpointing runs it again in backward
-            backward = backward + cost.forward
-    # Autograd adds the gradients of a value used twice (one add per element; the stock counter
-    # counts no adds), and from the second micro-batch on each new gradient into its ``.grad``.
-    backward = backward + Flops(torch=0, exact=sum(memory.accumulated.values()))
-    later = memory.micro_batches - 1
-    forward, backward = forward * memory.micro_batches, backward * memory.micro_batches
-    backward = backward + Flops(torch=0, exact=later * sum(memory.grad_accumulated.values()))
+        node_forward, node_backward = record_flops(record.index, cost, memory)
+        forward, backward = forward + node_forward, backward + node_backward
     optimizer = Flops()
     for step in steps:
         optimizer = optimizer + step.cost.flops
     return {conv: phase_flops(getattr(forward, conv), getattr(backward, conv), getattr(optimizer, conv))
             for conv in FLOP_CONVENTIONS}
+
+
+def record_flops(index: int, cost: OpCost, memory: MemoryResult) -> tuple[Flops, Flops]:
+    """Record ``index``'s FLOPs over the whole step, forward and backward: its forward once per
+    micro-batch; its backward (when it ran) once per micro-batch with the gradient elements it
+    accumulated out of place (autograd's ``old + new`` for a value used twice: one add per
+    element, which the stock counter does not count), plus those it added into an existing
+    ``.grad`` in each micro-batch after the first; and, when activation checkpointing recomputed
+    it, its forward again in the backward."""
+    micro = memory.micro_batches
+    backward = Flops()
+    if index in memory.ran_backward:
+        backward = ((cost.backward + Flops(0, memory.accumulated.get(index, 0))) * micro
+                    + Flops(0, (micro - 1) * memory.grad_accumulated.get(index, 0)))
+    if index in memory.recomputed:
+        backward = backward + cost.forward * micro
+    return cost.forward * micro, backward
 
 
 @dataclass(frozen=True)
@@ -397,12 +401,8 @@ def node_costs(graph: StepGraph, costs: list[OpCost], memory: MemoryResult,
                                   0, False, "not covered by any plugin"))
             continue
         allocated = sum(a.nbytes for a in cost.forward_allocs)
-        micro = memory.micro_batches  # every figure is the step's: the node's over its micro-batches
-        backward = ((cost.backward + Flops(0, memory.accumulated.get(record.index, 0))) * micro
-                    + Flops(0, (micro - 1) * memory.grad_accumulated.get(record.index, 0)) if ran else Flops())
-        if record.index in memory.recomputed:
-            backward = backward + cost.forward * micro
-        nodes.append(NodeCost(record.name, record.label, describe_op(record.op), cost.forward * micro,
+        forward, backward = record_flops(record.index, cost, memory)  # the step's, over its micro-batches
+        nodes.append(NodeCost(record.name, record.label, describe_op(record.op), forward,
                               backward, ran, allocated, True, cost.note))
     return nodes
 

@@ -30,7 +30,8 @@ from costmodel.config import EVALUATION, StepConfig
 from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import TrainingStep, checkpointed_modules, in_step_dtype, step_dtype, step_model
+from costmodel.models import (TrainingStep, check_checkpointed, checkpointed_modules, in_step_dtype, step_dtype,
+                              step_model)
 from costmodel.plugin_calls import PREPARE_METHOD, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
@@ -141,8 +142,8 @@ class StepTracer(fx.Tracer):
         """Whether ``node`` is created inside the model's own ``torch.utils.checkpoint(module, ...,
         use_reentrant=False)``: its saved-tensor hooks are checkpoint's, whose frame holds the
         module (the function it recomputes) and the call's arguments. The node joins that call's
-        region, modelled as ``--checkpoint`` models one. A checkpoint of a plain function (which
-        whose recomputation allocates ACT or TEMP by the modules it calls) or inside another
+        region, modelled as ``--checkpoint`` models one. A checkpoint of a plain function (whose
+        recomputation allocates ACT or TEMP by the modules it calls) or inside another
         checkpointed region is left to ``refuse_unmodelled_context``."""
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
         if hooks is None or not getattr(hooks[0], "_checkpoint_internal", False) or self._in_checkpoint:
@@ -546,14 +547,17 @@ def checkpoint_modules(model: nn.Module, config: StepConfig) -> list[tuple[str, 
     return checkpointed_modules(model, config.checkpoint, config.model)
 
 
-def check_checkpointed(model: nn.Module, checkpointed: Sequence[tuple[str, nn.Module]]) -> None:
-    """Refuse a checkpointed module that the method replaced (an adapted layer): checkpointing is
-    of a module of the prepared model, and that one is gone."""
-    present = {id(module) for module in model.modules()}
-    gone = [name for name, module in checkpointed if id(module) not in present]
-    if gone:
-        raise CostModelError(f"--checkpoint: the method replaced {', '.join(gone)}; checkpoint a module that "
-                             f"contains it")
+def prepare_step(manager: pluggy.PluginManager, model: nn.Module,
+                 config: StepConfig) -> tuple[PreparedMethod, list[tuple[str, nn.Module]]]:
+    """Make ``model`` what ``config``'s step runs, in place: the modules to checkpoint found
+    (``checkpoint_modules``, by the names the model has before its method), the method applied,
+    those modules checked to be still there, and the phase's mode set (``for_phase``). The method's
+    preparation and the checkpointed modules."""
+    checkpointed = checkpoint_modules(model, config)
+    prepared = prepare_method(manager, model, config)
+    check_checkpointed(model, checkpointed)
+    for_phase(model, config)
+    return prepared, checkpointed
 
 
 def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Module | None = None) -> TracedStep:
@@ -563,10 +567,7 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
         model = step_model(config)
     else:
         model = meta_copy(in_step_dtype(model, config, label=config.model)).train()
-    checkpointed = checkpoint_modules(model, config)
-    prepared = prepare_method(manager, model, config)
-    check_checkpointed(model, checkpointed)
-    for_phase(model, config)
+    prepared, checkpointed = prepare_step(manager, model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
                        micro_batches=config.micro_batches, dtype=step_dtype(config), checkpointed=checkpointed)
 

@@ -12,9 +12,8 @@ from torch import nn
 import costmodel
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import checkpointed_modules
+from costmodel.models import check_checkpointed, checkpointed_modules
 from costmodel.prediction import predict_config
-from costmodel.trace import check_checkpointed
 from costmodel.validation.measure import measure
 from engine_live import assert_matches, measure_module
 

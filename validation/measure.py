@@ -40,7 +40,8 @@ from torch.utils.checkpoint import checkpoint
 
 from costmodel.config import TRAINING, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import TrainingStep, build_model, checkpointed_modules, in_step_dtype, make_batch, step_dtype, training_loss
+from costmodel.models import (TrainingStep, build_model, check_checkpointed, checkpointed_modules, in_step_dtype,
+                              make_batch, step_dtype, training_loss)
 from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
@@ -124,17 +125,14 @@ class CheckpointedCall(nn.Module):
 
 def wrap_checkpointed(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> None:
     """Wrap each of ``modules`` (``models.checkpointed_modules`` of the model before its method was
-    applied; the same objects are still in it) in a :class:`CheckpointedCall`, in place. A module
-    the method replaced (an adapted layer) is refused: checkpoint one that contains it."""
-    wanted = {id(module): name for name, module in modules}
+    applied) in a :class:`CheckpointedCall`, in place; one the method replaced is refused, as the
+    engine refuses it (``models.check_checkpointed``)."""
+    check_checkpointed(model, modules)
+    wanted = {id(module) for _, module in modules}
     for parent in list(model.modules()):
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in wanted:
                 parent._modules[key] = CheckpointedCall(child)
-                del wanted[id(child)]
-    if wanted:
-        raise CostModelError(f"--checkpoint: the method replaced {', '.join(sorted(wanted.values()))}; "
-                             f"checkpoint a module that contains it")
 
 
 @dataclass
