@@ -1,11 +1,11 @@
-"""``torch.optim.AdamW`` as it runs on CPU with default options: the single-tensor path.
+"""``torch.optim.AdamW`` as it runs on CPU: the single-tensor path (the default) and ``foreach=True``.
 
 Which path runs: ``torch.optim.adam.adam`` (torch 2.14) with ``foreach=None`` and ``fused=None``
 asks ``torch.optim.optimizer._default_to_fused_or_foreach``, which picks foreach only when every
 parameter's device is in ``_get_foreach_kernels_supported_devices()`` (cuda, xpu, mtia, the
 privateuse1 backend): never CPU, so CPU tensors (and fake CPU tensors) take
-``_single_tensor_adam``. ``foreach=False`` / ``fused=False`` say the same explicitly; ``foreach=True``
-or ``fused=True`` (both exist on CPU) run other kernels and are refused.
+``_single_tensor_adam``. ``foreach=False`` / ``fused=False`` say the same explicitly; ``fused=True``
+(a fused CPU kernel exists) runs another kernel and is refused; ``foreach=True`` is below.
 
 Per parameter ``p`` with ``n`` elements (``torch/optim/adam.py``, ``_single_tensor_adam``,
 ``decoupled_weight_decay=True``):
@@ -24,7 +24,23 @@ then the square root's result is freed; ``denom`` stays bound to its local varia
 parameter's ``denom`` replaces it (after that one's ``add_``), so at the next division three such
 temporaries are alive. The last ``denom`` dies when the group's update returns.
 
-``torch.optim.Adam`` runs the same function with ``decoupled_weight_decay=False``: the
+``foreach=True`` (torch's default on a GPU, where ``foreach=None`` picks it; on CPU it must be asked
+for) runs ``_multi_tensor_adam``: the same arithmetic as one ``torch._foreach_*`` call over every
+parameter at once, so the FLOPs are the single-tensor path's, but the temporaries are lists:
+
+- ``torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)``: a 4-byte 0-d tensor for the call;
+- Adam's L2 decay ``grads = torch._foreach_add(grads, params, alpha=wd)``: a copy of every gradient
+  at once, deleted (``del device_grads``) after the second moment's ``addcmul_``;
+- ``exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)``: one temporary per parameter, all alive
+  together (the division by ``bias_correction2_sqrt`` and the ``eps`` add are in place), until the
+  function returns. So the step's OPT peak is the state plus a second copy of every parameter,
+  where the single-tensor loop adds at most three tensors' worth.
+
+Tensors are grouped by (device, dtype) (``Optimizer._group_tensors_by_device_and_dtype``, in the
+order of first appearance); each group runs the sequence above, and a group's square roots stay
+bound until the next group's ``_foreach_sqrt`` has allocated its own.
+
+``torch.optim.Adam`` runs the same functions with ``decoupled_weight_decay=False``: the
 ``costmodel.plugins.adam`` plugin costs it with :func:`adam_family_cost` too.
 """
 
@@ -32,6 +48,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
 from costmodel.errors import CostModelError
@@ -46,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
 MODELLED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 # The options that choose another kernel when true (None and False: the single-tensor path on CPU).
 PATH_OPTIONS = ("foreach", "fused")
+# Of those, the paths that are modelled (``foreach=True``: the multi-tensor path, module docstring).
+MODELLED_PATHS = ("foreach",)
 STEP_BYTES = 4  # torch.tensor(0.0, dtype=_get_scalar_dtype()): float32 unless the default dtype is float64
 
 
@@ -82,9 +102,9 @@ def checked_optimizer_options(what: str, given: Mapping[str, Any], defaults: Map
         elif is_number(default) and not is_number(value):
             raise CostModelError(f"--optimizer-option {key}: {what} expects a number, got {value!r}")
     for key in PATH_OPTIONS:
-        if options.get(key):
+        if options.get(key) and key not in MODELLED_PATHS:
             raise CostModelError(f"--optimizer-option {key}={options[key]!r}: {what}'s {key} path is not modelled "
-                                 f"(only the single-tensor path, torch's default on CPU)")
+                                 f"(the single-tensor path, torch's default on CPU, and foreach=true are)")
     for key, value in modelled.items():
         if options[key] != value:
             raise CostModelError(f"--optimizer-option {key}={options[key]!r}: {what} is modelled only with "
@@ -120,24 +140,67 @@ def step_flops(n: int, step: int, options: dict[str, Any], decoupled_weight_deca
     return flops
 
 
+def state_events(params: list[ParamMeta]) -> list[MemEvent]:
+    """Step 1's ``_init_group``: every parameter's ``step``, ``exp_avg`` and ``exp_avg_sq``, in order."""
+    events: list[MemEvent] = []
+    for p in params:
+        events += [MemEvent(STEP_BYTES, "OPT", f"{p.name}: state step"),
+                   MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg"),
+                   MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg_sq")]
+    return events
+
+
+def dtype_groups(params: list[ParamMeta]) -> list[list[ParamMeta]]:
+    """``Optimizer._group_tensors_by_device_and_dtype`` on one device: the parameters of each dtype,
+    groups in the order of their first parameter, parameters in their own order."""
+    groups: dict[torch.dtype, list[ParamMeta]] = {}
+    for p in params:
+        groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values())
+
+
+def multi_tensor_adam_events(params: list[ParamMeta], l2_gradient: bool) -> list[MemEvent]:
+    """``_multi_tensor_adam``'s temporaries after the state (module docstring), group by group."""
+    events: list[MemEvent] = []
+    previous_roots = 0  # the previous group's square roots, bound to ``exp_avg_sq_sqrt``
+    for group in dtype_groups(params):
+        size = sum(p.nbytes for p in group)
+        events += [MemEvent(STEP_BYTES, "OPT", "torch.tensor(1.0) for _foreach_add_(steps)"),
+                   MemEvent(-STEP_BYTES, "OPT", "its 0-d tensor freed")]
+        if l2_gradient:
+            events += [MemEvent(size, "OPT", f"_foreach_add(grads, params, alpha=wd) over {len(group)} tensors"),
+                       MemEvent(-size, "OPT", "del device_grads")]
+        events.append(MemEvent(size, "OPT", f"_foreach_sqrt(exp_avg_sqs) over {len(group)} tensors"))
+        if previous_roots:
+            events.append(MemEvent(-previous_roots, "OPT", "previous group's square roots freed"))
+        previous_roots = size
+    if previous_roots:
+        events.append(MemEvent(-previous_roots, "OPT", "square roots freed as the step returns"))
+    return events
+
+
 def adam_family_cost(what: str, params: list[ParamMeta], step: int, options: dict[str, Any],
                      decoupled_weight_decay: bool) -> OptimizerCost:
-    """``_single_tensor_adam`` over ``params`` on step ``step``: the state on step 1, then each
-    parameter's temporaries in the order the loop makes and drops them.
+    """``_single_tensor_adam`` (or with ``foreach=True`` ``_multi_tensor_adam``, whose FLOPs are the
+    same) over ``params`` on step ``step``: the state on step 1, then each parameter's temporaries
+    in the order the loop makes and drops them.
 
     Without ``decoupled_weight_decay`` and with ``wd != 0`` (Adam's L2), ``grad = grad.add(p,
     alpha=wd)`` is a new tensor of the parameter's size, bound to the local ``grad`` until the next
     parameter's ``grad = grads[i]`` rebinds it at the top of its iteration (before that one's
     temporaries), the last one until the function returns."""
     l2_gradient = options["weight_decay"] != 0 and not decoupled_weight_decay
-    events: list[MemEvent] = []
-    if step == 1:
-        for p in params:
-            events += [MemEvent(STEP_BYTES, "OPT", f"{p.name}: state step"),
-                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg"),
-                       MemEvent(p.nbytes, "OPT", f"{p.name}: exp_avg_sq")]
+    events = state_events(params) if step == 1 else []
+    flops = sum(step_flops(p.numel, step, options, decoupled_weight_decay) for p in params)
+    per_element = step_flops(1, step, options, decoupled_weight_decay) - 1
+    elements = amount(sum(p.numel for p in params))
+    if options["foreach"]:
+        return OptimizerCost(
+            flops=Flops(torch=0, exact=flops), state_bytes=state_bytes(params),
+            events=events + multi_tensor_adam_events(params, l2_gradient),
+            note=f"{what} (foreach) over {len(params)} tensors ({elements} elements): {per_element}n+1 FLOPs each, "
+                 f"a square root of every second moment alive at once")
     previous: ParamMeta | None = None
-    flops = 0
     for p in params:
         if l2_gradient and previous is not None:
             events.append(MemEvent(-previous.nbytes, "OPT", "previous grad + wd * p freed"))
@@ -150,18 +213,15 @@ def adam_family_cost(what: str, params: list[ParamMeta], step: int, options: dic
         if previous is not None:
             events.append(MemEvent(-previous.nbytes, "OPT", "previous denom freed"))
         previous = p
-        flops += step_flops(p.numel, step, options, decoupled_weight_decay)
     if previous is not None:
         events.append(MemEvent(-previous.nbytes, "OPT", "last denom freed"))
         if l2_gradient:
             events.append(MemEvent(-previous.nbytes, "OPT", "last grad + wd * p freed"))
-    per_element = step_flops(1, step, options, decoupled_weight_decay) - 1
     return OptimizerCost(
         flops=Flops(torch=0, exact=flops),
         state_bytes=state_bytes(params),
         events=events,
-        note=f"{what} over {len(params)} tensors ({amount(sum(p.numel for p in params))} elements): "
-             f"{per_element}n+1 FLOPs each",
+        note=f"{what} over {len(params)} tensors ({elements} elements): {per_element}n+1 FLOPs each",
     )
 
 

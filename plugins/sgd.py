@@ -1,8 +1,9 @@
-"""``torch.optim.SGD`` (with momentum) as it runs on CPU: the single-tensor path.
+"""``torch.optim.SGD`` (with momentum) as it runs on CPU: the single-tensor path (the default) and
+``foreach=True``.
 
 Which path runs: ``torch.optim.sgd.sgd`` (torch 2.14) with ``foreach=None`` and ``fused=None``
 asks ``_default_to_fused_or_foreach`` (``use_fused=False``), whose foreach devices (cuda, xpu,
-mtia, privateuse1) exclude CPU: ``_single_tensor_sgd``. ``foreach=True``/``fused=True``,
+mtia, privateuse1) exclude CPU: ``_single_tensor_sgd`` (``foreach=True``: below). ``fused=True``,
 ``maximize`` and ``differentiable`` are refused (other code), as is any key SGD does not take.
 
 Per parameter with ``n`` elements (``torch/optim/sgd.py``, ``_single_tensor_sgd``):
@@ -17,6 +18,19 @@ Per parameter with ``n`` elements (``torch/optim/sgd.py``, ``_single_tensor_sgd`
 State: the momentum buffer (``n`` elements), none without momentum. The temporaries are OPT while
 they live: the weight-decayed gradient until ``grad`` is rebound, the Nesterov sum until the next
 parameter rebinds ``grad`` at the top of its loop iteration.
+
+``foreach=True`` (torch's default on a GPU) runs ``_multi_tensor_sgd``, per (device, dtype) group
+(``adamw.dtype_groups``): the same arithmetic, so the same FLOPs, as ``torch._foreach_*`` calls over
+the group, with other temporaries:
+
+- ``weight_decay != 0``: ``grads = torch._foreach_add(grads, params, alpha=wd)``, a copy of every
+  gradient of the group at once, bound to ``device_grads`` until it is rebound: to the momentum
+  buffers (with momentum, no Nesterov), or at the top of the next group's iteration, or when the
+  step returns;
+- momentum: the buffers are created on the first step by ``device_grads[i].detach().clone()``
+  (state); later ``_foreach_mul_`` and ``_foreach_add_`` in place; Nesterov's
+  ``torch._foreach_add_(device_grads, bufs, alpha=momentum)`` is in place too (into the decayed
+  copies, or into the ``.grad`` tensors themselves without weight decay), so it allocates nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMet
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 
-from .adamw import checked_optimizer_options
+from .adamw import checked_optimizer_options, dtype_groups
 
 NAME = "sgd"
 DEFAULTS: dict[str, Any] = {
@@ -75,9 +89,14 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
     params = [p for p in group.params if p.trainable]
     momentum, nesterov = options["momentum"] != 0, options["nesterov"]
     decays = options["weight_decay"] != 0
+    flops = sum(step_flops(p.numel, step, options) for p in params)
+    note = f"SGD (momentum {options['momentum']}) over {len(params)} tensors"
+    if options["foreach"]:
+        return OptimizerCost(flops=Flops(torch=0, exact=flops), state_bytes=state_bytes(params, options),
+                             events=multi_tensor_events(params, step, momentum, nesterov, decays),
+                             note=note + " (foreach)")
     events: list[MemEvent] = []
     carried: ParamMeta | None = None  # the parameter whose temporary is still bound to ``grad``
-    flops = 0
     for p in params:
         if carried is not None:  # ``grad = grads[i]`` rebinds: the previous parameter's temporary is freed
             events.append(MemEvent(-carried.nbytes, "OPT", "previous gradient freed"))
@@ -94,15 +113,32 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
             carried = p if nesterov else None
         else:
             carried = p if decays else None
-        flops += step_flops(p.numel, step, options)
     if carried is not None:
         events.append(MemEvent(-carried.nbytes, "OPT", "last gradient freed"))
-    return OptimizerCost(
-        flops=Flops(torch=0, exact=flops),
-        state_bytes=state_bytes(params, options),
-        events=events,
-        note=f"SGD (momentum {options['momentum']}) over {len(params)} tensors",
-    )
+    return OptimizerCost(flops=Flops(torch=0, exact=flops), state_bytes=state_bytes(params, options),
+                         events=events, note=note)
+
+
+def multi_tensor_events(params: list[ParamMeta], step: int, momentum: bool, nesterov: bool,
+                        decays: bool) -> list[MemEvent]:
+    """``_multi_tensor_sgd``'s memory timeline, group by group (module docstring)."""
+    events: list[MemEvent] = []
+    decayed = 0  # bytes of the decayed copies still bound to ``device_grads``
+    for group in dtype_groups(params):
+        if decayed:
+            events.append(MemEvent(-decayed, "OPT", "previous group's decayed gradients freed"))
+            decayed = 0
+        if decays:
+            decayed = sum(p.nbytes for p in group)
+            events.append(MemEvent(decayed, "OPT", f"_foreach_add(grads, params, alpha=wd) over {len(group)} tensors"))
+        if momentum and step == 1:
+            events += [MemEvent(p.nbytes, "OPT", f"{p.name}: momentum_buffer") for p in group]
+        if momentum and not nesterov and decayed:
+            events.append(MemEvent(-decayed, "OPT", "device_grads = bufs: decayed gradients freed"))
+            decayed = 0
+    if decayed:
+        events.append(MemEvent(-decayed, "OPT", "decayed gradients freed as the step returns"))
+    return events
 
 
 @hookimpl

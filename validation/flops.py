@@ -276,6 +276,56 @@ def addcmul_flop(x: Any, tensor1: Any, tensor2: Any, *, value: Any = 1, out_val:
 
 
 # ---------------------------------------------------------------------------------------------
+# Foreach ops (an optimizer's ``foreach=True`` path): the element-wise row of each tensor of the
+# list, summed. The first argument is the list the op computes over (in place, or the shapes of
+# its new tensors).
+# ---------------------------------------------------------------------------------------------
+
+def _floating_numels(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """numel of each tensor of a foreach op's list, 0 for one that is not floating point."""
+    return [t.numel() if (t.dtype.is_floating_point or t.dtype.is_complex) else 0 for t in tensors]
+
+
+def _foreach_elementwise(k: int, doc: str, *packets: Any) -> FlopFormula:
+    def formula(tensors: Sequence[torch.Tensor], *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+        return k * sum(_floating_numels(tensors))
+
+    formula.__name__ = f"foreach_elementwise_{k}_flop"
+    formula.__doc__ = f"{k} per element of every tensor of the list: {doc}."
+    return _register(*packets)(formula)
+
+
+_foreach_elementwise(1, "one multiply, divide, negation, root or reciprocal",
+                     aten._foreach_mul, aten._foreach_mul_, aten._foreach_div, aten._foreach_div_,
+                     aten._foreach_neg, aten._foreach_neg_, aten._foreach_sqrt, aten._foreach_sqrt_,
+                     aten._foreach_reciprocal, aten._foreach_reciprocal_)
+_foreach_elementwise(3, "self + weight * (end - self)", aten._foreach_lerp, aten._foreach_lerp_)
+
+
+@_register(aten._foreach_add, aten._foreach_add_, aten._foreach_sub, aten._foreach_sub_)
+def foreach_add_flop(tensors: Sequence[torch.Tensor], other: Any = None, *, alpha: Any = 1,
+                     out_val: Any = None) -> int:
+    """``aten.add`` per tensor: one add per element, and one multiply for ``alpha * other`` when
+    ``alpha != 1`` (the Scalar and ScalarList overloads take no alpha: one add)."""
+    return (1 + _coefficient(alpha)) * sum(_floating_numels(tensors))
+
+
+@_register(aten._foreach_addcmul, aten._foreach_addcmul_, aten._foreach_addcdiv, aten._foreach_addcdiv_)
+def foreach_addcmul_flop(tensors: Sequence[torch.Tensor], tensor1: Any, tensor2: Any, scalars: Any = 1, *,
+                         value: Any = None, out_val: Any = None) -> int:
+    """``aten.addcmul``/``aten.addcdiv`` per tensor: product or quotient, add, and the ``value``
+    multiply where that tensor's value is not 1 (one ``value`` for the Scalar overload, one per
+    tensor for ScalarList; the Tensor overload's values are data, counted as not 1)."""
+    scalars = scalars if value is None else value
+    numels = _floating_numels(tensors)
+    if isinstance(scalars, torch.Tensor):
+        return 3 * sum(numels)
+    if isinstance(scalars, (list, tuple)):
+        return sum((2 + _coefficient(v)) * n for v, n in zip(scalars, numels, strict=True))
+    return (2 + _coefficient(scalars)) * sum(numels)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reductions, norms, pooling
 # ---------------------------------------------------------------------------------------------
 
