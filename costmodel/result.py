@@ -96,11 +96,16 @@ def step_label(config: StepConfig) -> str:
 
 
 def setup_label(config: StepConfig) -> str:
-    """The input, loss and accumulation, where they are not the default ones (", channels=1,
-    loss=mse, accumulate=4")."""
+    """The input, loss, optimizer and training setup, where they are not the default ones
+    (", channels=1, loss=mse, optimizer=sgd(momentum=0.9), accumulate=4")."""
     defaults = StepConfig()
-    return "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss", "accumulate", "dtype", "checkpoint")
-                   if getattr(config, name) != getattr(defaults, name))
+    label = "".join(f", {name}={getattr(config, name)}" for name in ("channels", "loss")
+                    if getattr(config, name) != getattr(defaults, name))
+    if config.optimizer != defaults.optimizer or config.optimizer_options:
+        options = ", ".join(f"{key}={value!r}" for key, value in config.optimizer_options.items())
+        label += f", optimizer={config.optimizer}" + (f"({options})" if options else "")
+    return label + "".join(f", {name}={getattr(config, name)}" for name in ("accumulate", "dtype", "checkpoint")
+                           if getattr(config, name) != getattr(defaults, name))
 
 
 def format_table(header: list[str], rows: list[list[str]], gap: int = 2, last_left: bool = False) -> list[str]:

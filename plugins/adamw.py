@@ -160,9 +160,10 @@ def dtype_groups(params: list[ParamMeta]) -> list[list[ParamMeta]]:
 
 
 def multi_tensor_adam_events(params: list[ParamMeta], l2_gradient: bool) -> list[MemEvent]:
-    """``_multi_tensor_adam``'s temporaries after the state (module docstring), group by group."""
+    """``_multi_tensor_adam``'s temporaries after the state (module docstring), group by group.
+    (Sizes may be arrays over many ranks, so "is there a previous group" is never a size's truth.)"""
     events: list[MemEvent] = []
-    previous_roots = 0  # the previous group's square roots, bound to ``exp_avg_sq_sqrt``
+    previous_roots: Any = None  # the previous group's square roots, bound to ``exp_avg_sq_sqrt``
     for group in dtype_groups(params):
         size = sum(p.nbytes for p in group)
         events += [MemEvent(STEP_BYTES, "OPT", "torch.tensor(1.0) for _foreach_add_(steps)"),
@@ -171,10 +172,10 @@ def multi_tensor_adam_events(params: list[ParamMeta], l2_gradient: bool) -> list
             events += [MemEvent(size, "OPT", f"_foreach_add(grads, params, alpha=wd) over {len(group)} tensors"),
                        MemEvent(-size, "OPT", "del device_grads")]
         events.append(MemEvent(size, "OPT", f"_foreach_sqrt(exp_avg_sqs) over {len(group)} tensors"))
-        if previous_roots:
+        if previous_roots is not None:
             events.append(MemEvent(-previous_roots, "OPT", "previous group's square roots freed"))
         previous_roots = size
-    if previous_roots:
+    if previous_roots is not None:
         events.append(MemEvent(-previous_roots, "OPT", "square roots freed as the step returns"))
     return events
 

@@ -121,26 +121,22 @@ def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> Op
 
 def multi_tensor_events(params: list[ParamMeta], step: int, momentum: bool, nesterov: bool,
                         decays: bool) -> list[MemEvent]:
-    """``_multi_tensor_sgd``'s memory timeline, group by group (module docstring)."""
+    """``_multi_tensor_sgd``'s memory timeline, group by group (module docstring). (Sizes may be
+    arrays over many ranks: whether a decayed copy is bound is a flag, never a size's truth.)"""
     events: list[MemEvent] = []
-    decayed = 0  # bytes of the decayed copies still bound to ``device_grads``
+    decayed: Any = None  # bytes of the decayed copies bound to ``device_grads``, if any
     for group in dtype_groups(params):
-        if decayed:
+        if decayed is not None:
             events.append(MemEvent(-decayed, "OPT", "previous group's decayed gradients freed"))
-            decayed = 0
+            decayed = None
         if decays:
             decayed = sum(p.nbytes for p in group)
             events.append(MemEvent(decayed, "OPT", f"_foreach_add(grads, params, alpha=wd) over {len(group)} tensors"))
         if momentum and step == 1:
             events += [MemEvent(p.nbytes, "OPT", f"{p.name}: momentum_buffer") for p in group]
-        if momentum and not nesterov and decayed:
+        if momentum and not nesterov and decayed is not None:
             events.append(MemEvent(-decayed, "OPT", "device_grads = bufs: decayed gradients freed"))
-            decayed = 0
-    if decayed:
+            decayed = None
+    if decayed is not None:
         events.append(MemEvent(-decayed, "OPT", "decayed gradients freed as the step returns"))
     return events
-
-
-@hookimpl
-def costmodel_optimizer_names() -> list[str]:
-    return [NAME]

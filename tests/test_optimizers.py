@@ -19,7 +19,8 @@ from costmodel.prediction import predict_config
 from engine_live import assert_matches, measure_module
 
 TORCH_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
+    "adafactor": torch.optim.Adafactor}
 
 
 class SmallNet(nn.Module):
@@ -64,6 +65,40 @@ def test_each_optimizer_rule_equals_the_measured_step(name, options, step):
     measured = measure_module(SmallNet, batch=2, resolution=8, step=step,
                               optimizer=lambda ps: TORCH_OPTIMIZERS[name](ps, lr=1e-3, **options))
     assert_matches(predicted_small(name, options, step), measured)
+
+
+# Adafactor reads ``param.norm(2).item()``: only real tensors can run it (fake ones have no values).
+ADAFACTOR_CASES: list[dict[str, Any]] = [{}, {"weight_decay": 0.1}, {"foreach": True},
+                                         {"foreach": True, "weight_decay": 0.1, "eps": [1e-30, 1e-3]}]
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("options", ADAFACTOR_CASES, ids=[str(o) for o in ADAFACTOR_CASES])
+def test_adafactor_equals_the_measured_step_with_real_tensors(options, step):
+    """SmallNet's parameters alternate matrices (a 4-D conv weight: factored over its last two
+    dimensions, batched over the first two) and vectors, so a matrix's ``row_mean`` outlives the
+    vectors after it, and each ``var_estimate`` stays alive through ``update`` until the next."""
+    measured = measure_module(SmallNet, batch=2, resolution=8, step=step, fake=False,
+                              optimizer=lambda ps: torch.optim.Adafactor(ps, lr=1e-3, **options))
+    predicted = predicted_small("adafactor", options, step)
+    assert_matches(predicted, measured)
+    conv, fc = (4, 3, 3, 3), (10, 4)  # factored moments: rows + columns, per leading index
+    factored = (4 * 3 * (3 + 3) + (10 + 4)) * 4
+    vectors = (4 + 4 + 4 + 10) * 4
+    assert predicted.memory["OPT"] >= factored + vectors + 6 * 4
+
+
+def test_adafactor_on_mobilenet_v2_lora_equals_the_reference():
+    from costmodel.validation.measure import measure
+
+    config = StepConfig(model="mobilenet_v2", method="lora", rank=4, batch=2, resolution=32, optimizer="adafactor")
+    assert_matches(predict_config(config), measure(config))
+
+
+def test_a_fake_measurement_of_adafactor_is_refused_in_one_line(capsys):
+    err = refusal(["measure", "--model", "mobilenet_v2", "--method", "lora", "--batch", "2", "--resolution", "32", "--fake",
+                   "--optimizer", "adafactor"], capsys)
+    assert "--fake" in err and "value" in err
 
 
 def test_adams_l2_gradient_is_a_temporary_with_real_tensors_too():
@@ -158,6 +193,8 @@ def test_scenario_commands_take_the_optimizer_too(capsys):
     ("sgd", {"momentom": 0.9}, "momentom"),
     ("adam", {"maximize": True}, "maximize"),
     ("adamw", {"fused": True}, "fused"),
+    ("adafactor", {"eps": 0.001}, "eps"),
+    ("adafactor", {"maximize": True}, "maximize"),
     ("sgd", {"momentum": "high"}, "momentum"),
     ("sgd", {"nesterov": True}, "nesterov"),
 ])

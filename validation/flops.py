@@ -263,6 +263,17 @@ _elementwise(5, "x * clamp(x + 3, 0, 6) / 6: add, two comparisons, multiply, div
 _elementwise(6, "two comparisons, (2x + 3) / 6 (3), times grad", aten.hardswish_backward)
 
 
+_elementwise(1, "one power (a square for exponent 2; a general power is one special-function "
+             "evaluation, as exp is)", aten.pow, aten.pow_)
+_elementwise(1, "one comparison with the lower bound", aten.clamp_min, aten.clamp_min_)
+
+
+@_register(aten.clamp, aten.clamp_)
+def clamp_flop(x: Any, min: Any = None, max: Any = None, *, out_val: Any = None) -> int:
+    """One comparison per element for each bound given (``min``, ``max``)."""
+    return ((min is not None) + (max is not None)) * _floating_numel(out_val)
+
+
 @_register(aten.add, aten.add_, aten.sub, aten.sub_, aten.rsub)
 def add_flop(x: Any, other: Any, alpha: Any = 1, *, out_val: Any = None) -> int:
     """One add per output element, plus one multiply per element for alpha * other if alpha != 1."""
@@ -295,10 +306,11 @@ def _foreach_elementwise(k: int, doc: str, *packets: Any) -> FlopFormula:
     return _register(*packets)(formula)
 
 
-_foreach_elementwise(1, "one multiply, divide, negation, root or reciprocal",
+_foreach_elementwise(1, "one multiply, divide, negation, root, reciprocal or comparison",
                      aten._foreach_mul, aten._foreach_mul_, aten._foreach_div, aten._foreach_div_,
                      aten._foreach_neg, aten._foreach_neg_, aten._foreach_sqrt, aten._foreach_sqrt_,
-                     aten._foreach_reciprocal, aten._foreach_reciprocal_)
+                     aten._foreach_reciprocal, aten._foreach_reciprocal_, aten._foreach_rsqrt,
+                     aten._foreach_rsqrt_, aten._foreach_clamp_min, aten._foreach_clamp_min_)
 _foreach_elementwise(3, "self + weight * (end - self)", aten._foreach_lerp, aten._foreach_lerp_)
 
 

@@ -340,7 +340,23 @@ def check_machine_has(needed: int, what: str, why: str, advice: str) -> None:
 def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     """Run step ``config.step`` of ``config.method`` on ``config.model`` and measure it; for an
     evaluation (``config.phase == "evaluate"``), run ``config.step`` training steps untracked and
-    measure the evaluation pass after them."""
+    measure the evaluation pass after them.
+
+    With ``fake=True``, a step that reads a tensor's value (Adafactor's ``param.norm(2).item()``)
+    cannot run: fake tensors have no values. That is a one-line CostModelError saying so."""
+    if not fake:
+        return _measure(config, fake=False)
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    try:
+        return _measure(config, fake=True)
+    except DataDependentOutputException as error:
+        raise CostModelError(f"measure --fake: the step reads a tensor's value ({error.func}, e.g. an optimizer's "
+                             f"norm(...).item()), which fake tensors do not have; measure it with real tensors "
+                             f"(without --fake)") from error
+
+
+def _measure(config: StepConfig, *, fake: bool) -> StepCost:
     started = time.perf_counter()
     criterion, target = loss_of(config.loss)
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()

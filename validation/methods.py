@@ -217,7 +217,7 @@ def low_rank_weights(model: nn.Module, rank: int = 4, options: Mapping[str, Any]
 
 
 # StepConfig.optimizer -> the torch.optim class the reference builds for fft, bn_head, lora and dora.
-OPTIMIZERS: dict[str, str] = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+OPTIMIZERS: dict[str, str] = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adafactor": "Adafactor"}
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float,
