@@ -41,13 +41,13 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
                              "rank_pattern='{\"layer4.*\": 8}', alpha_pattern, target_modules, exclude_modules, "
                              "include_grouped=true, adapt_head=true; LoRA/DoRA alpha=16; GaLore update_proj_gap=50, "
                              "scale=0.5")
-    _add_setup_options(parser)
+    add_setup_options(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _add_setup_options(parser: argparse.ArgumentParser) -> None:
-    """How the step trains (``--optimizer``, ``--optimizer-option``, ``--accumulate``), for one
-    step and for a scenario alike."""
+def add_setup_options(parser: argparse.ArgumentParser) -> None:
+    """How the step trains (``--dtype``, ``--checkpoint``, ``--accumulate``, ``--optimizer``,
+    ``--optimizer-option``), for one step, a scenario and a fine-tuning run alike."""
     parser.add_argument("--dtype", default=StepConfig.dtype, choices=tuple(DTYPES),
                         help="the step's precision: the model is cast with model.to(dtype) before the method is "
                              "applied, the images are in it, the optimizer state follows the parameters "
@@ -60,8 +60,9 @@ def _add_setup_options(parser: argparse.ArgumentParser) -> None:
                         help="gradient accumulation: N micro-batches of --batch images per optimizer step, each "
                              "forward, loss / N and backward, gradients adding up in .grad (default: %(default)s)")
     parser.add_argument("--optimizer", default=None, metavar="NAME",
-                        help="the optimizer: adamw, adam, sgd (torch.optim's single-tensor CPU path), or a plugin's, for "
-                             "every method but GaLore, which keeps its own (default: " + StepConfig().optimizer + ")")
+                        help="the optimizer: adamw, adam, sgd, adafactor (torch.optim: its single-tensor CPU path, or "
+                             "with --optimizer-option foreach=true the multi-tensor one), or a plugin's, for every "
+                             "method but GaLore, which keeps its own (default: " + StepConfig().optimizer + ")")
     parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                         help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
                              "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")
@@ -99,15 +100,15 @@ def _config(args: argparse.Namespace) -> StepConfig:
     config = StepConfig(
         model=args.model, method=args.method, rank=defaults.rank if args.rank is None else args.rank,
         batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step, phase=args.phase,
-        channels=args.channels, loss=args.loss, options=options, **_setup_fields(args),
+        channels=args.channels, loss=args.loss, options=options, **setup_fields(args),
     )
-    _check_optimizer(config)
+    check_optimizer(config)
     return config
 
 
-def _setup_fields(args: argparse.Namespace) -> dict[str, object]:
-    """``StepConfig.optimizer``, ``optimizer_options`` and ``accumulate`` from ``--optimizer``,
-    ``--optimizer-option`` and ``--accumulate`` (the StepConfig defaults where not given)."""
+def setup_fields(args: argparse.Namespace) -> dict[str, object]:
+    """The StepConfig fields of :func:`add_setup_options`' flags (``optimizer``,
+    ``optimizer_options``, ``accumulate``, ``dtype``, ``checkpoint``; the defaults where not given)."""
     fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
                                  "accumulate": args.accumulate, "dtype": args.dtype, "checkpoint": args.checkpoint}
     if args.optimizer is not None:
@@ -115,7 +116,7 @@ def _setup_fields(args: argparse.Namespace) -> dict[str, object]:
     return fields
 
 
-def _check_optimizer(config: StepConfig) -> None:
+def check_optimizer(config: StepConfig) -> None:
     """Refuse, before any work, an optimizer no plugin costs or options its plugin refuses: the
     plugins are asked to cost one step over a probe group of one float32 element with
     ``config.lr`` and ``config.optimizer_options`` (what a method's group carries); a plugin
@@ -305,7 +306,7 @@ def _add_scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, default=defaults.classes, help="number of classes (default: %(default)s)")
     parser.add_argument("--step", type=int, default=defaults.step, help="which training step is costed (default: %(default)s)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, help="GaLore's T, for the GaLore predictions (default: 200)")
-    _add_setup_options(parser)
+    add_setup_options(parser)
 
 
 def _scenario(args: argparse.Namespace) -> StepConfig:
@@ -317,8 +318,8 @@ def _scenario(args: argparse.Namespace) -> StepConfig:
     if args.galore_update_proj_gap is not None:
         shared["update_proj_gap"] = check_int(args.galore_update_proj_gap, "--galore-update-proj-gap")
     config = StepConfig(batch=args.batch, resolution=args.resolution, classes=args.classes, step=args.step,
-                        shared_options=shared, **_setup_fields(args))
-    _check_optimizer(config)
+                        shared_options=shared, **setup_fields(args))
+    check_optimizer(config)
     return config
 
 

@@ -154,3 +154,19 @@ def test_a_run_in_bf16_with_checkpointing_equals_its_predictions(cache: Path) ->
     assert "dtype=bf16, checkpoint=features.*" in result.render().splitlines()[0]
     with pytest.raises(CostModelError, match="--dtype must be one of"):
         run_finetune(BASE.replace(dtype="fp64"))
+
+
+def test_a_run_with_accumulation_and_another_optimizer_equals_its_predictions(cache: Path) -> None:
+    """Two micro-batches of ``batch`` images per optimizer step, trained by Adafactor's foreach
+    path: every step equals its prediction; an epoch has only whole groups of 2 x batch images."""
+    config = BASE.replace(method="lora", steps=3, accumulate=2, optimizer="adafactor",
+                          optimizer_options={"foreach": True})
+    result = run_finetune(config)
+    assert result.all_equal and all(record.measured is not None for record in result.steps)
+    header = result.render().splitlines()[0]
+    assert "optimizer=adafactor, optimizer_options={'foreach': True}, accumulate=2" in header
+    assert result.config["steps_per_epoch"] == result.config["train_images"] // (2 * BASE.batch)
+    with pytest.raises(CostModelError, match="--optimizer-option momentum"):
+        run_finetune(BASE.replace(optimizer="adafactor", optimizer_options={"momentum": 0.9}))
+    with pytest.raises(CostModelError, match="--accumulate"):
+        run_finetune(BASE.replace(accumulate=0))

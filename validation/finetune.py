@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from costmodel.config import DTYPES, EVALUATION, TRAINING, StepConfig, check_int, check_positive
+from costmodel.config import EVALUATION, TRAINING, StepConfig, check_int, check_positive
 from costmodel.errors import CostModelError
 from costmodel.result import MEMORY_FIELDS, relative_error
 
@@ -123,11 +123,17 @@ class FinetuneConfig:
     # Training images of the source task used for pretraining (None: all of them): small for tests.
     pretrain_size: int | None = None
     measure: bool = True
-    # The setup (``StepConfig.dtype``, ``StepConfig.checkpoint``): the pretrained float32 model is
-    # cast to ``dtype`` before the method is applied, each batch too; ``checkpoint``'s modules run
-    # under activation checkpointing in the training steps.
+    # The setup (``StepConfig.dtype``, ``checkpoint``, ``accumulate``, ``optimizer``,
+    # ``optimizer_options``): the pretrained float32 model is cast to ``dtype`` before the method is
+    # applied, each batch too; ``checkpoint``'s modules run under activation checkpointing in the
+    # training steps; each optimizer step takes ``accumulate`` micro-batches of ``batch`` images
+    # (an epoch's last incomplete group of ``accumulate * batch`` images is dropped: a smaller one
+    # would change the micro-batch); fft, bn_head, lora and dora train with ``optimizer``.
     dtype: str = StepConfig.dtype
     checkpoint: str = StepConfig.checkpoint
+    accumulate: int = StepConfig.accumulate
+    optimizer: str = StepConfig.optimizer
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
     # Progress bars on stderr: None shows them only where stderr is a terminal.
     progress: bool | None = None
 
@@ -241,7 +247,7 @@ class FinetuneResult:
         config = self.config
         lines.insert(0, f"{config['model']} {config['method']} on {config['task']}: {config['total_steps']} steps, "
                         f"batch {config['batch']}, resolution {config['resolution']}, lr {config['lr']:g}"
-                        f"{''.join(f', {key}={config[key]}' for key in SETUP_FIELDS if config.get(key, '') not in ('', 'fp32'))} "
+                        f"{''.join(f', {key}={config[key]}' for key in SETUP_FIELDS if config.get(key) != SETUP_DEFAULTS[key])} "
                         f"({self.seconds:.1f} s); worst relative error, measured vs predicted:")
         lines.append(f"every measured step equals its prediction: {'yes' if self.all_equal else 'NO'}")
         lines += [f"epoch {point.epoch} step {point.step}: train loss {point.train_loss:.4f}, eval loss "
@@ -250,7 +256,8 @@ class FinetuneResult:
 
 
 # The setup fields a run's header names when they are not the defaults.
-SETUP_FIELDS: tuple[str, ...] = ("dtype", "checkpoint")
+SETUP_FIELDS: tuple[str, ...] = ("optimizer", "optimizer_options", "accumulate", "dtype", "checkpoint")
+SETUP_DEFAULTS: dict[str, Any] = {key: getattr(FinetuneConfig(), key) for key in SETUP_FIELDS}
 
 
 def _format_error(error: float) -> str:
@@ -317,7 +324,11 @@ def check_config(config: FinetuneConfig) -> tuple[FinetuneConfig, "Task"]:
     _check_optional_int(config.eval_every, "--eval-every")
     _check_optional_int(config.measure_every, "--measure-every")
     check_int(config.pretrain_epochs, "--pretrain-epochs")
-    StepConfig(dtype=config.dtype, checkpoint=config.checkpoint)  # their own checks, in one line
+    from costmodel.cli import check_optimizer
+
+    # their own checks, in one line (the optimizer's options by its plugin)
+    check_optimizer(StepConfig(dtype=config.dtype, checkpoint=config.checkpoint, accumulate=config.accumulate,
+                               optimizer=config.optimizer, optimizer_options=dict(config.optimizer_options)))
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise CostModelError(f"--seed must be an integer >= 0, got {config.seed!r}")
     lr = DEFAULT_LEARNING_RATES[config.method] if config.lr is None else check_positive(config.lr, "--lr")
@@ -342,12 +353,23 @@ def galore_gap(config: FinetuneConfig) -> int | None:
     return int(config.options.get("update_proj_gap", DEFAULT_GALORE_GAP))
 
 
+def steps_per_epoch(config: FinetuneConfig, train_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, images in the last one when it is partial, else 0). With
+    accumulation only whole groups of ``accumulate * batch`` images make a step (FinetuneConfig)."""
+    if config.accumulate == 1:
+        return math.ceil(train_size / config.batch), train_size % config.batch
+    group = config.accumulate * config.batch
+    if train_size < group:
+        raise CostModelError(f"--accumulate {config.accumulate} x --batch {config.batch} needs {group} training "
+                             f"images per step; the task has {train_size}")
+    return train_size // group, 0
+
+
 def plan_schedule(config: FinetuneConfig, train_size: int, eval_size: int) -> list[PlannedStep]:
     """Every training step and evaluation of the run, in order, with its kind and whether it is
     measured (``config`` resolved by :func:`check_config`)."""
     batch = config.batch
-    per_epoch = math.ceil(train_size / batch)
-    remainder = train_size % batch
+    per_epoch, remainder = steps_per_epoch(config, train_size)
     total = config.steps if config.steps is not None else config.epochs * per_epoch
     gap = galore_gap(config)
     every = config.measure_every
@@ -402,7 +424,9 @@ class Predictor:
 def step_config(config: FinetuneConfig, classes: int, phase: str, step: int, batch: int) -> StepConfig:
     return StepConfig(model=config.model, method=config.method, rank=config.rank, batch=batch,
                       resolution=config.resolution, classes=classes, step=step, phase=phase,
-                      lr=config.lr, options=dict(config.options), dtype=config.dtype, checkpoint=config.checkpoint)
+                      lr=config.lr, options=dict(config.options), dtype=config.dtype, checkpoint=config.checkpoint,
+                      accumulate=config.accumulate, optimizer=config.optimizer,
+                      optimizer_options=dict(config.optimizer_options))
 
 
 def predict_schedule(config: FinetuneConfig, classes: int, schedule: Sequence[PlannedStep],
@@ -603,10 +627,12 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     applied = apply_config(model, first)
     wrap_checkpointed(applied.model, checkpointed)  # no_grad evaluations run the modules as they are
     dtype = step_dtype(first)
-    training_step = TrainingStep(applied.model, nn.CrossEntropyLoss())
+    training_step = TrainingStep(applied.model, nn.CrossEntropyLoss(), first.micro_batches)
     applied.model.train()
-    loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch, shuffle=True, drop_last=False,
-                                         num_workers=0, generator=torch.Generator().manual_seed(config.seed))
+    # One optimizer step's images: its micro-batches together (split by the step itself).
+    loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch * first.micro_batches, shuffle=True,
+                                         drop_last=first.micro_batches > 1, num_workers=0,
+                                         generator=torch.Generator().manual_seed(config.seed))
     eval_loader = torch.utils.data.DataLoader(task.eval, batch_size=config.batch, shuffle=False, drop_last=False,
                                               num_workers=0)
 
@@ -626,9 +652,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             if planned.phase == TRAINING:
                 images, labels = next(stream)
                 images = images.to(dtype)  # before the step: the batch is the step's input, OTH
-                if images.shape[0] != planned.batch:  # the schedule and the loader must agree
-                    raise CostModelError(f"internal: step {planned.step} planned batch {planned.batch}, "
-                                         f"the loader gave {images.shape[0]}")
+                if images.shape[0] != planned.batch * first.micro_batches:  # the schedule and the loader must agree
+                    raise CostModelError(f"internal: step {planned.step} planned {first.micro_batches} x batch "
+                                         f"{planned.batch}, the loader gave {images.shape[0]}")
                 began = time.perf_counter()
                 if planned.measured:
                     tracked = tracked_train_step(training_step, applied.optimizer, images, labels)
@@ -670,7 +696,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
     described = {**config.to_dict(), "task_description": task.description, "source": task.source,
                  "classes": task.classes, "train_images": len(task.train), "eval_images": len(task.eval),
-                 "total_steps": total, "steps_per_epoch": math.ceil(len(task.train) / config.batch),
+                 "total_steps": total, "steps_per_epoch": steps_per_epoch(config, len(task.train))[0],
                  "galore_update_proj_gap": galore_gap(config), "new_head": new_head,
                  "head": "re-initialised (seeded) after pretraining: the task's classes are new" if new_head
                  else "pretrained", "pretrained_checkpoint": str(checkpoint), "checkpoint_reused": reused,
@@ -685,6 +711,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``costmodel finetune``'s options (cli.py registers the subcommand)."""
+    from costmodel.cli import add_setup_options
+
     defaults = FinetuneConfig()
     parser.add_argument("--model", default=defaults.model, help="torchvision model name (default: %(default)s)")
     parser.add_argument("--method", default=defaults.method, help="fft, bn_head, lora, dora or galore (default: %(default)s)")
@@ -700,20 +728,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=None, metavar="N", help="evaluate every N steps, and at the end (default: at the end of each epoch)")
     parser.add_argument("--measure-every", type=int, default=None, metavar="N", help=f"measure every N-th step besides the special ones (default: every step up to {MEASURE_ALL_UP_TO} steps, else about {REGULAR_MEASUREMENTS} of them)")
     parser.add_argument("--no-measure", action="store_true", help="track nothing (accuracy only; predictions are still made)")
-    parser.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the method's, "
+    parser.add_argument("--lr", type=float, default=None, help="the optimizer's learning rate (default: the method's, "
                         + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LEARNING_RATES.items()) + ")")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split, the shuffling, the initialisation (default: %(default)s)")
     parser.add_argument("--train-size", type=int, default=None, metavar="N", help="fine-tune on only N training images (default: all)")
     parser.add_argument("--galore-update-proj-gap", type=int, default=None, metavar="T", help=f"GaLore's T: an SVD on step k when (k-1) %% T == 0 (default: {DEFAULT_GALORE_GAP})")
     parser.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs, help="epochs of pretraining on the source task (default: %(default)s)")
     parser.add_argument("--pretrain-size", type=int, default=None, metavar="N", help="pretrain on only N source images (default: all)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=tuple(DTYPES), help="fine-tune in this precision: the pretrained model cast with model.to(dtype) before the method, the images too (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=defaults.checkpoint, metavar="PATTERN", help="activation checkpointing of the outermost modules matching PATTERN in the training steps, as predict --checkpoint (default: none)")
+    add_setup_options(parser)  # --dtype, --checkpoint, --accumulate, --optimizer, --optimizer-option, as predict's
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every step and the accuracy curve as JSON to FILE")
 
 
 def config_from_arguments(args: argparse.Namespace) -> FinetuneConfig:
     """The run the parsed arguments ask for, checked (shorthand flags through the method's plugin)."""
+    from costmodel.cli import setup_fields
     from costmodel.options import check_method_arguments
     from costmodel.registry import default_plugin_manager
 
@@ -725,7 +753,7 @@ def config_from_arguments(args: argparse.Namespace) -> FinetuneConfig:
         epochs=args.epochs, steps=args.steps, batch=args.batch, resolution=args.resolution, lr=args.lr, seed=args.seed,
         train_size=args.train_size, eval_fraction=args.eval_fraction, eval_every=args.eval_every, measure_every=args.measure_every, options=options,
         pretrain_epochs=args.pretrain_epochs, pretrain_size=args.pretrain_size, measure=not args.no_measure,
-        dtype=args.dtype, checkpoint=args.checkpoint)
+        **setup_fields(args))
     return check_config(config)[0]
 
 
