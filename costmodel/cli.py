@@ -61,8 +61,9 @@ def add_setup_options(parser: argparse.ArgumentParser) -> None:
                              "forward, loss / N and backward, gradients adding up in .grad (default: %(default)s)")
     parser.add_argument("--optimizer", default=None, metavar="NAME",
                         help="the optimizer: adamw, adam, sgd, adafactor (torch.optim: its single-tensor CPU path, or "
-                             "with --optimizer-option foreach=true the multi-tensor one), or a plugin's, for every "
-                             "method but GaLore, which keeps its own (default: " + StepConfig().optimizer + ")")
+                             "with --optimizer-option foreach=true the multi-tensor one), adamw8bit (bitsandbytes' "
+                             "8-bit AdamW, its CPU kernels), or a plugin's, for every method but GaLore, which keeps "
+                             "its own (default: " + StepConfig().optimizer + ")")
     parser.add_argument("--optimizer-option", action="append", metavar="KEY=VALUE",
                         help="an optimizer keyword besides the learning rate, VALUE as JSON or a string; repeatable: "
                              "momentum=0.9, nesterov=true, weight_decay=0.01, betas='[0.9, 0.99]', eps=1e-6")

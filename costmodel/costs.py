@@ -244,13 +244,16 @@ class OptimizerCost:
 
     ``state_bytes`` is the persistent state that exists after the step (created on the first
     step); ``events`` is the step's memory timeline in order (state creation on the first step,
-    temporaries allocated and freed); ``flops`` the step's arithmetic.
+    temporaries allocated and freed); ``flops`` the step's arithmetic. ``resident_bytes`` is what
+    the optimizer holds from its construction on, before any step (OPT from the start of every
+    step, step 1 included: bitsandbytes' quantisation maps), not part of ``state_bytes``.
     """
 
     flops: Flops
     state_bytes: int
     events: list[MemEvent] = field(default_factory=list)
     note: str = ""
+    resident_bytes: int = 0
 
 
 @dataclass

@@ -189,6 +189,7 @@ def check_optimizer_cost(answer: Any) -> None:
     _check_type(answer, OptimizerCost, "the answer")
     _check_flops(answer.flops, "OptimizerCost.flops")
     _check_count(answer.state_bytes, "OptimizerCost.state_bytes")
+    _check_count(answer.resident_bytes, "OptimizerCost.resident_bytes")
     _check_sequence(answer.events, "OptimizerCost.events")
     for i, event in enumerate(answer.events):
         if type(event) is not MemEvent:

@@ -294,13 +294,15 @@ def optimizer_timeline(param_groups: list[ParamGroup], flow: GradientFlow, manag
 def state_after(groups: list[ParamGroup], flow: GradientFlow, manager: pluggy.PluginManager, config: StepConfig,
                 steps_done: int) -> tuple[int, int]:
     """The optimizer state and the parameter gradients alive after ``steps_done`` training steps
-    (``groups`` as the optimizer sees them): none before the first; then the state the last step
-    leaves (``OptimizerCost.state_bytes``) and every ``.grad`` it was given (``optimizer.step()``
-    does not free them; the next step's ``zero_grad`` does)."""
+    (``groups`` as the optimizer sees them): what the optimizer holds from its construction
+    (``OptimizerCost.resident_bytes``), and from the first step on the state the last step leaves
+    (``OptimizerCost.state_bytes``) and every ``.grad`` it was given (``optimizer.step()`` does not
+    free them; the next step's ``zero_grad`` does)."""
+    done = optimizer_steps(groups, manager, config, max(steps_done, 1))
+    resident = sum(s.cost.resident_bytes for s in done)
     if steps_done < 1:
-        return 0, 0
-    state = sum(s.cost.state_bytes for s in optimizer_steps(groups, manager, config, steps_done))
-    return state, sum(flow.gradient_bytes.values())
+        return resident, 0
+    return resident + sum(s.cost.state_bytes for s in done), sum(flow.gradient_bytes.values())
 
 
 def step_flops(graph: StepGraph, costs: list[OpCost | None], memory: MemoryResult,

@@ -451,7 +451,8 @@ def _stack_steps(per_rank: list[list[OptimizerStep]]) -> list[OptimizerStep]:
         sizes = np.array([[e.nbytes for e in c.events] for c in costs], dtype=np.int64).reshape(len(costs), -1)
         events = [MemEvent(column_size(sizes[:, j]), group, label) for j, (group, label) in enumerate(form)]
         cost = OptimizerCost(_stack([c.flops for c in costs], "the optimizer FLOPs"),
-                             _stack([c.state_bytes for c in costs], "the optimizer state"), events, step.cost.note)
+                             _stack([c.state_bytes for c in costs], "the optimizer state"), events, step.cost.note,
+                             _stack([c.resident_bytes for c in costs], "the optimizer's resident memory"))
         stacked.append(OptimizerStep(step.label, cost))
     return stacked
 

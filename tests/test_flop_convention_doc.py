@@ -26,7 +26,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.authoring import HandleTable
-from costmodel.validation.flops import EXACT_FLOP_FORMULAS
+from costmodel.validation.flops import EXACT_FLOP_FORMULAS, register_bitsandbytes_formulas
+
+# bitsandbytes' rows join the table when the reference builds an 8-bit optimizer; here, always.
+import bitsandbytes  # noqa: E402,F401  (defines torch.ops.bitsandbytes)
+
+register_bitsandbytes_formulas()
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "flop-convention.md"
 PLUGIN_SECTION = "## Python ops the op plugins cost"
@@ -58,7 +63,7 @@ def documented_packets(text: str) -> set[str]:
     span's end, an overload (``.Tensor``) or arguments (``(``)."""
     found = set()
     for span in _spans(text):
-        match = re.match(r"((?:aten|prim|profiler)\.[A-Za-z_][A-Za-z0-9_]*)(?:$|[.(])", span)
+        match = re.match(r"((?:aten|prim|profiler|bitsandbytes)\.[A-Za-z_][A-Za-z0-9_]*)(?:$|[.(])", span)
         if match:
             found.add(match.group(1))
     return found

@@ -101,6 +101,42 @@ def test_a_fake_measurement_of_adafactor_is_refused_in_one_line(capsys):
     assert "--fake" in err and "value" in err
 
 
+class WideNet(SmallNet):
+    """SmallNet with a 4,800-element conv weight: one tensor past bitsandbytes' 8-bit threshold
+    (``min_8bit_size`` 4,096), the rest below it (float32 moments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 20, padding=10)  # 4 * 3 * 20 * 20 = 4,800 weights
+
+
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.0, "betas": [0.0, 0.99]}, {"min_8bit_size": 16}],
+                         ids=["defaults", "no-decay-beta1-0", "all-8bit"])
+def test_adamw8bit_equals_the_measured_step_with_its_kernels_in_view(options, step):
+    """bitsandbytes' AdamW8bit on CPU: the reference runs its CPU kernels' torch ops in view of
+    the tracker and the counters (costmodel.validation.optimizers); the rule equals them. The
+    kernel's float32 copies of the moments are OPT beyond the 8-bit state."""
+    import bitsandbytes
+
+    from costmodel.validation.optimizers import kernels_in_view
+
+    measured = measure_module(WideNet, batch=2, resolution=8, step=step, fake=False,
+                              optimizer=lambda ps: bitsandbytes.optim.AdamW8bit(ps, lr=1e-3, **options))
+    predicted = costmodel.predict(WideNet(), "fft", batch=2, resolution=8, step=step, optimizer="adamw8bit",
+                                  optimizer_options=options)
+    assert_matches(predicted, measured)
+    conv = 4 * 3 * 20 * 20
+    assert predicted.memory["OPT"] > 2 * conv + 2048 + 4 * conv  # the moments, the maps, float32 copies
+    assert kernels_in_view(torch.optim.AdamW([nn.Parameter(torch.ones(1))])).__class__.__name__ == "nullcontext"
+
+
+def test_adamw8bit_is_measured_with_real_tensors_only(capsys):
+    err = refusal(["measure", "--model", "mobilenet_v2", "--method", "lora", "--batch", "2", "--resolution", "32",
+                   "--fake", "--optimizer", "adamw8bit"], capsys)
+    assert "--fake" in err and "real tensors" in err
+
+
 def test_adams_l2_gradient_is_a_temporary_with_real_tensors_too():
     """Adam's ``grad.add(p, alpha=wd)`` is a new tensor: the OPT maximum grows by it, and real
     tensors (not fake ones) allocate exactly what the rule says."""
@@ -195,6 +231,8 @@ def test_scenario_commands_take_the_optimizer_too(capsys):
     ("adamw", {"fused": True}, "fused"),
     ("adafactor", {"eps": 0.001}, "eps"),
     ("adafactor", {"maximize": True}, "maximize"),
+    ("adamw8bit", {"is_paged": True}, "is_paged"),
+    ("adamw8bit", {"optim_bits": 8}, "optim_bits"),
     ("sgd", {"momentum": "high"}, "momentum"),
     ("sgd", {"nesterov": True}, "nesterov"),
 ])

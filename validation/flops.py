@@ -338,6 +338,38 @@ def foreach_addcmul_flop(tensors: Sequence[torch.Tensor], tensor1: Any, tensor2:
 
 
 # ---------------------------------------------------------------------------------------------
+# bitsandbytes' blockwise quantisation (its 8-bit optimizers on CPU; compiled code, counted from
+# csrc/cpu_ops.cpp and csrc/common.cpp). Registered by costmodel.validation.optimizers when it
+# imports bitsandbytes (whose import defines torch.ops.bitsandbytes).
+# ---------------------------------------------------------------------------------------------
+
+QUANTIZE_BLOCKWISE_K = 11
+
+
+def dequantize_blockwise_flop(a: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``out[i] = code[A[i]] * absmax[block]``: one multiply per element (the lookup is a load)."""
+    return a.numel()
+
+
+def quantize_blockwise_flop(a: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """11 per element: the block's ``absmax = fmax(absmax, fabs(x))`` (2); ``x / absmax`` (1); the
+    code search, BinSearch's Direct2 (``(x - x0) * scale`` and one comparison: 3); the nearest of two
+    neighbours (two subtractions, two ``fabs``, one comparison: 5). The kernel skips the last step
+    for an element that lands on the code's last entry; it is counted for every element, so that
+    the count does not depend on the data."""
+    return QUANTIZE_BLOCKWISE_K * a.numel()
+
+
+def register_bitsandbytes_formulas() -> None:
+    """Add the rows above to the exact convention (once; bitsandbytes must be imported)."""
+    library = torch.ops.bitsandbytes
+    if library.quantize_blockwise in EXACT_FLOP_FORMULAS:
+        return
+    _register(library.quantize_blockwise)(quantize_blockwise_flop)
+    _register(library.dequantize_blockwise)(dequantize_blockwise_flop)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reductions, norms, pooling
 # ---------------------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
 from costmodel.validation.methods import apply_config
+from costmodel.validation.optimizers import REAL_TENSORS_ONLY, kernels_in_view
 
 SEED = 0
 
@@ -230,13 +231,14 @@ def tracked_train_step(training_step: TrainingStep, optimizer: torch.optim.Optim
     real run the step's own index."""
     model = training_step.model
     micro = split_micro_batches(training_step, images, labels)
+    in_view = kernels_in_view(optimizer)  # before the counters (its formulas join the table)
     tracker = GroupPeakMemTracker()
     tracker.track_external(model, optimizer, images, labels)
     flops = PhaseFlops()
     with tracker:
         optimizer.zero_grad(set_to_none=True)
         loss, total = _forward_backward(training_step, micro, flops, tracker)
-        with flops.phase("optimizer"):
+        with flops.phase("optimizer"), in_view:
             optimizer.step()
         value = _value(loss) if len(micro) == 1 else total
         del loss
@@ -346,6 +348,9 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     cannot run: fake tensors have no values. That is a one-line CostModelError saying so."""
     if not fake:
         return _measure(config, fake=False)
+    if config.optimizer in REAL_TENSORS_ONLY:
+        raise CostModelError(f"measure --fake: --optimizer {config.optimizer} runs on real tensors only "
+                             f"({REAL_TENSORS_ONLY[config.optimizer]}); measure it without --fake")
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     try:

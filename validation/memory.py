@@ -124,6 +124,14 @@ class GroupPeakMemTracker(MemTracker):
             for value in state.values():
                 for tensor in _tensors_in(value):
                     self._update_and_maybe_create_winfos(tensor, reftype)
+        # Tensors the optimizer holds outside its state, from its construction on (bitsandbytes'
+        # quantisation maps, ``name2qmap``), are its memory too, on step 1 as well.
+        for name, value in vars(optimizer).items():
+            if name in ("state", "param_groups"):
+                continue
+            for item in value.values() if isinstance(value, dict) else [value]:
+                for tensor in _tensors_in(item) if isinstance(item, (torch.Tensor, list, tuple)) else []:
+                    self._update_and_maybe_create_winfos(tensor, reftype)
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         # Replaces the stock per-module peak snapshots (a walk over every tracked module per op,

@@ -63,6 +63,7 @@ from torch import nn
 from costmodel.config import StepConfig, check_int, check_positive
 from costmodel.errors import CostModelError
 from costmodel.models import head_name
+from costmodel.validation.optimizers import BUILDERS
 
 
 @dataclass
@@ -217,20 +218,22 @@ def low_rank_weights(model: nn.Module, rank: int = 4, options: Mapping[str, Any]
 
 
 # StepConfig.optimizer -> the torch.optim class the reference builds for fft, bn_head, lora and dora.
-OPTIMIZERS: dict[str, str] = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adafactor": "Adafactor"}
+OPTIMIZERS: dict[str, str] = {"adamw": "torch.optim.AdamW", "adam": "torch.optim.Adam", "sgd": "torch.optim.SGD",
+                              "adafactor": "torch.optim.Adafactor", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float,
                     optimizer_options: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``torch.optim.<OPTIMIZERS[name]>(params, lr=lr, **optimizer_options)``; an unknown name, or
+    """``<OPTIMIZERS[name]>(params, lr=lr, **optimizer_options)`` (torch.optim's class, or the
+    builder of ``costmodel.validation.optimizers.BUILDERS``); an unknown name, or
     a keyword or value torch refuses, is a one-line CostModelError."""
     if name not in OPTIMIZERS:
         raise CostModelError(f"--optimizer {name!r}: the runtime reference builds {', '.join(OPTIMIZERS)}")
-    optimizer_class = getattr(torch.optim, OPTIMIZERS[name])
+    build = BUILDERS.get(name) or getattr(torch.optim, OPTIMIZERS[name])
     try:
-        return optimizer_class(params, lr=lr, **optimizer_options)
+        return build(params, lr=lr, **optimizer_options)
     except (TypeError, ValueError) as error:
-        raise CostModelError(f"--optimizer-option: torch.optim.{OPTIMIZERS[name]} refuses "
+        raise CostModelError(f"--optimizer-option: {OPTIMIZERS[name]} refuses "
                              f"{dict(optimizer_options)!r}: {' '.join(str(error).split())}") from error
 
 
