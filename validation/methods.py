@@ -24,9 +24,10 @@ The methods, as the runtime-reference issue defines them:
   ``project_back`` (galore-torch 1.0 only handles matrices); see :class:`MatrixGaLoreProjector`.
 
 The optimizer of fft, bn_head, lora and dora is ``StepConfig.optimizer`` (``OPTIMIZERS``: adamw,
-adam, sgd), built for real as ``torch.optim.AdamW / Adam / SGD(trainable parameters, lr=lr,
-**StepConfig.optimizer_options)``, torch's defaults for every option not given (on CPU: the
-single-tensor path). GaLore has its own optimizer, GaLoreAdamW: any other is refused.
+adam, sgd, adafactor, adamw8bit), built for real as ``torch.optim.AdamW / Adam / SGD /
+Adafactor`` or ``bitsandbytes.optim.AdamW8bit`` ``(trainable parameters, lr=lr,
+**StepConfig.optimizer_options)``, the library's defaults for every option not given (on CPU:
+torch's single-tensor path). GaLore has its own optimizer, GaLoreAdamW: any other is refused.
 
 Method options (``StepConfig.options``; ``apply_method(..., options=...)``), the ones the
 predictor's method plugins accept, with the same meaning; any other is a CostModelError:
@@ -218,8 +219,10 @@ def low_rank_weights(model: nn.Module, rank: int = 4, options: Mapping[str, Any]
 
 
 # StepConfig.optimizer -> the torch.optim class the reference builds for fft, bn_head, lora and dora.
-OPTIMIZERS: dict[str, str] = {"adamw": "torch.optim.AdamW", "adam": "torch.optim.Adam", "sgd": "torch.optim.SGD",
-                              "adafactor": "torch.optim.Adafactor", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
+TORCH_OPTIMIZERS: dict[str, str] = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adafactor": "Adafactor"}
+# Every optimizer the reference builds, by the name its class goes by (BUILDERS make those outside torch.optim).
+OPTIMIZERS: dict[str, str] = {**{name: f"torch.optim.{cls}" for name, cls in TORCH_OPTIMIZERS.items()},
+                              "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 
 
 def build_optimizer(name: str, params: list[nn.Parameter], lr: float,
@@ -229,7 +232,7 @@ def build_optimizer(name: str, params: list[nn.Parameter], lr: float,
     a keyword or value torch refuses, is a one-line CostModelError."""
     if name not in OPTIMIZERS:
         raise CostModelError(f"--optimizer {name!r}: the runtime reference builds {', '.join(OPTIMIZERS)}")
-    build = BUILDERS.get(name) or getattr(torch.optim, OPTIMIZERS[name])
+    build = BUILDERS[name] if name in BUILDERS else getattr(torch.optim, TORCH_OPTIMIZERS[name])
     try:
         return build(params, lr=lr, **optimizer_options)
     except (TypeError, ValueError) as error:

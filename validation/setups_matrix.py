@@ -6,8 +6,10 @@
 A setup is a set of ``StepConfig`` fields beside the method: the precision (``--dtype``),
 activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
 ``features.*`` on MobileNets), gradient accumulation (``--accumulate 4``), the optimizer
-(``--optimizer``, GaLore keeping its own), and all of them together. For every model x method x
-setup x step it predicts the step and measures it (under FakeTensorMode unless ``--real``),
+(``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
+GaLore keeping its own), and combinations. For every model x method x setup x step it predicts the
+step and measures it (under FakeTensorMode unless ``--real``; the optimizers that cannot step fake
+tensors always with real ones),
 prints one line each, then a table of the setups: how many configurations are equal on every
 field (FLOPs per phase in both conventions, every memory group and the peak to the byte,
 trainable parameters), and the worst field where one is not. Exits with status 1 if any is not.
@@ -47,8 +49,18 @@ SETUPS: dict[str, dict[str, Any]] = {
     "accumulate4": {"accumulate": 4},
     "sgd-momentum": {"optimizer": "sgd", "optimizer_options": {"momentum": 0.9}},
     "adam": {"optimizer": "adam"},
+    "adamw-foreach": {"optimizer_options": {"foreach": True}},
+    "sgd-foreach-nesterov-wd": {"optimizer": "sgd", "optimizer_options": {"foreach": True, "momentum": 0.9,
+                                                                         "nesterov": True, "weight_decay": 0.01}},
+    "adafactor": {"optimizer": "adafactor"},
+    "adafactor-foreach": {"optimizer": "adafactor", "optimizer_options": {"foreach": True}},
+    "adamw8bit": {"optimizer": "adamw8bit"},
     "bf16+checkpoint+accumulate2": {"dtype": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
+    "bf16+adamw8bit": {"dtype": "bf16", "optimizer": "adamw8bit"},
 }
+# Setups whose optimizer cannot step fake tensors (Adafactor reads norm(...).item(); bitsandbytes'
+# quantisation maps are real tensors): always measured with real tensors.
+REAL_ONLY = frozenset({"adafactor", "adafactor-foreach", "adamw8bit", "bf16+adamw8bit"})
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_options")
 
 
@@ -95,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     for setup, config in configurations(args.models, args.methods, args.setups, args.steps, args.batch,
                                         args.resolution):
-        result = errors(predict_config(config), measure(config, fake=not args.real))
+        result = errors(predict_config(config), measure(config, fake=not (args.real or setup in REAL_ONLY)))
         results.append((setup, result))
         broken = result.broken()
         print(f"{setup:<30}{config.model:<14}{config.method:<8}k={config.step}  "
@@ -103,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(results))
     failures = sum(1 for _, e in results if e.broken())
-    print(f"\n{len(results)} configurations ({'real' if args.real else 'FakeTensorMode'} measurements, "
+    print(f"\n{len(results)} configurations ({'real' if args.real else 'FakeTensorMode'} measurements, the "
+          f"real-only setups ({', '.join(sorted(REAL_ONLY & set(args.setups))) or 'none'}) with real tensors, "
           f"B={args.batch} R={args.resolution}), {failures} not equal, {time.perf_counter() - started:.0f}s")
     return 1 if failures else 0
 
