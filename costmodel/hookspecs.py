@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from torch import nn
 
     from costmodel.config import StepConfig
@@ -148,6 +151,20 @@ def costmodel_loss(name: str) -> "LossSpec | None":
 def costmodel_loss_names() -> "list[str]":
     """The names of the losses this plugin describes through ``costmodel_loss`` (for listings and
     messages)."""
+
+
+@hookspec(firstresult=True)
+def costmodel_module_forward(module: "nn.Module") -> "Callable[..., Any] | None":
+    """A forward for ``module`` that torch.fx can trace, dispatching exactly the ops the module's
+    own forward dispatches, or None. For a module whose forward computes Python values from its
+    inputs' sizes, which symbolic tracing cannot do (timm's ``Conv2dSame`` pads by its input's
+    height and width): the tracer calls it with the module's arguments in place of
+    ``module.forward``, and the ops it calls become nodes like any others.
+
+    Sizes read in it (``x.size(-1)``) are graph values; arithmetic on them is recorded as free
+    shape nodes (``costmodel.plugins.shape``), so write ``max(t, 0)`` and branches on sizes as
+    arithmetic (``(t + abs(t)) // 2``). Asked for every module the tracer traces through (never
+    for a leaf module, which an op rule costs whole)."""
 
 
 @hookspec

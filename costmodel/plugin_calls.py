@@ -300,6 +300,17 @@ OPTIMIZER_NAMES = HookContract("costmodel_optimizer_names", lambda kwargs: "the 
 LOSS_NAMES = HookContract("costmodel_loss_names", lambda kwargs: "the loss listing", check_method_names)
 
 
+def check_module_forward(answer: Any) -> None:
+    """A callable (the traceable forward) or None."""
+    if answer is not None and not callable(answer):
+        raise BadAnswer(f"the answer is {_shown(answer)}, not a callable or None")
+
+
+MODULE_FORWARD = HookContract("costmodel_module_forward",
+                              lambda kwargs: f"the forward of module {type(kwargs['module']).__name__}",
+                              check_module_forward)
+
+
 def _arguments_for(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     """``kwargs -> the positional arguments of an implementation taking ``names``` (a subset of the
     hookspec's, as pluggy allows). ``operator.itemgetter`` is the cheapest such picker, but returns

@@ -203,7 +203,7 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
         if same is None:
             traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
                                  micro_batches=config.micro_batches, dtype=step_dtype(config),
-                                 checkpointed=checkpointed)
+                                 checkpointed=checkpointed, manager=manager)
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches

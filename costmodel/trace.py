@@ -32,7 +32,7 @@ from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.models import (TrainingStep, check_checkpointed, checkpointed_modules, in_step_dtype, step_dtype,
                               step_model)
-from costmodel.plugin_calls import PREPARE_METHOD, ask_first, loss_spec
+from costmodel.plugin_calls import MODULE_FORWARD, PREPARE_METHOD, HookAsker, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -90,9 +90,12 @@ class StepTracer(fx.Tracer):
     """A tracer that keeps method modules (``PreparedMethod.leaf_modules``) whole, records in-place
     operators, and remembers each traced-through module call for liveness."""
 
-    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), checkpointed: frozenset[int] = frozenset()) -> None:
+    def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), checkpointed: frozenset[int] = frozenset(),
+                 forward_for: Callable[[nn.Module], Callable[..., Any] | None] | None = None) -> None:
         super().__init__()
         self.leaf_modules = leaf_modules
+        # A plugin's traceable stand-in for a module's forward (``costmodel_module_forward``), or None.
+        self.forward_for = forward_for
         self.module_calls: list[ModuleCall] = []
         # ``id()`` of the modules whose calls are checkpointed, and each such (outermost) call.
         self.checkpointed = checkpointed
@@ -181,6 +184,9 @@ class StepTracer(fx.Tracer):
             return result
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
+        stand_in = self.forward_for(m) if self.forward_for is not None else None
+        if stand_in is not None:
+            forward = stand_in
         before = _last_node(self.graph)
         result = super().call_module(m, forward, args, kwargs)
         last = _last_node(self.graph)
@@ -496,19 +502,25 @@ def altered_copy(module: nn.Module, tensors: Mapping[str, torch.Tensor],
 def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", channels: int = 3, *,
                 loss: LossSpec | None = None, classes: int = StepConfig.classes,
                 micro_batches: int = StepConfig.accumulate, dtype: torch.dtype = torch.float32,
-                checkpointed: Sequence[tuple[str, nn.Module]] = ()) -> TracedStep:
+                checkpointed: Sequence[tuple[str, nn.Module]] = (),
+                manager: pluggy.PluginManager | None = None) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
     ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
     loss, as the default plugins describe it) for ``classes`` classes; divided by ``micro_batches``
     when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``); the images, and
     a floating target, in ``dtype``; each call of the ``checkpointed`` modules recorded as a
-    :class:`CheckpointCall` (``checkpoint_modules``)."""
-    if loss is None:
+    :class:`CheckpointCall` (``checkpoint_modules``); a module's forward replaced by the stand-in
+    a plugin of ``manager`` gives (``costmodel_module_forward``; None: the default plugins)."""
+    if manager is None:
         from costmodel.registry import default_plugin_manager
 
-        loss = loss_spec(default_plugin_manager(), StepConfig.loss)
+        manager = default_plugin_manager()
+    if loss is None:
+        loss = loss_spec(manager, StepConfig.loss)
     step_module = TrainingStep(model, loss.criterion(), micro_batches)
-    tracer = StepTracer(tuple(prepared.leaf_modules), frozenset(id(module) for _, module in checkpointed))
+    asker = HookAsker(manager, MODULE_FORWARD)
+    tracer = StepTracer(tuple(prepared.leaf_modules), frozenset(id(module) for _, module in checkpointed),
+                        forward_for=lambda module: asker.first(module=module))
     watcher = _LocalsWatcher(tracer)
     try:
         # Traced with gradients on whatever the caller's mode: a node with them off is the forward's own.
@@ -569,7 +581,8 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
         model = meta_copy(in_step_dtype(model, config, label=config.model)).train()
     prepared, checkpointed = prepare_step(manager, model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
-                       micro_batches=config.micro_batches, dtype=step_dtype(config), checkpointed=checkpointed)
+                       micro_batches=config.micro_batches, dtype=step_dtype(config), checkpointed=checkpointed,
+                       manager=manager)
 
 
 class Recorder(fx.Interpreter):

@@ -133,10 +133,14 @@ class LoraConv2d(_LoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, use_dora: bool) -> None:
         device, dtype = base_layer.weight.device, base_layer.weight.dtype
-        lora_A = nn.Conv2d(base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride,
-                           base_layer.padding, bias=False, device=device, dtype=dtype)
-        lora_B = nn.Conv2d(rank, base_layer.out_channels, 1, 1, groups=base_layer.groups, bias=False,
-                           device=device, dtype=dtype)
+        # peft builds both adapters with the base layer's own class (``type(base_layer)``): a conv
+        # subclass (timm's Conv2dSame, which pads by its input's size) adapts with its own forward.
+        conv_layer = type(base_layer)
+        with torch.device(device):
+            lora_A = conv_layer(base_layer.in_channels, rank, base_layer.kernel_size, base_layer.stride,
+                                base_layer.padding, bias=False).to(dtype=dtype)
+            lora_B = conv_layer(rank, base_layer.out_channels, 1, 1, groups=base_layer.groups,
+                                bias=False).to(dtype=dtype)
         super().__init__(base_layer, lora_A, lora_B, (1, base_layer.out_channels, 1, 1), rank, alpha, use_dora)
         self.weight_shape = tuple(base_layer.weight.shape)
 

@@ -308,7 +308,7 @@ def no_tensor_result(node: OpNode) -> OpCost | None:
 
 
 @TABLE.register("call_function", operator.floordiv, operator.truediv, operator.mod, operator.add, operator.sub,
-                operator.mul, operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                operator.mul, operator.neg, operator.abs, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                 operator.ge, torch._assert)
 def shape_arithmetic(node: OpNode) -> OpCost | None:
     """Python arithmetic and checks on sizes (``num_channels // groups``, ``H % window == 0``,

@@ -16,11 +16,14 @@ from costmodel.result import FLOP_CONVENTIONS, MEMORY_FIELDS, PHASES
 from costmodel.validation.measure import measure
 
 BATCH, RESOLUTION = 2, 64
-# Small and quick enough for the default suite (about 40 s on 2 cores, most of it measuring).
-FAST_MODELS = ("mobilenetv3_small_100", "lcnet_050")
+# Small and quick enough for the default suite (about 60 s on 2 cores, most of it measuring).
+# tf_mobilenetv3_small_100: TensorFlow "SAME" convolutions (timm's Conv2dSame, costmodel.plugins.timm_layers).
+FAST_MODELS = ("mobilenetv3_small_100", "lcnet_050", "tf_mobilenetv3_small_100")
 # The rest of the edge sample; each one predicted equal to the measurement under fft and LoRA r4.
 SLOW_MODELS = ("mobilenetv3_large_100", "efficientnet_b0", "resnet18", "ghostnet_100", "mnasnet_100", "tinynet_a",
-               "ghostnetv2_100")  # GhostNetV2's gate: F.interpolate(mode="nearest")
+               "ghostnetv2_100",  # GhostNetV2's gate: F.interpolate(mode="nearest")
+               "tf_efficientnet_b0", "tf_efficientnet_lite0", "tf_mixnet_s", "tf_mobilenetv3_large_100",
+               "tf_efficientnetv2_b0")
 METHODS = (("fft", {}), ("lora", {"rank": 4}))
 
 
@@ -93,3 +96,44 @@ def test_missing_timm_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPat
     assert "'timm' extra" in err and "\n" not in err
     # torchvision's models need no timm.
     assert check_model_names(["resnet18"], "--model") == ("resnet18",)
+
+
+def test_same_padding_is_timms_at_every_size() -> None:
+    """The stand-in's graph arithmetic (``costmodel.plugins.timm_layers.same_padding``) gives
+    timm's own ``get_same_padding`` for every size, kernel, stride and dilation tried."""
+    from timm.layers.padding import get_same_padding
+
+    from costmodel.plugins.timm_layers import same_padding
+
+    for size in range(1, 70):
+        for kernel in (1, 2, 3, 5, 7):
+            for stride in (1, 2, 3, 4):
+                for dilation in (1, 2):
+                    assert same_padding(size, kernel, stride, dilation) == \
+                        get_same_padding(size, kernel, stride, dilation), (size, kernel, stride, dilation)
+
+
+def test_a_module_with_same_convolutions_equals_live_measurements_at_odd_sizes() -> None:
+    """A custom module of timm's Conv2dSame (stride 2, asymmetric padding at even sizes, none
+    needed at some odd ones), predicted through the Python API at three resolutions (the padding
+    is graph arithmetic on the input's size), each equal to a real-tensor measurement."""
+    import torch
+    from timm.layers import Conv2dSame
+    from torch import nn
+
+    import costmodel
+    from engine_live import assert_matches, measure_module
+
+    class Same(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = Conv2dSame(3, 4, 3, stride=2)
+            self.b = Conv2dSame(4, 6, 5, stride=2, groups=2)
+            self.fc = nn.Linear(6, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+    for resolution in (9, 16, 33):
+        measured = measure_module(Same, batch=2, resolution=resolution, fake=False)
+        assert_matches(costmodel.predict(Same(), "fft", batch=2, resolution=resolution), measured)
