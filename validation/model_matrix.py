@@ -1,7 +1,7 @@
-"""Every torchvision classifier x the five methods: does it predict, and does the prediction equal
-the measurement on every field?
+"""Every torchvision classifier (or every timm model) x the five methods: does it predict, and does
+the prediction equal the measurement on every field?
 
-    python -m costmodel.validation.model_matrix [--models M,M|all] [--methods fft,lora,...]
+    python -m costmodel.validation.model_matrix [--models M,M|all|timm] [--methods fft,lora,...]
         [--rank 8] [--batch 2] [--resolution 64] [--no-measure] [--json PATH]
 
 Each model is predicted (``costmodel.prediction.predict_config``) and measured under
@@ -37,7 +37,21 @@ NATIVE_RESOLUTION = {"inception_v3": 299}
 NATIVE_PREFIXES = {("vit_", "swin", "maxvit"): 224}
 
 
+def timm_models() -> list[str]:
+    """``timm:NAME`` for every name ``timm.list_models()`` gives."""
+    import timm
+
+    return [f"timm:{name}" for name in timm.list_models()]
+
+
 def resolution_for(model: str, default: int) -> int:
+    if model.startswith("timm:"):  # a timm model with a fixed input size (a ViT's patch grid) takes it
+        import timm
+
+        config = timm.get_pretrained_cfg(model[len("timm:"):], allow_unregistered=True)
+        if config is not None and config.fixed_input_size:
+            return config.input_size[-1]
+        return default
     if model in NATIVE_RESOLUTION:
         return NATIVE_RESOLUTION[model]
     for prefixes, resolution in NATIVE_PREFIXES.items():
@@ -83,7 +97,8 @@ def check(config: StepConfig, measure_too: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m costmodel.validation.model_matrix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="all", help="comma-separated torchvision models, or all (default)")
+    parser.add_argument("--models", default="all", help="comma-separated models (timm:NAME for timm's), all "
+                        "(every torchvision classifier, the default) or timm (every timm.list_models() name)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
@@ -94,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     from costmodel.models import available_models, check_model_names
 
     try:
-        models = available_models() if args.models == "all" else check_model_names(
-            [m for m in args.models.split(",") if m], "--models")
+        if args.models in ("all", "timm"):
+            models = available_models() if args.models == "all" else timm_models()
+        else:
+            models = check_model_names([m for m in args.models.split(",") if m], "--models")
         base = StepConfig(rank=args.rank, batch=args.batch)
     except CostModelError as error:
         print(f"model_matrix: error: {error}", file=sys.stderr)
