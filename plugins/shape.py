@@ -22,8 +22,8 @@ Memory (torch 2.14.1, CPU; every rule checked against the live op in tests/test_
 - ``expand``/``expand_as``: a view; the backward is ``sum_to_size``: one new input-sized gradient
   (``sum.dim_IntList``, keepdim, then a ``view``), or the incoming gradient itself when the shapes
   are equal.
-- ``chunk``/``split``/``split_with_sizes``: views of the input; the backward is ``cat`` of the
-  pieces' gradients: one new input-sized tensor. (A piece that receives no gradient is first
+- ``chunk``/``split``/``split_with_sizes``/``unbind``: views of the input; the backward is ``cat``
+  (``stack`` for ``unbind``) of the pieces' gradients: one new input-sized tensor. (A piece that receives no gradient is first
   filled with ``zeros`` of its size, a backward transient the node alone cannot tell; every piece
   is assumed to receive one, as in ShuffleNet.)
 - ``cat`` allocates its output, saves nothing, and hands each input a slice (a view) of the
@@ -126,13 +126,13 @@ def expand(node: OpNode) -> OpCost | None:
     return cost
 
 
-@TABLE.register("call_method", "chunk", "split", "split_with_sizes")
-@TABLE.register("call_function", torch.chunk, torch.split)
+@TABLE.register("call_method", "chunk", "split", "split_with_sizes", "unbind")
+@TABLE.register("call_function", torch.chunk, torch.split, torch.unbind)
 def chunk_or_split(node: OpNode) -> OpCost | None:
-    """``x.chunk(n, dim)`` / ``x.split(size_or_sizes, dim)``: ``split.Tensor`` /
-    ``split_with_sizes``, every piece a view of ``x`` (nothing allocated or saved). Backward
-    (``SplitBackward0``): ``cat`` of the pieces' gradients along ``dim``, one new tensor of the
-    input's size, 0 FLOPs (``cat`` is data movement). A piece without a gradient would first get
+    """``x.chunk(n, dim)`` / ``x.split(size_or_sizes, dim)`` / ``x.unbind(dim)``: ``split.Tensor`` /
+    ``split_with_sizes`` / ``unbind.int``, every piece a view of ``x`` (nothing allocated or saved).
+    Backward (``SplitBackward0``: ``cat`` of the pieces' gradients along ``dim``; ``UnbindBackward0``:
+    ``stack`` of them): one new tensor of the input's size, 0 FLOPs (data movement). A piece without a gradient would first get
     ``zeros`` of its size (a transient this node cannot know of: every piece is assumed to get one).
     """
     if not node.inputs or not _aliases_input(node):

@@ -174,6 +174,8 @@ CHUNKS = [
     (run_method, "split", ([1, 2],), {"dim": 1}, lambda t: t.split([1, 2], dim=1)),
     (run_function, torch.split, (3, 2), {}, lambda t: torch.split(t, 3, 2)),
     (run_method, "split_with_sizes", ([3, 1],), {}, lambda t: t.split_with_sizes([3, 1])),
+    (run_method, "unbind", (1,), {}, lambda t: t.unbind(1)),  # timm's Attention: q, k, v = qkv.unbind(0)
+    (run_function, torch.unbind, (0,), {}, lambda t: torch.unbind(t, 0)),
 ]
 
 
@@ -192,7 +194,8 @@ def test_chunk_and_split(runner, target, args, kwargs, fn, input_grad):
         assert not cost.input_grads
         return
     ops, new, flops_torch, flops_exact = observe_every_piece(fn, x)
-    assert ops == ["aten.cat"] and new == [x.nbytes] and flops_torch == flops_exact == 0
+    joined = "aten.stack" if target in ("unbind", torch.unbind) else "aten.cat"  # UnbindBackward0 stacks
+    assert ops == [joined] and new == [x.nbytes] and flops_torch == flops_exact == 0
     assert cost.input_grads == (x.nbytes,) and cost.backward == NO_FLOPS and cost.backward_allocs == ()
 
 
