@@ -82,13 +82,16 @@ class _Sized:
 @dataclass(frozen=True)
 class TensorMeta(_Sized):
     """A tensor as shape propagation saw it. ``storage`` identifies the storage it lives in:
-    two metas with the same ``storage`` alias (views, in-place results)."""
+    two metas with the same ``storage`` alias (views, in-place results). ``contiguous``: whether
+    its layout is the row-major one (``Tensor.is_contiguous()``; a transpose is not), which
+    decides whether some kernels copy their input first."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     requires_grad: bool
     storage: int
     storage_nbytes: int
+    contiguous: bool = True
 
 
 @dataclass(frozen=True)

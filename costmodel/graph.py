@@ -86,7 +86,8 @@ class StepGraph:
 
 
 def tensor_meta(facts: TensorFacts) -> TensorMeta:
-    return TensorMeta(facts.shape, facts.dtype, facts.requires_grad, facts.storage, facts.storage_nbytes)
+    return TensorMeta(facts.shape, facts.dtype, facts.requires_grad, facts.storage, facts.storage_nbytes,
+                      facts.contiguous)
 
 
 def _flatten_facts(value: Any) -> list[TensorFacts]:

@@ -167,6 +167,17 @@ def costmodel_module_forward(module: "nn.Module") -> "Callable[..., Any] | None"
     for a leaf module, which an op rule costs whole)."""
 
 
+@hookspec(firstresult=True)
+def costmodel_meta_function(target: "Callable[..., Any]") -> "Callable[..., Any] | None":
+    """What shape propagation calls, on meta tensors, for a graph node that calls ``target``, or
+    None to call ``target`` itself. For a composite function that picks its kernel by device
+    (``F.scaled_dot_product_attention``: on the meta device it decomposes into the math path,
+    whose output is contiguous; on CPU it runs the flash kernel, whose output keeps the query's
+    layout): the replacement dispatches what ``target`` dispatches on CPU, so that every result's
+    shape, dtype, strides and storage are the CPU run's. It must take ``target``'s arguments and
+    return what ``target`` returns. The node keeps ``target`` (op rules still see it)."""
+
+
 @hookspec
 def costmodel_device_profiles() -> "list[dict]":
     """Device profiles this plugin adds (``costmodel.devices``): a list of dicts, each in the

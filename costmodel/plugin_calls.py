@@ -301,7 +301,7 @@ LOSS_NAMES = HookContract("costmodel_loss_names", lambda kwargs: "the loss listi
 
 
 def check_module_forward(answer: Any) -> None:
-    """A callable (the traceable forward) or None."""
+    """A callable (a traceable forward, a propagation replacement) or None."""
     if answer is not None and not callable(answer):
         raise BadAnswer(f"the answer is {_shown(answer)}, not a callable or None")
 
@@ -309,6 +309,9 @@ def check_module_forward(answer: Any) -> None:
 MODULE_FORWARD = HookContract("costmodel_module_forward",
                               lambda kwargs: f"the forward of module {type(kwargs['module']).__name__}",
                               check_module_forward)
+META_FUNCTION = HookContract("costmodel_meta_function",
+                             lambda kwargs: f"shape propagation of {getattr(kwargs['target'], '__name__', kwargs['target'])!r}",
+                             check_module_forward)
 
 
 def _arguments_for(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:

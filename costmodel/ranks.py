@@ -66,8 +66,8 @@ from costmodel.prediction import (Deferred, NodeCost, Prediction, at_index, buil
 from costmodel.registry import default_plugin_manager
 from costmodel.shapes import (BATCH, RESOLUTION, Propagation, SizeTemplate, Slot, SymbolicSizes, TensorFacts,
                               TensorTemplate, column_size, recorded_facts, symbolic_mode, symbolic_size, template_of)
-from costmodel.trace import (MODEL_PREFIX, MODULE_CONTAINERS, TracedStep, altered_copy, prepare_method, propagate,
-                             state_key, step_inputs)
+from costmodel.trace import (MODEL_PREFIX, MODULE_CONTAINERS, MetaInterpreter, TracedStep, altered_copy,
+                             prepare_method, propagate, state_key, step_inputs)
 
 RANK = sympy.Symbol("rank", integer=True, positive=True)
 POINT = (BATCH, RESOLUTION, RANK)
@@ -260,7 +260,7 @@ def symbolic_template(traced: TracedStep, base: Any, base_facts: Propagation, de
         batch, resolution = symbolic_size(env, "batch", batch), symbolic_size(env, "resolution", resolution)
     mode = symbolic_mode(env)
     gm = traced.graph_module
-    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+    interpreter = MetaInterpreter(gm, garbage_collect_values=False)
 
     def module_prefix(node: fx.Node) -> str:
         target = str(node.target)

@@ -48,6 +48,7 @@ class TensorFacts:
     is_leaf: bool
     storage: int
     storage_nbytes: int
+    contiguous: bool = True
 
 
 # (node, k) -> (the tensor object, the base object of a differentiable view or None), as small ids.
@@ -97,7 +98,7 @@ class _StorageIds:
 
 def _params(traced: TracedStep, storage_of: _StorageIds) -> list[tuple[str, TensorFacts, bool]]:
     return [(name, TensorFacts(tuple(t.shape), t.dtype, bool(t.requires_grad), t.is_leaf, storage_of(t),
-                               int(t.untyped_storage().nbytes())), is_buffer)
+                               int(t.untyped_storage().nbytes()), t.is_contiguous()), is_buffer)
             for name, t, is_buffer in iter_params(traced.step_module)]
 
 
@@ -116,7 +117,8 @@ def recorded_facts(traced: TracedStep, recorder: Recorder) -> Propagation:
         if not isinstance(value, torch.Tensor):
             return value
         return TensorFacts(tuple(int(s) for s in value.shape), value.dtype, bool(value.requires_grad),
-                           value.is_leaf, storage_of(value), int(value.untyped_storage().nbytes()))
+                           value.is_leaf, storage_of(value), int(value.untyped_storage().nbytes()),
+                           value.is_contiguous())
 
     return Propagation({node: tree_map(facts, result) for node, result in results.items()}, params,
                        recorder.same_tensor, tensor_identities(results))
@@ -139,6 +141,7 @@ class TensorTemplate:
     is_leaf: bool
     storage: int
     storage_nbytes: int | Slot
+    contiguous: bool = True
 
 
 BATCH, RESOLUTION = sympy.symbols("batch resolution", integer=True, positive=True)
@@ -154,7 +157,7 @@ def fill_slots(results: dict[fx.Node, Any], values: Sequence[Any]) -> dict[fx.No
             return TensorFacts(tuple(values[s.index] if isinstance(s, Slot) else s for s in leaf.shape),
                                leaf.dtype, leaf.requires_grad, leaf.is_leaf, leaf.storage,
                                values[leaf.storage_nbytes.index] if isinstance(leaf.storage_nbytes, Slot)
-                               else leaf.storage_nbytes)
+                               else leaf.storage_nbytes, leaf.contiguous)
         return leaf
 
     # Most nodes return one tensor: filled directly, the rest through pytree.
@@ -191,7 +194,8 @@ def template_of(value: Any, size: Callable[[Any], Any], storage: int) -> Any:
     (``storage``: its storage id), a size as its slot or int (``size``: ``SymbolicSizes.size``)."""
     if isinstance(value, torch.Tensor):
         return TensorTemplate(tuple(size(s) for s in value.shape), value.dtype, bool(value.requires_grad),
-                              value.is_leaf, storage, size(value.untyped_storage().nbytes()))
+                              value.is_leaf, storage, size(value.untyped_storage().nbytes()),
+                              bool(value.is_contiguous()))
     return size(value)
 
 

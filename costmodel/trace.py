@@ -32,7 +32,7 @@ from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
 from costmodel.models import (TrainingStep, check_checkpointed, checkpointed_modules, in_step_dtype, step_dtype,
                               step_model)
-from costmodel.plugin_calls import MODULE_FORWARD, PREPARE_METHOD, HookAsker, ask_first, loss_spec
+from costmodel.plugin_calls import META_FUNCTION, MODULE_FORWARD, PREPARE_METHOD, HookAsker, ask_first, loss_spec
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -91,11 +91,16 @@ class StepTracer(fx.Tracer):
     operators, and remembers each traced-through module call for liveness."""
 
     def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), checkpointed: frozenset[int] = frozenset(),
-                 forward_for: Callable[[nn.Module], Callable[..., Any] | None] | None = None) -> None:
+                 forward_for: Callable[[nn.Module], Callable[..., Any] | None] | None = None,
+                 meta_function_for: Callable[[Any], Callable[..., Any] | None] | None = None) -> None:
         super().__init__()
         self.leaf_modules = leaf_modules
         # A plugin's traceable stand-in for a module's forward (``costmodel_module_forward``), or None.
         self.forward_for = forward_for
+        # A plugin's replacement for a function in shape propagation (``costmodel_meta_function``),
+        # kept in the node's meta under PROPAGATE_AS; asked once per function.
+        self.meta_function_for = meta_function_for
+        self._meta_functions: dict[Any, Callable[..., Any] | None] = {}
         self.module_calls: list[ModuleCall] = []
         # ``id()`` of the modules whose calls are checkpointed, and each such (outermost) call.
         self.checkpointed = checkpointed
@@ -139,7 +144,19 @@ class StepTracer(fx.Tracer):
         if kind not in ("placeholder", "output"):
             own = self._own_checkpoint(node)
             refuse_unmodelled_context(node, self.module_stack, checkpointed=own)
+        if kind == "call_function" and self.meta_function_for is not None:
+            replacement = self._meta_function(target)
+            if replacement is not None:
+                node.meta[PROPAGATE_AS] = replacement
         return node
+
+    def _meta_function(self, target: Any) -> Callable[..., Any] | None:
+        try:
+            if target not in self._meta_functions:
+                self._meta_functions[target] = self.meta_function_for(target)
+            return self._meta_functions[target]
+        except TypeError:  # an unhashable target: asked every time
+            return self.meta_function_for(target)
 
     def _own_checkpoint(self, node: fx.Node) -> bool:
         """Whether ``node`` is created inside the model's own ``torch.utils.checkpoint(module, ...,
@@ -518,9 +535,10 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
     if loss is None:
         loss = loss_spec(manager, StepConfig.loss)
     step_module = TrainingStep(model, loss.criterion(), micro_batches)
-    asker = HookAsker(manager, MODULE_FORWARD)
+    forwards, meta_functions = HookAsker(manager, MODULE_FORWARD), HookAsker(manager, META_FUNCTION)
     tracer = StepTracer(tuple(prepared.leaf_modules), frozenset(id(module) for _, module in checkpointed),
-                        forward_for=lambda module: asker.first(module=module))
+                        forward_for=lambda module: forwards.first(module=module),
+                        meta_function_for=lambda target: meta_functions.first(target=target))
     watcher = _LocalsWatcher(tracer)
     try:
         # Traced with gradients on whatever the caller's mode: a node with them off is the forward's own.
@@ -585,7 +603,26 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
                        manager=manager)
 
 
-class Recorder(fx.Interpreter):
+# The node meta key of a plugin's replacement for the node's function in shape propagation.
+PROPAGATE_AS = "costmodel_propagate_as"
+
+
+class MetaInterpreter(fx.Interpreter):
+    """An interpreter for shape propagation: a ``call_function`` node with a plugin's replacement
+    (``costmodel_meta_function``, in ``node.meta[PROPAGATE_AS]``) calls the replacement."""
+
+    _running: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._running = n
+        return super().run_node(n)
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        replacement = self._running.meta.get(PROPAGATE_AS) if self._running is not None else None
+        return (replacement or target)(*args, **kwargs)
+
+
+class Recorder(MetaInterpreter):
     """Runs the graph on meta tensors and keeps every node's result (never freed during the run,
     so that storage identities stay unique).
 

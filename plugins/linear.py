@@ -20,7 +20,10 @@ operand's size: the bias gradient is the sum's result, no temporary; ``addmm`` w
 bias passes the incoming gradient through (0 new bytes).
 
 Not modelled (answer None): ``addmm``/``baddbmm`` with ``alpha``/``beta`` other than 1,
-``matmul`` with 1-d operands or broadcast batch dimensions.
+``matmul`` with 1-d operands or broadcast batch dimensions, and ``nn.Linear``/``F.linear`` on a
+non-contiguous input of more than two dimensions (``x.transpose(1, 2)`` fed to a projection): its
+``reshape`` to rows copies the input first (a ``clone`` that autograd saves for the weight
+gradient) and the biased product runs as ``mm`` + ``add``, another timeline.
 """
 
 from __future__ import annotations
@@ -78,6 +81,12 @@ def _bias_grad(node: OpNode, cost: OpCost, bias: TensorMeta, out: TensorMeta) ->
     cost.input_grads = tuple(grads)
 
 
+def viewed_as_rows(x: TensorMeta) -> bool:
+    """Whether a linear layer takes ``x`` as its rows without a copy: a contiguous input, or a 2-d
+    one (``addmm`` reads a transposed matrix as it is)."""
+    return x.contiguous or len(x.shape) <= 2
+
+
 @TABLE.register("call_module", nn.Linear)
 def linear_module(node: OpNode) -> OpCost | None:
     """``nn.Linear``: ``addmm(bias, x, W^T)`` (``mm`` without bias) over ``R`` rows."""
@@ -86,6 +95,8 @@ def linear_module(node: OpNode) -> OpCost | None:
         return None
     out_features, in_features = weight_meta[1].shape
     x = node.inputs[0]
+    if not viewed_as_rows(x):
+        return None
     rows = numel(x.shape) // in_features
     has_bias = module_param(node, "bias") is not None
     weight, bias = trainable_param(node, "weight"), trainable_param(node, "bias")
@@ -104,7 +115,7 @@ def linear_module(node: OpNode) -> OpCost | None:
 def linear_function(node: OpNode) -> OpCost | None:
     """``F.linear(input, weight, bias)``: weight and bias are inputs of the node."""
     x, weight, bias = tensor_input(node, 0, "input"), tensor_input(node, 1, "weight"), tensor_input(node, 2, "bias")
-    if x is None or weight is None or weight.shape[-1] != x.shape[-1] or len(weight.shape) != 2:
+    if x is None or weight is None or weight.shape[-1] != x.shape[-1] or len(weight.shape) != 2 or not viewed_as_rows(x):
         return None
     out_features, in_features = weight.shape
     rows = numel(x.shape) // in_features

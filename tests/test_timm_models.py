@@ -137,3 +137,16 @@ def test_a_module_with_same_convolutions_equals_live_measurements_at_odd_sizes()
     for resolution in (9, 16, 33):
         measured = measure_module(Same, batch=2, resolution=resolution, fake=False)
         assert_matches(costmodel.predict(Same(), "fft", batch=2, resolution=resolution), measured)
+
+
+@pytest.mark.parametrize("method", ["fft", "lora"])
+def test_a_small_vision_transformer_predicts_exactly_at_its_size(method: str) -> None:
+    """timm's ViT-Tiny at its fixed 224 x 224: LayerNorm, GELU, the fused attention
+    (``F.scaled_dot_product_attention``, CPU flash kernel; costmodel.plugins.attention), the class
+    token, every field equal to the measurement."""
+    config = StepConfig(model="timm:vit_tiny_patch16_224", method=method, batch=2, resolution=224)
+    predicted, measured = predict_config(config), measure(config, fake=True)
+    assert predicted.flops == measured.flops
+    for field in MEMORY_FIELDS:
+        assert predicted.memory[field] == measured.memory[field], field
+    assert predicted.trainable_params == measured.trainable_params

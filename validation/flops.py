@@ -370,6 +370,54 @@ def register_bitsandbytes_formulas() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention: the CPU flash kernel of scaled_dot_product_attention and its backward. The composite
+# ``scaled_dot_product_attention`` decomposes under both counters into
+# ``_scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, *, attn_mask, scale)``
+# -> (out, logsumexp); its backward is ``..._for_cpu_backward(grad_out, q, k, v, out, logsumexp,
+# dropout_p, is_causal, *, attn_mask, scale)`` -> (dq, dk, dv). The stock counter has formulas for
+# the CUDA kernels only: both count 0 in the torch convention. Exact counts follow the algorithm,
+# not the kernel's blocking (its per-block online-softmax rescaling is an artefact of the tiling),
+# per batch-head with query length L, key length S and head size d; only dropout_p = 0, no mask
+# and not causal are defined.
+# ---------------------------------------------------------------------------------------------
+
+def _sdpa_dims(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch * heads, L, S, d) of (..., L, d) queries and (..., S, d) keys."""
+    return math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+
+
+def _sdpa_check(dropout_p: Any, is_causal: Any, attn_mask: Any) -> None:
+    if dropout_p or is_causal or attn_mask is not None:
+        raise CostModelError("the exact FLOP convention defines CPU flash attention only without dropout, "
+                             "mask or causality")
+
+
+@_register(aten._scaled_dot_product_flash_attention_for_cpu)
+def sdpa_flash_cpu_flop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                        is_causal: bool = False, *, attn_mask: Any = None, scale: Any = None,
+                        out_val: Any = None) -> int:
+    """B*(4*L*S*d + 5*L*S + L*d + 2*L): scores Q K^T 2LSd; times scale LS; row max LS comparisons;
+    exp(s - max) 2LS; row sum LS; out = P V (unnormalised) 2LSd; out / row sum Ld; logsumexp =
+    max + log(sum) 2L."""
+    _sdpa_check(dropout_p, is_causal, attn_mask)
+    b, l, s, d = _sdpa_dims(q, k)
+    return b * (4 * l * s * d + 5 * l * s + l * d + 2 * l)
+
+
+@_register(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def sdpa_flash_cpu_backward_flop(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, logsumexp: torch.Tensor, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, attn_mask: Any = None, scale: Any = None,
+                                 out_val: Any = None) -> int:
+    """B*(10*L*S*d + 6*L*S + 2*L*d): D = rowsum(dO * O) 2Ld; recompute scale * Q K^T 2LSd + LS
+    and P = exp(s - lse) 2LS; dV = P^T dO 2LSd; dP = dO V^T 2LSd; dS = P * (dP - D) 2LS, times
+    scale LS; dQ = dS K 2LSd; dK = dS^T Q 2LSd."""
+    _sdpa_check(dropout_p, is_causal, attn_mask)
+    b, l, s, d = _sdpa_dims(q, k)
+    return b * (10 * l * s * d + 6 * l * s + 2 * l * d)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reductions, norms, pooling
 # ---------------------------------------------------------------------------------------------
 
