@@ -1,12 +1,13 @@
 """The training-setups acceptance matrix (issue 11): each setup predicted and measured.
 
-    python -m costmodel.validation.setups_matrix [--models mobilenet_v2 resnet18]
+    python -m costmodel.validation.setups_matrix [--models mobilenet_v2 resnet18 timm:vit_tiny_patch16_224]
         [--methods fft lora galore] [--setups ...] [--steps 1 2] [--batch 4] [--resolution 64] [--real]
 
+The models: MobileNetV2, ResNet-18 and an attention model, timm's ViT-Tiny (at its fixed 224).
 A setup is a set of ``StepConfig`` fields beside the method: the precision (``--dtype``),
 activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
-``features.*`` on MobileNets), gradient accumulation (``--accumulate 4``), the optimizer
-(``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
+``features.*`` on MobileNets, ``blocks.*`` on the ViT), gradient accumulation
+(``--accumulate 4``), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
 GaLore keeping its own), and combinations. For every model x method x setup x step it predicts the
 step and measures it (under FakeTensorMode unless ``--real``; the optimizers that cannot step fake
 tensors always with real ones),
@@ -27,10 +28,12 @@ from typing import Any
 from costmodel.config import StepConfig
 from costmodel.validation.methods_matrix import Errors, errors
 
-MODELS: tuple[str, ...] = ("mobilenet_v2", "resnet18")
+MODELS: tuple[str, ...] = ("mobilenet_v2", "resnet18", "timm:vit_tiny_patch16_224")
 METHODS: tuple[str, ...] = ("fft", "lora", "galore")
 # Every block, by model family: the pattern ``--checkpoint`` takes.
-BLOCKS: dict[str, str] = {"resnet": "layer*", "mobilenet": "features.*"}
+BLOCKS: dict[str, str] = {"resnet": "layer*", "mobilenet": "features.*", "timm:vit_": "blocks.*"}
+# Models with a fixed input size (a ViT's patch grid) take it instead of --resolution.
+FIXED_RESOLUTION: dict[str, int] = {"timm:vit_tiny_patch16_224": 224}
 
 
 def blocks(model: str) -> str:
@@ -73,8 +76,9 @@ def configurations(models: Sequence[str], methods: Sequence[str], setups: Sequen
         if method == "galore" and any(key in fields for key in OPTIMIZER_FIELDS):
             continue
         options = {"update_proj_gap": 1} if method == "galore" else {}
-        yield setup, StepConfig(model=model, method=method, batch=batch, resolution=resolution, step=step,
-                                options=options, **fields)
+        yield setup, StepConfig(model=model, method=method, batch=batch,
+                                resolution=FIXED_RESOLUTION.get(model, resolution), step=step, options=options,
+                                **fields)
 
 
 def table(results: list[tuple[str, Errors]]) -> str:
