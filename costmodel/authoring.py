@@ -84,7 +84,7 @@ from typing import Any
 
 import torch
 
-from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, TensorMeta
+from costmodel.costs import Alloc, OpCost, OpNode, ParamGroup, ParamMeta, TensorMeta
 
 __all__ = [
     "Handle",
@@ -99,6 +99,7 @@ __all__ = [
     "new_output",
     "no_grads",
     "numel",
+    "optimizer_group",
     "output_aliases_input",
     "saved_or_transient",
     "tensor_input",
@@ -276,3 +277,18 @@ def broadcast_reduced(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> boo
     """Whether a gradient of ``out_shape`` must be summed down to ``shape`` (the input was
     broadcast), which costs FLOPs and a new gradient tensor in the backward."""
     return tuple(shape) != tuple(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers
+
+
+def optimizer_group(group: ParamGroup, name: str, options_of: Callable[[ParamGroup], dict[str, Any]]
+                    ) -> tuple[dict[str, Any], list[ParamMeta]] | None:
+    """For an optimizer plugin's ``costmodel_optimizer_cost``: None when ``group`` is another
+    optimizer's (``group.optimizer != name``); else the group's options as ``options_of`` checks
+    and completes them (it raises a one-line CostModelError for a bad one), and the trainable
+    parameters, the ones the step updates."""
+    if group.optimizer != name:
+        return None
+    return options_of(group), [p for p in group.params if p.trainable]

@@ -54,6 +54,7 @@ from typing import Any
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
 from costmodel.errors import CostModelError
+from costmodel.authoring import optimizer_group
 from costmodel.hookspecs import hookimpl
 
 from .adamw import STEP_BYTES, checked_optimizer_options, is_number
@@ -219,10 +220,10 @@ def multi_tensor_events(params: list[ParamMeta]) -> list[MemEvent]:
 
 @hookimpl
 def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> OptimizerCost | None:
-    if group.optimizer != NAME:
+    mine = optimizer_group(group, NAME, options_of)
+    if mine is None:
         return None
-    options = options_of(group)
-    params = [p for p in group.params if p.trainable]
+    options, params = mine
     events: list[MemEvent] = []
     if step == 1:
         for p in params:

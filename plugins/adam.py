@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from costmodel.costs import OptimizerCost, ParamGroup
+from costmodel.authoring import optimizer_group
 from costmodel.hookspecs import hookimpl
 
 from .adamw import DEFAULTS as ADAMW_DEFAULTS
@@ -45,10 +46,10 @@ def options_of(group: ParamGroup) -> dict[str, Any]:
 
 @hookimpl
 def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> OptimizerCost | None:
-    if group.optimizer != NAME:
+    mine = optimizer_group(group, NAME, options_of)
+    if mine is None:
         return None
-    options = options_of(group)
-    params = [p for p in group.params if p.trainable]
+    options, params = mine
     decoupled = options["decoupled_weight_decay"]
     return adam_family_cost("Adam (decoupled weight decay)" if decoupled else "Adam", params, step, options,
                             decoupled_weight_decay=decoupled)

@@ -53,6 +53,7 @@ import torch
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
 from costmodel.errors import CostModelError
+from costmodel.authoring import optimizer_group
 from costmodel.hookspecs import hookimpl
 
 NAME = "adamw"
@@ -228,10 +229,10 @@ def adam_family_cost(what: str, params: list[ParamMeta], step: int, options: dic
 
 @hookimpl
 def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> OptimizerCost | None:
-    if group.optimizer != NAME:
+    mine = optimizer_group(group, NAME, options_of)
+    if mine is None:
         return None
-    options = options_of(group)
-    params = [p for p in group.params if p.trainable]
+    options, params = mine
     return adam_family_cost("AdamW", params, step, options, decoupled_weight_decay=True)
 
 

@@ -39,6 +39,7 @@ import torch
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta, amount
 from costmodel.errors import CostModelError
+from costmodel.authoring import optimizer_group
 from costmodel.hookspecs import hookimpl
 
 from .adamw import checked_optimizer_options
@@ -140,10 +141,10 @@ def state_bytes_of(p: ParamMeta, eight_bit: bool) -> Any:
 
 @hookimpl
 def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> OptimizerCost | None:
-    if group.optimizer != NAME:
+    mine = optimizer_group(group, NAME, options_of)
+    if mine is None:
         return None
-    options = options_of(group)
-    params = [p for p in group.params if p.trainable]
+    options, params = mine
     # Which parameters are 8-bit is a size comparison: asked with sizes over many ranks, a plugin
     # failure sends the engine rank by rank (hookspec), where it is a plain bool.
     eight = [bool(p.numel >= options["min_8bit_size"]) for p in params]

@@ -39,6 +39,7 @@ from typing import Any
 
 from costmodel.costs import Flops, MemEvent, OptimizerCost, ParamGroup, ParamMeta
 from costmodel.errors import CostModelError
+from costmodel.authoring import optimizer_group
 from costmodel.hookspecs import hookimpl
 
 from .adamw import checked_optimizer_options, dtype_groups
@@ -83,10 +84,10 @@ def step_flops(n: int, step: int, options: dict[str, Any]) -> int:
 
 @hookimpl
 def costmodel_optimizer_cost(group: ParamGroup, step: int, config: object) -> OptimizerCost | None:
-    if group.optimizer != NAME:
+    mine = optimizer_group(group, NAME, options_of)
+    if mine is None:
         return None
-    options = options_of(group)
-    params = [p for p in group.params if p.trainable]
+    options, params = mine
     momentum, nesterov = options["momentum"] != 0, options["nesterov"]
     decays = options["weight_decay"] != 0
     flops = sum(step_flops(p.numel, step, options) for p in params)
