@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = errors(predict_config(config), measure(config, fake=not (args.real or setup in REAL_ONLY)))
         results.append((setup, result))
         broken = result.broken()
-        print(f"{setup:<30}{config.model:<14}{config.method:<8}k={config.step}  "
+        print(f"{setup:<30}{config.model:<28}{config.method:<8}k={config.step}  "
               f"{'equal on every field' if not broken else 'BROKEN: ' + '; '.join(broken)}", flush=True)
     print()
     print(table(results))
