@@ -192,3 +192,30 @@ def test_efficientnet_b0_predicted_equals_measured(method, rank):
     assert predicted.flops == measured.flops
     assert predicted.memory == measured.memory
     assert predicted.trainable_params == measured.trainable_params
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax and log-softmax over a dim (costmodel.plugins.softmax)
+
+SOFTMAXES = [
+    (lambda x: run_module(nn.Softmax(dim=-1), x), 5, 0),
+    (lambda x: run_module(nn.LogSoftmax(dim=1), x), 5, 1),
+    (lambda x: run_function(F.softmax, x, dim=-1), 5, 0),
+    (lambda x: run_function(torch.softmax, x, 1), 5, 0),
+    (lambda x: run_method("softmax", x, -1), 5, 0),
+    (lambda x: run_method("log_softmax", x, dim=-1), 5, 1),
+]
+
+
+@pytest.mark.parametrize("observe,k,per_row", SOFTMAXES)
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_softmax_rules_equal_the_live_op(observe, k, per_row, needs_grad):
+    """The output saved for backward, one input-sized gradient, ``5*E`` (``+ R`` for log-softmax)
+    forward and ``4*E`` backward in the exact convention, 0 in the stock one."""
+    x = grad(2, 3, 4) if needs_grad else nograd(2, 3, 4)
+    obs = observe(x)
+    cost = check(obs)
+    rows = 2 * 3 if obs.node.kind != "call_module" or obs.node.module.dim == -1 else 2 * 4
+    assert cost.forward.exact == k * 24 + per_row * rows and cost.forward.torch == 0
+    if needs_grad:
+        assert cost.saved == (SavedRef("output", 0),) and cost.backward.exact == 4 * 24

@@ -31,9 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel.costs import Alloc, OpCost, OpNode, ParamMeta, SavedRef, TensorMeta
-from costmodel.plugins import batchnorm, conv, dropout, elementwise, linear, loss, pooling, shape, svd
+from costmodel.plugins import batchnorm, conv, dropout, elementwise, linear, loss, pooling, shape, softmax, svd
 
-PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape, dropout, loss, svd)
+PLUGIN_MODULES = (conv, linear, batchnorm, elementwise, pooling, shape, dropout, loss, svd, softmax)
 
 
 # ---------------------------------------------------------------------------------------------

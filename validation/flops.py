@@ -523,6 +523,18 @@ def avg_pool2d_backward_flop(grad_out: torch.Tensor, x: torch.Tensor, kernel_siz
 _MEAN_REDUCTION = 1  # at::Reduction::Mean
 
 
+@_register(aten._softmax)
+def softmax_flop(x: torch.Tensor, dim: int, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """5 per element: row max comparison, subtract the max, exp, accumulate, divide by the sum."""
+    return 5 * x.numel()
+
+
+@_register(aten._softmax_backward_data)
+def softmax_backward_flop(grad: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``out * (grad - sum(grad * out))``: multiply, accumulate, subtract, multiply: 4 per element."""
+    return 4 * grad.numel()
+
+
 @_register(aten._log_softmax)
 def log_softmax_flop(x: torch.Tensor, dim: int, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
     """5 per element (max comparison, subtract, exp, accumulate, subtract the log-sum), 1 log per row."""
