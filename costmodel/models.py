@@ -88,8 +88,16 @@ def _build_timm_model(name: str, num_classes: int, device: str | torch.device) -
     as drop-path schedules computed on the CPU)."""
     model_name = _check_timm_name(name)
     timm = _timm()
-    with torch.device(device), _ValuesOnCpu():
-        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    try:
+        with torch.device(device), _ValuesOnCpu():
+            model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    except CostModelError:
+        raise
+    except Exception as error:  # third-party constructor code: whatever it raises is this model's refusal
+        message = " ".join(str(error).split())[:200]
+        raise CostModelError(f"cannot build {name} on the {torch.device(device).type} device "
+                             f"({type(error).__name__}: {message}); costmodel builds a model there without "
+                             f"weights, and this constructor does not support it") from None
     return model.to(device).train()
 
 

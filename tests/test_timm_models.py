@@ -150,3 +150,11 @@ def test_a_small_vision_transformer_predicts_exactly_at_its_size(method: str) ->
     for field in MEMORY_FIELDS:
         assert predicted.memory[field] == measured.memory[field], field
     assert predicted.trainable_params == measured.trainable_params
+
+
+def test_a_timm_model_that_cannot_be_built_on_meta_is_one_line() -> None:
+    """csatv2's constructor mixes a CPU tensor into a meta-device op: a one-line refusal naming
+    the model, not an internal error."""
+    with pytest.raises(CostModelError, match="cannot build timm:csatv2 on the meta device") as refused:
+        predict_config(StepConfig(model="timm:csatv2", method="fft", batch=2, resolution=64))
+    assert "\n" not in str(refused.value)

@@ -84,6 +84,8 @@ def check(config: StepConfig, measure_too: bool) -> dict[str, Any]:
         predicted = predict_config(config)
     except CostModelError as error:
         return {**row, "status": "not predicted", "cause": cause(error)}
+    except Exception as error:  # a bug: recorded (and the exit status says so), the sweep goes on
+        return {**row, "status": "not predicted", "cause": f"INTERNAL ERROR {type(error).__name__}: {cause(error)}"}
     if not measure_too:
         return {**row, "status": "predicted"}
     try:
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"rows": rows, "worst": worst}, handle, indent=2)
-    return 1 if len(exact) != len(measured) else 0
+    internal = [r for r in rows if "INTERNAL ERROR" in r.get("cause", "")]
+    return 1 if len(exact) != len(measured) or internal else 0
 
 
 if __name__ == "__main__":
