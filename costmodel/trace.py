@@ -527,7 +527,8 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
     when that is more than 1 (``StepConfig.accumulate``: ``models.TrainingStep``); the images, and
     a floating target, in ``dtype``; each call of the ``checkpointed`` modules recorded as a
     :class:`CheckpointCall` (``checkpoint_modules``); a module's forward replaced by the stand-in
-    a plugin of ``manager`` gives (``costmodel_module_forward``; None: the default plugins)."""
+    a plugin of ``manager`` gives (``costmodel_module_forward``; None: the default plugins), and a
+    function node marked with what shape propagation calls for it (``costmodel_meta_function``)."""
     if manager is None:
         from costmodel.registry import default_plugin_manager
 
