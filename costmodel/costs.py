@@ -203,7 +203,10 @@ class OpCost:
     module (``weight``, ``bias``, ``base_layer.weight``), not the qualified
     ``ParamMeta.name``; the engine looks each key up in ``OpNode.params`` to find the parameter.
     ``backward_allocs`` are transients freed when the node's backward finishes, in order, before
-    the gradients.
+    the gradients. ``late_param_grads`` names keys of ``param_grads`` whose gradient autograd makes
+    only after the node's saved tensors are released: a gradient its engine reduces to the
+    parameter's shape (``sum_to_size`` in ``validate_outputs``), such as ``addmm``'s broadcast bias;
+    the rest are made by the node's kernels while the saved tensors are alive.
     """
 
     forward: Flops
@@ -213,6 +216,7 @@ class OpCost:
     input_grads: tuple[int | None, ...] = ()
     param_grads: dict[str, int] = field(default_factory=dict)
     backward_allocs: tuple[Alloc, ...] = ()
+    late_param_grads: tuple[str, ...] = ()
     # Why: a short human-readable derivation, shown in per-node breakdowns.
     note: str = ""
 

@@ -421,7 +421,9 @@ def _backward_pass(mem: _Storages, graph: StepGraph, costs: list[OpCost | None],
         if checkpoints is not None:  # its first unpack of a checkpointed region runs the recomputation
             checkpoints.before_backward(mem, record, saved)
         elements, added = _backward_node(mem, record, cost, incoming, saved.pop(record.index, ()), grads,
-                                         graph.metas, param_of_value, pending, param_buffers, grads_exist)
+                                         graph.metas, param_of_value, pending, param_buffers, grads_exist,
+                                         saved_die_with_apply=checkpoints is not None
+                                         and checkpoints.saves_recomputed(record))
         if checkpoints is not None:
             checkpoints.after_backward(mem, record)
         if not is_zero(elements):
@@ -575,6 +577,11 @@ class _Checkpoints:
             return
         self.done.add(r)
         self._recompute(mem, r, saved)
+
+    def saves_recomputed(self, record: NodeRecord) -> bool:
+        """Whether the node's saved tensors are its region's recomputed ones (the region ran again)."""
+        r = self.region_of.get(record.index)
+        return r is not None and r in self.done
 
     def after_backward(self, mem: _Storages, record: NodeRecord) -> None:
         r = self.region_of.get(record.index)
@@ -754,9 +761,11 @@ def _finish_copy_slices(mem: _Storages, record: NodeRecord, clone: list[object],
 def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: list[object],
                    node_saved: list[object], grads: dict[Value, object], metas: dict[Value, TensorMeta],
                    param_of_value: dict[Value, str], pending: dict[str, int],
-                   param_buffers: dict[str, object], grads_exist: bool = False) -> tuple[int, int]:
+                   param_buffers: dict[str, object], grads_exist: bool = False,
+                   saved_die_with_apply: bool = False) -> tuple[int, int]:
     """One node's backward; returns the number of gradient elements it accumulated out of place,
-    and those it added into an existing ``.grad`` (``grads_exist``: a later micro-batch)."""
+    and those it added into an existing ``.grad`` (``grads_exist``: a later micro-batch).
+    ``saved_die_with_apply``: the node's saved tensors are a checkpoint's recomputed ones."""
     op = record.op
     name = record.name
     copy_slices = record.copy_slices_base is not None
@@ -777,10 +786,16 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
             first = key
         produced.append((_gradient_target(record, i), key))
     new_param_grads: list[tuple[str, object, int]] = []  # (qualified name, storage, elements)
-    for local, nbytes in cost.param_grads.items():
+
+    def param_grad(local: str, nbytes: int) -> None:
         meta = op.params.get(local)
         new_param_grads.append((_param_grad_name(record, local), mem.anonymous(nbytes, TEMP),
                                 meta.numel if meta is not None else 0))
+
+    late = cost.late_param_grads
+    for local, nbytes in cost.param_grads.items():
+        if local not in late:
+            param_grad(local, nbytes)
     mem.snapshot("backward", name, "backward")
 
     for key in transients:
@@ -788,9 +803,21 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
     if copy_slices:
         produced = _finish_copy_slices(mem, record, incoming, first, produced, result)
         incoming = [scattered]
+    # After the node's apply, autograd's engine reduces a broadcast parameter's gradient to its
+    # shape (``validate_outputs``, the incoming gradient still held), then releases the saved
+    # tensors. A checkpointed node's saved tensors are the recomputed ones its apply unpacked: they
+    # die with the apply, before the reduction.
+    if saved_die_with_apply:
+        for key in node_saved:
+            mem.release(key)
+    if late:
+        for local in late:
+            param_grad(local, cost.param_grads[local])
+        mem.snapshot("backward", name, "reduced gradient")
+    if not saved_die_with_apply:
+        for key in node_saved:
+            mem.release(key)
     for key in incoming:
-        mem.release(key)
-    for key in node_saved:
         mem.release(key)
     accumulated = 0
     for value, key in produced:

@@ -150,6 +150,9 @@ def _plain_op_cost(answer: Any) -> bool:
     for name, nbytes in answer.param_grads.items():
         if type(name) is not str or type(nbytes) is not int or nbytes < 0:
             return False
+    late = answer.late_param_grads
+    if type(late) is not tuple or any(name not in answer.param_grads for name in late):
+        return False
     return type(answer.note) is str
 
 
@@ -181,7 +184,15 @@ def check_op_cost(answer: Any) -> None:
     for name, nbytes in answer.param_grads.items():
         _check_type(name, str, "a key of OpCost.param_grads")
         _check_count(nbytes, f"OpCost.param_grads[{name!r}]")
+    _check_late_grads(answer)
     _check_type(answer.note, str, "OpCost.note")
+
+
+def _check_late_grads(answer: OpCost) -> None:
+    _check_sequence(answer.late_param_grads, "OpCost.late_param_grads")
+    for name in answer.late_param_grads:
+        if name not in answer.param_grads:
+            raise BadAnswer(f"OpCost.late_param_grads names {_shown(name)}, which is not a key of OpCost.param_grads")
 
 
 def check_optimizer_cost(answer: Any) -> None:

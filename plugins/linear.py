@@ -17,7 +17,10 @@ Memory (torch 2.14.1, CPU): the forward allocates only its output. Autograd save
 only if the *other* operand needs its gradient (``grad_a`` needs ``b``, ``grad_b`` needs ``a``);
 a saved weight or bias is a parameter (no new bytes). Each needed gradient is a new tensor of its
 operand's size: the bias gradient is the sum's result, no temporary; ``addmm`` with a full-size
-bias passes the incoming gradient through (0 new bytes).
+bias passes the incoming gradient through (0 new bytes). ``nn.Linear``'s bias gradient is made
+last: ``AddmmBackward0`` passes the full incoming gradient for the broadcast bias, autograd
+releases the node's saved input, and only then sums it down to the bias's shape
+(``OpCost.late_param_grads``).
 
 Not modelled (answer None): ``addmm``/``baddbmm`` with ``alpha``/``beta`` other than 1,
 ``matmul`` with 1-d operands or broadcast batch dimensions, and ``nn.Linear``/``F.linear`` on a
@@ -108,6 +111,9 @@ def linear_module(node: OpNode) -> OpCost | None:
         cost.param_grads = {found[0]: found[1].nbytes for found in (weight, bias) if found is not None}
         if bias is not None:
             cost.backward = cost.backward + Flops(torch=0, exact=rows * out_features)
+            # addmm broadcasts the bias: autograd's engine sums its (rows x out) gradient down to
+            # the bias's shape after the node's saved input is released.
+            cost.late_param_grads = (bias[0],)
     return cost
 
 
