@@ -344,8 +344,9 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     evaluation (``config.phase == "evaluate"``), run ``config.step`` training steps untracked and
     measure the evaluation pass after them.
 
-    With ``fake=True``, a step that reads a tensor's value (Adafactor's ``param.norm(2).item()``)
-    cannot run: fake tensors have no values. That is a one-line CostModelError saying so."""
+    With ``fake=True``, an optimizer of ``REAL_TENSORS_ONLY`` is refused before any work, and any
+    other step that reads a tensor's value (a ``.item()``) fails as it does so: fake tensors have
+    no values. Either is a one-line CostModelError saying so."""
     if not fake:
         return _measure(config, fake=False)
     if config.optimizer in REAL_TENSORS_ONLY:

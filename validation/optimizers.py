@@ -52,6 +52,7 @@ def adamw8bit(params: list[nn.Parameter], lr: float, **options: Any) -> torch.op
 BUILDERS: Mapping[str, Callable[..., torch.optim.Optimizer]] = {"adamw8bit": adamw8bit}
 # Optimizers that cannot step fake tensors, and why (``measure --fake`` refuses them before any work).
 REAL_TENSORS_ONLY: Mapping[str, str] = {
+    "adafactor": "its step reads param.norm(2).item(), a value fake tensors do not have",
     "adamw8bit": "bitsandbytes makes its quantisation maps as real tensors when the optimizer is built, and its "
                  "ops refuse to mix them with fake ones"}
 

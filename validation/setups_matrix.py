@@ -27,6 +27,7 @@ from typing import Any
 
 from costmodel.config import StepConfig
 from costmodel.validation.methods_matrix import Errors, errors
+from costmodel.validation.optimizers import REAL_TENSORS_ONLY
 
 MODELS: tuple[str, ...] = ("mobilenet_v2", "resnet18", "timm:vit_tiny_patch16_224")
 METHODS: tuple[str, ...] = ("fft", "lora", "galore")
@@ -61,9 +62,9 @@ SETUPS: dict[str, dict[str, Any]] = {
     "bf16+checkpoint+accumulate2": {"dtype": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
     "bf16+adamw8bit": {"dtype": "bf16", "optimizer": "adamw8bit"},
 }
-# Setups whose optimizer cannot step fake tensors (Adafactor reads norm(...).item(); bitsandbytes'
-# quantisation maps are real tensors): always measured with real tensors.
-REAL_ONLY = frozenset({"adafactor", "adafactor-foreach", "adamw8bit", "bf16+adamw8bit"})
+# Setups whose optimizer cannot step fake tensors (costmodel.validation.optimizers.REAL_TENSORS_ONLY
+# says why): always measured with real tensors.
+REAL_ONLY = frozenset(name for name, fields in SETUPS.items() if fields.get("optimizer") in REAL_TENSORS_ONLY)
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_options")
 
 
