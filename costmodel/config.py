@@ -24,13 +24,16 @@ STEP_KINDS: tuple[str, ...] = (TRAINING, EVALUATION)
 
 # What ``StepConfig.dtype`` names: the step's floating-point precision, as ``torch`` calls it.
 DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# What ``StepConfig.autocast`` names: the lower precision ``torch.autocast("cpu", dtype=...)`` runs
+# its listed ops in ("" for no autocast).
+AUTOCAST_DTYPES: tuple[str, ...] = ("bf16", "fp16")
 
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
     "optimizer": "--optimizer", "optimizer_options": "--optimizer-option", "accumulate": "--accumulate",
-    "dtype": "--dtype", "checkpoint": "--checkpoint",
+    "dtype": "--dtype", "checkpoint": "--checkpoint", "autocast": "--autocast",
 }
 
 
@@ -129,6 +132,11 @@ class StepConfig:
     # use_reentrant=False)``: its forward saves nothing for backward but its inputs, and the
     # backward recomputes it. "": none.
     checkpoint: str = ""
+    # Mixed precision: the forward and the loss run under ``torch.autocast("cpu", dtype=...)`` in
+    # this lower precision (a key of ``DTYPES`` in ``AUTOCAST_DTYPES``), as a training loop writes
+    # ``with torch.autocast(...): loss = criterion(model(images), labels)``; the parameters stay
+    # in ``dtype``, the backward and the optimizer step run outside it. "": no autocast.
+    autocast: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
@@ -144,6 +152,9 @@ class StepConfig:
             raise CostModelError(f"{_FIELD_NAMES['checkpoint']} must be a module name pattern, got {self.checkpoint!r}")
         if self.dtype not in DTYPES:
             raise CostModelError(f"{_FIELD_NAMES['dtype']} must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.autocast != "" and self.autocast not in AUTOCAST_DTYPES:
+            raise CostModelError(f"{_FIELD_NAMES['autocast']} must be one of {', '.join(AUTOCAST_DTYPES)} (or absent), "
+                                 f"got {self.autocast!r}")
         if self.batch * self.accumulate > MAX_INT:  # the step is given all its micro-batches' images
             raise CostModelError(f"--batch x --accumulate (the images of one optimizer step) must be <= {MAX_INT} "
                                  f"(2**31 - 1), got {self.batch} x {self.accumulate}")

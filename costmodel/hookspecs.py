@@ -178,6 +178,36 @@ def costmodel_meta_function(target: "Callable[..., Any]") -> "Callable[..., Any]
     return what ``target`` returns. The node keeps ``target`` (op rules still see it)."""
 
 
+@hookspec(firstresult=True)
+def costmodel_autocast_policy(kind: str, target: "Any", args: "tuple[Any, ...]", kwargs: "dict[str, Any]"
+                              ) -> "str | None":
+    """How ``torch.autocast("cpu", ...)`` treats a graph node's op, or None when this plugin does
+    not list it (an op no plugin lists runs in the dtypes its inputs have, as autocast leaves it).
+
+    :param kind: the torch.fx opcode: ``call_function``, ``call_method`` (``target`` the method's
+        name) or ``call_module`` (``target`` the module's class).
+    :param args: the node's arguments, tensors as meta tensors (``F.pad``'s mode decides its
+        list); for a ``call_module`` asked while tracing (``"through"``), empty, as ``kwargs``.
+    :returns: one of
+        - ``"lower"``: autocast casts every floating-point (not float64) tensor argument to its
+          lower precision first (``conv2d``, ``linear``, ``matmul``, ...);
+        - ``"fp32"``: it casts every such argument in lower precision to float32 (the losses);
+        - ``"promote"``: it casts every such argument to the widest floating dtype among them
+          (``cat``, ``stack``);
+        - ``"through"`` (``call_module`` only): the module's forward reaches an op autocast
+          casts for; the tracer traces through it, so that its functional call gets the casts;
+        - ``"unmodelled"``: the op casts somewhere inside (a composite function such as
+          ``einsum``, whose inner ``bmm`` autocast casts): a node under autocast is refused,
+          naming it.
+
+    The engine turns the answer into explicit ``Tensor.to(dtype)`` nodes before shape propagation
+    (``costmodel.autocast``), costed by ``costmodel_op_cost`` like any other node: a cast of a
+    trainable parameter is made once per autocast region and kept until the region ends
+    (autocast's weight cache), any other cast once per use. A plugin whose op reaches a listed
+    aten op (torch's CPU lists in ``aten/src/ATen/autocast_mode.cpp``) must answer for it.
+    """
+
+
 @hookspec
 def costmodel_device_profiles() -> "list[dict]":
     """Device profiles this plugin adds (``costmodel.devices``): a list of dicts, each in the

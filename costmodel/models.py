@@ -5,6 +5,7 @@ Shared by the runtime reference and the analytic engine, so both describe the sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 from collections.abc import Callable, Sequence
@@ -227,6 +228,11 @@ def step_dtype(config: StepConfig) -> torch.dtype:
     return getattr(torch, DTYPES[config.dtype])
 
 
+def autocast_dtype(config: StepConfig) -> torch.dtype | None:
+    """The torch dtype of ``config.autocast`` (``StepConfig.autocast``), None without autocast."""
+    return getattr(torch, DTYPES[config.autocast]) if config.autocast else None
+
+
 def in_step_dtype(model: nn.Module, config: StepConfig, label: str = "") -> nn.Module:
     """A torchvision model (built in float32) cast to the step's precision, before the method is
     applied, as one loads a model in bf16 and then adds adapters: ``model.to(dtype)`` (floating
@@ -345,7 +351,8 @@ class TrainingStep(nn.Module):
     wrapper allocates nothing and runs no op of its own, but the division of gradient accumulation.
     """
 
-    def __init__(self, model: nn.Module, criterion: nn.Module, micro_batches: int = 1) -> None:
+    def __init__(self, model: nn.Module, criterion: nn.Module, micro_batches: int = 1,
+                 autocast: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.criterion = criterion
@@ -353,7 +360,16 @@ class TrainingStep(nn.Module):
         # one's loss is divided by it, as in ``loss = criterion(...) / accumulation_steps``, so
         # that the accumulated gradient is the whole batch's mean. 1: no division at all.
         self.micro_batches = micro_batches
+        # Mixed precision (``StepConfig.autocast``): the forward and the loss run under
+        # ``torch.autocast("cpu", dtype=autocast)``; None: no autocast.
+        self.autocast = autocast
+
+    def precision(self) -> contextlib.AbstractContextManager[Any]:
+        """The region the forward and the loss run in: ``torch.autocast("cpu", dtype=autocast)``,
+        or nothing without autocast."""
+        return torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = training_loss(self.criterion, self.model(images), labels)
+        with self.precision():
+            loss = training_loss(self.criterion, self.model(images), labels)
         return loss / self.micro_batches if self.micro_batches > 1 else loss

@@ -324,6 +324,20 @@ META_FUNCTION = HookContract("costmodel_meta_function",
                              lambda kwargs: f"shape propagation of {getattr(kwargs['target'], '__name__', kwargs['target'])!r}",
                              check_module_forward)
 
+# What ``costmodel_autocast_policy`` may answer (``costmodel.hookspecs``).
+AUTOCAST_POLICIES: tuple[str, ...] = ("lower", "fp32", "promote", "through", "unmodelled")
+
+
+def check_autocast_policy(answer: Any) -> None:
+    if answer is not None and answer not in AUTOCAST_POLICIES:
+        raise BadAnswer(f"the answer is {_shown(answer)}, not one of {', '.join(AUTOCAST_POLICIES)} or None")
+
+
+AUTOCAST_POLICY = HookContract("costmodel_autocast_policy",
+                               lambda kwargs: f"the autocast policy of {kwargs['kind']} "
+                                              f"{getattr(kwargs['target'], '__name__', kwargs['target'])!r}",
+                               check_autocast_policy)
+
 
 def _arguments_for(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     """``kwargs -> the positional arguments of an implementation taking ``names``` (a subset of the

@@ -53,7 +53,7 @@ from costmodel.plugin_calls import OP_COST, OPTIMIZER_COST, HookAsker, loss_spec
 from costmodel.registry import default_plugin_manager, optimizer_names
 from costmodel.result import FLOP_CONVENTIONS, StepCost, evaluation_flops, phase_flops
 from costmodel.shapes import shape_facts
-from costmodel.models import step_dtype, step_model
+from costmodel.models import autocast_dtype, step_dtype, step_model
 from costmodel.trace import TracedStep, prepare_step, structure_key, trace_config, trace_model
 
 
@@ -198,12 +198,13 @@ def traced_step(config: StepConfig, manager: pluggy.PluginManager) -> TracedStep
         # The criterion and its target (whose shape may follow the classes) are not part of the
         # model's structure fingerprint.
         structure = (manager, config.channels, config.loss, config.classes, config.micro_batches, config.dtype,
-                     config.checkpoint if checkpointed else "", structure_key(model, prepared))
+                     config.autocast, config.checkpoint if checkpointed else "", structure_key(model, prepared))
         same = _STRUCTURE_CACHE.get(structure)
         if same is None:
             traced = trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
                                  micro_batches=config.micro_batches, dtype=step_dtype(config),
-                                 checkpointed=checkpointed, manager=manager)
+                                 checkpointed=checkpointed, manager=manager, autocast=autocast_dtype(config),
+                                 probe=(config.batch, config.resolution))
             _remember(_STRUCTURE_CACHE, structure, traced)
         else:
             traced = dataclasses.replace(same, prepared=prepared)  # shares the structure's caches
@@ -490,7 +491,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
-            accumulate: int = 1, dtype: str = "fp32", checkpoint: str = "", allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
+            accumulate: int = 1, dtype: str = "fp32", checkpoint: str = "", autocast: str = "",
+            allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
 
@@ -510,7 +512,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     optimizer step (``StepConfig.accumulate``). ``dtype``: the step's precision, ``"fp32"``,
     ``"bf16"`` or ``"fp16"`` (``StepConfig.dtype``; a module must already be in it).
     ``checkpoint``: activation checkpointing of the outermost modules whose qualified name matches
-    this fnmatch pattern (``StepConfig.checkpoint``).
+    this fnmatch pattern (``StepConfig.checkpoint``). ``autocast``: ``"bf16"`` or ``"fp16"`` runs
+    the forward and the loss under ``torch.autocast("cpu", dtype=...)`` (``StepConfig.autocast``).
     """
     from costmodel.config import check_int, check_positive
 
@@ -536,5 +539,5 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
                         step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
                         optimizer=StepConfig.optimizer if optimizer is None else optimizer,
                         optimizer_options={} if optimizer_options is None else optimizer_options,
-                        accumulate=accumulate, dtype=dtype, checkpoint=checkpoint)
+                        accumulate=accumulate, dtype=dtype, checkpoint=checkpoint, autocast=autocast)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

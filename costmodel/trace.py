@@ -30,9 +30,10 @@ from costmodel.config import EVALUATION, StepConfig
 from costmodel.costs import LossSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.meta_memo import meta_kernel_memo
-from costmodel.models import (TrainingStep, check_checkpointed, checkpointed_modules, in_step_dtype, step_dtype,
-                              step_model)
-from costmodel.plugin_calls import META_FUNCTION, MODULE_FORWARD, PREPARE_METHOD, HookAsker, ask_first, loss_spec
+from costmodel.models import (TrainingStep, autocast_dtype, check_checkpointed, checkpointed_modules, in_step_dtype,
+                              step_dtype, step_model)
+from costmodel.plugin_calls import (AUTOCAST_POLICY, META_FUNCTION, MODULE_FORWARD, PREPARE_METHOD, HookAsker,
+                                    ask_first, loss_spec)
 
 # Qualified names of the traced step module: the model is its child ``model``, the loss ``criterion``.
 MODEL_PREFIX = "model."
@@ -64,6 +65,21 @@ class _InPlaceProxy(fx.Proxy):
 
 
 @dataclass(frozen=True)
+class AutocastState:
+    """The CPU autocast state a node was created in (``node.meta[AUTOCAST_STATE]``): the lower
+    precision ``dtype``, and the weight-cache ``region`` (a number per outermost
+    ``torch.autocast`` region; None when the cache is off): casts of trainable parameters are made
+    once per region and kept until it ends."""
+
+    dtype: torch.dtype
+    region: int | None
+
+
+# The node meta key of the autocast state the node was created in.
+AUTOCAST_STATE = "costmodel_autocast"
+
+
+@dataclass(frozen=True)
 class CheckpointCall:
     """One call of a module ``StepConfig.checkpoint`` names: the graph nodes recorded inside it
     (``first`` .. ``last`` in graph order) and the nodes of its tensor arguments, which
@@ -92,8 +108,17 @@ class StepTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: tuple[type[nn.Module], ...] = (), checkpointed: frozenset[int] = frozenset(),
                  forward_for: Callable[[nn.Module], Callable[..., Any] | None] | None = None,
-                 meta_function_for: Callable[[Any], Callable[..., Any] | None] | None = None) -> None:
+                 meta_function_for: Callable[[Any], Callable[..., Any] | None] | None = None,
+                 traced_through_under_autocast: Callable[[type[nn.Module]], bool] | None = None) -> None:
         super().__init__()
+        # Whether a module class is traced through while CPU autocast is on (its forward reaches
+        # an op autocast casts for: ``costmodel_autocast_policy`` answers "through"), so that the
+        # casts go on its functional call (``costmodel.autocast``).
+        self.traced_through_under_autocast = traced_through_under_autocast
+        # Autocast cache regions seen so far: a region begins when the autocast nesting level
+        # leaves 0 (``AutocastState.region``).
+        self._autocast_regions = 0
+        self._autocast_nested = False
         self.leaf_modules = leaf_modules
         # A plugin's traceable stand-in for a module's forward (``costmodel_module_forward``), or None.
         self.forward_for = forward_for
@@ -133,6 +158,9 @@ class StepTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_modules and isinstance(m, self.leaf_modules):
             return True
+        if (self.traced_through_under_autocast is not None and torch.is_autocast_enabled("cpu")
+                and self.traced_through_under_autocast(type(m))):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -144,11 +172,29 @@ class StepTracer(fx.Tracer):
         if kind not in ("placeholder", "output"):
             own = self._own_checkpoint(node)
             refuse_unmodelled_context(node, self.module_stack, checkpointed=own)
+            state = self._autocast_state()
+            if state is not None:
+                node.meta[AUTOCAST_STATE] = state
         if kind == "call_function" and self.meta_function_for is not None:
             replacement = self._meta_function(target)
             if replacement is not None:
                 node.meta[PROPAGATE_AS] = replacement
         return node
+
+    def _autocast_state(self) -> "AutocastState | None":
+        """The CPU autocast state a node is created in (None: autocast off). fx records no
+        context manager, so it is read here, as the node is made."""
+        # torch.autocast counts its nesting for the weight cache, which it clears when the count
+        # returns to 0; the count has no getter, but incrementing returns it.
+        nested = torch.autocast_increment_nesting() > 1
+        torch.autocast_decrement_nesting()
+        if nested and not self._autocast_nested:
+            self._autocast_regions += 1
+        self._autocast_nested = nested
+        if not torch.is_autocast_enabled("cpu"):
+            return None
+        cached = nested and torch.is_autocast_cache_enabled()
+        return AutocastState(torch.get_autocast_dtype("cpu"), self._autocast_regions if cached else None)
 
     def _meta_function(self, target: Any) -> Callable[..., Any] | None:
         try:
@@ -234,11 +280,11 @@ def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any], ch
     if module:
         where += f" (in module {module.removeprefix(MODEL_PREFIX)!r})"
     for device in _AUTOCAST_DEVICES:
-        if torch.is_autocast_enabled(device):
+        if device != "cpu" and torch.is_autocast_enabled(device):
             raise CostModelError(
                 f"{where} runs under torch.autocast({device!r}, dtype={torch.get_autocast_dtype(device)}) in the "
-                f"model's forward: the engine models full-precision steps only and would predict it as one; "
-                f"remove the autocast region to predict the step without it")
+                f"model's forward: the engine models the CPU step, whose autocast is torch.autocast('cpu'); "
+                f"remove the region, or make it a CPU one")
     if not torch.is_grad_enabled():
         raise CostModelError(
             f"{where} runs with gradients disabled in the model's forward (torch.no_grad, a custom "
@@ -520,7 +566,8 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
                 loss: LossSpec | None = None, classes: int = StepConfig.classes,
                 micro_batches: int = StepConfig.accumulate, dtype: torch.dtype = torch.float32,
                 checkpointed: Sequence[tuple[str, nn.Module]] = (),
-                manager: pluggy.PluginManager | None = None) -> TracedStep:
+                manager: pluggy.PluginManager | None = None, autocast: torch.dtype | None = None,
+                probe: tuple[int, int] = (StepConfig.batch, StepConfig.resolution)) -> TracedStep:
     """Trace ``training_loss(criterion, model(images), labels)`` for a prepared meta-device model,
     ``criterion`` and the labels' shape and dtype from ``loss`` (None: the default configuration's
     loss, as the default plugins describe it) for ``classes`` classes; divided by ``micro_batches``
@@ -528,18 +575,28 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
     a floating target, in ``dtype``; each call of the ``checkpointed`` modules recorded as a
     :class:`CheckpointCall` (``checkpoint_modules``); a module's forward replaced by the stand-in
     a plugin of ``manager`` gives (``costmodel_module_forward``; None: the default plugins), and a
-    function node marked with what shape propagation calls for it (``costmodel_meta_function``)."""
+    function node marked with what shape propagation calls for it (``costmodel_meta_function``).
+    ``autocast``: the forward and the loss under ``torch.autocast("cpu", dtype=autocast)``; the
+    casts autocast makes there, and in the model's own CPU autocast regions, become graph nodes
+    (``costmodel.autocast``), placed by one run on ``probe`` = (batch, resolution) images."""
     if manager is None:
         from costmodel.registry import default_plugin_manager
 
         manager = default_plugin_manager()
     if loss is None:
         loss = loss_spec(manager, StepConfig.loss)
-    step_module = TrainingStep(model, loss.criterion(), micro_batches)
+    step_module = TrainingStep(model, loss.criterion(), micro_batches, autocast)
     forwards, meta_functions = HookAsker(manager, MODULE_FORWARD), HookAsker(manager, META_FUNCTION)
+    policies = HookAsker(manager, AUTOCAST_POLICY)
+
+    def policy(kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return policies.first(kind=kind, target=target, args=args, kwargs=kwargs)
+
     tracer = StepTracer(tuple(prepared.leaf_modules), frozenset(id(module) for _, module in checkpointed),
                         forward_for=lambda module: forwards.first(module=module),
-                        meta_function_for=lambda target: meta_functions.first(target=target))
+                        meta_function_for=lambda target: meta_functions.first(target=target),
+                        traced_through_under_autocast=functools.lru_cache(None)(
+                            lambda kind: policy("call_module", kind, (), {}) == "through"))
     watcher = _LocalsWatcher(tracer)
     try:
         # Traced with gradients on whatever the caller's mode: a node with them off is the forward's own.
@@ -558,7 +615,24 @@ def trace_model(model: nn.Module, prepared: PreparedMethod, name: str = "", chan
         raise CostModelError(f"--checkpoint: the forward never calls {', '.join(never)}; checkpoint the modules it "
                              f"calls (for a container, its children: '{never[0]}.*')")
     graph_module = fx.GraphModule(step_module, graph, "TrainingStep")
-    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, watcher.released_after,
+    local_releases = watcher.released_after
+    from costmodel.autocast import has_autocast, place_autocast_casts  # it builds on this module's interpreter
+
+    if has_autocast(graph):
+        trained = {param.name for group in prepared.param_groups for param in group.params}
+        probe_step = TracedStep(model, step_module, graph_module, prepared, channels=channels,
+                           target=functools.partial(loss.target, classes=classes, floating=dtype), dtype=dtype)
+        try:
+            local_releases.update(place_autocast_casts(
+                graph_module, step_inputs(probe_step, probe[0] * micro_batches, probe[1]), policy,
+                lambda node: f"{node.op} {getattr(node.target, '__name__', node.target)}",
+                lambda node: str(node.target).removeprefix(MODEL_PREFIX) in trained))
+        except CostModelError:
+            raise
+        except Exception as error:
+            raise CostModelError(f"cannot place the autocast casts of {name or type(model).__name__} "
+                                 f"({type(error).__name__}: {str(error).strip().splitlines()[0]})") from None
+    return TracedStep(model, step_module, graph_module, prepared, tracer.module_calls, local_releases,
                       channels=channels, target=functools.partial(loss.target, classes=classes, floating=dtype),
                       dtype=dtype, checkpoint_calls=_in_graph_order(graph, tracer.checkpoint_calls
                                                                     + tracer.own_checkpoint_calls()))
@@ -601,7 +675,7 @@ def trace_config(config: StepConfig, manager: pluggy.PluginManager, model: nn.Mo
     prepared, checkpointed = prepare_step(manager, model, config)
     return trace_model(model, prepared, config.model, config.channels, loss=loss, classes=config.classes,
                        micro_batches=config.micro_batches, dtype=step_dtype(config), checkpointed=checkpointed,
-                       manager=manager)
+                       manager=manager, autocast=autocast_dtype(config), probe=(config.batch, config.resolution))
 
 
 # The node meta key of a plugin's replacement for the node's function in shape propagation.

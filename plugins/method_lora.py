@@ -120,9 +120,14 @@ class _LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        result_dtype = result.dtype
+        # peft's ``_cast_input_dtype``: the input in the adapter's dtype (a copy under autocast,
+        # where the base layer's result is in the lower precision but the adapters stay float32;
+        # the tensor itself otherwise), and the sum back in the base result's dtype.
+        x = x.to(self.lora_A[ADAPTER].weight.dtype)
         if not self.use_dora:
-            return result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling
-        return result + self.dora(x, result)
+            return (result + self.lora_B[ADAPTER](self.lora_A[ADAPTER](x)) * self.scaling).to(result_dtype)
+        return (result + self.dora(x, result)).to(result_dtype)
 
     def dora(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -23,13 +23,14 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
                    loss: str = "cross_entropy", phase: str = "train", accumulate: int = 1,
                    dtype: torch.dtype = torch.float32, checkpoint: str = "",
                    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-                   fake: bool = True) -> dict[str, Any]:
+                   fake: bool = True, autocast: torch.dtype | None = None) -> dict[str, Any]:
     """FLOPs per phase and memory per group of step ``step`` of ``build()`` trained with ``optimizer``
     (AdamW(lr=1e-3) by default) on the parameters whose name ``trainable`` accepts; with
     ``phase="evaluate"``, of the evaluation pass after ``step`` training steps; ``accumulate``
     micro-batches of ``batch`` images per training step (``StepConfig.accumulate``); the images (and
     a floating target) in ``dtype`` (``build()`` makes the model in it); the modules ``checkpoint``
-    names run under activation checkpointing (``StepConfig.checkpoint``)."""
+    names run under activation checkpointing (``StepConfig.checkpoint``); the forward and the loss
+    under ``torch.autocast("cpu", dtype=autocast)`` when given (``StepConfig.autocast``)."""
     mode: contextlib.AbstractContextManager = contextlib.nullcontext()
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -47,7 +48,7 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         criterion, target = loss_of(loss)
         if phase == "evaluate":
             images, labels = make_batch(batch, resolution, classes, channels=channels, target=target, dtype=dtype)
-            training = TrainingStep(model, criterion(), accumulate)
+            training = TrainingStep(model, criterion(), accumulate, autocast)
             if accumulate > 1:  # the training steps see the whole accumulated batch
                 batches = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target,
                                      dtype=dtype)
@@ -57,7 +58,8 @@ def measure_module(build: Callable[[], nn.Module], trainable: Callable[[str], bo
         else:
             images, labels = make_batch(batch * accumulate, resolution, classes, channels=channels, target=target,
                                      dtype=dtype)
-            measured = measure_step(model, opt, images, labels, step, criterion(), micro_batches=accumulate)
+            measured = measure_step(model, opt, images, labels, step, criterion(), micro_batches=accumulate,
+                                    autocast=autocast)
     return {"flops": measured.flops, "memory": measured.memory}
 
 

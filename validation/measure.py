@@ -40,8 +40,8 @@ from torch.utils.checkpoint import checkpoint
 
 from costmodel.config import TRAINING, StepConfig
 from costmodel.errors import CostModelError
-from costmodel.models import (TrainingStep, build_model, check_checkpointed, checkpointed_modules, in_step_dtype,
-                              make_batch, step_dtype, training_loss)
+from costmodel.models import (TrainingStep, autocast_dtype, build_model, check_checkpointed, checkpointed_modules,
+                              in_step_dtype, make_batch, step_dtype, training_loss)
 from costmodel.result import EVALUATE, PHASES, StepCost, evaluation_flops, phase_flops
 from costmodel.validation.flops import PhaseFlops
 from costmodel.validation.memory import GroupPeakMemTracker
@@ -146,12 +146,15 @@ class MeasuredStep:
 
 
 def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                 step: int, criterion: nn.Module | None = None, micro_batches: int = 1) -> MeasuredStep:
+                 step: int, criterion: nn.Module | None = None, micro_batches: int = 1,
+                 autocast: torch.dtype | None = None) -> MeasuredStep:
     """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
     on ``images``/``labels`` with ``criterion`` (default ``nn.CrossEntropyLoss()``): any module, any
     optimizer (call it inside the FakeTensorMode that made them, if any); ``micro_batches``: gradient
-    accumulation over that many ``chunk``\ s of the batch (:func:`split_micro_batches`)."""
-    training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion, micro_batches)
+    accumulation over that many ``chunk``\ s of the batch (:func:`split_micro_batches`); ``autocast``: the
+    forward and the loss under ``torch.autocast("cpu", dtype=autocast)``."""
+    training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion, micro_batches,
+                                 autocast)
     for _ in range(step - 1):
         train_step(training_step, optimizer, images, labels)
     return tracked_train_step(training_step, optimizer, images, labels).measured
@@ -257,7 +260,7 @@ def evaluation_logits(training_step: TrainingStep, images: torch.Tensor, labels:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), training_step.precision():
             logits = model(images)
             loss = training_loss(training_step.criterion, logits, labels)
     finally:
@@ -385,7 +388,7 @@ def _measure(config: StepConfig, *, fake: bool) -> StepCost:
             wrap_checkpointed(applied.model, checkpointed)
         images, labels = make_batch(config.batch * config.micro_batches, config.resolution, config.classes, seed=SEED,
                                     channels=config.channels, target=target, dtype=step_dtype(config))
-        training_step = TrainingStep(applied.model, criterion(), config.micro_batches)
+        training_step = TrainingStep(applied.model, criterion(), config.micro_batches, autocast_dtype(config))
         for _ in range(config.step - 1 if config.phase == TRAINING else config.step):
             train_step(training_step, applied.optimizer, images, labels)
         if config.phase == TRAINING:
