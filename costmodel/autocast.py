@@ -91,28 +91,39 @@ class _CastPlacer(MetaInterpreter):
             raise CostModelError(
                 f"node {n.name!r} ({self.describe(n)}) runs under torch.autocast, which casts inside it where the "
                 f"engine cannot see: not modelled; run it outside the autocast region")
-        sources = [a for a in _argument_nodes(n) if _eligible(self.env.get(a))]
+        arguments = _argument_nodes(n)
+        sources = list(dict.fromkeys(a for a in arguments if _eligible(self.env.get(a))))
         dtype = _target_dtype(policy, state, [self.env[a] for a in sources])
+        repeated = [a for a in sources if arguments.count(a) > 1 and self.env[a].dtype != dtype
+                    and not self._cacheable(a, self.env[a], dtype, state)]
+        if repeated:  # autocast casts each argument on its own: two copies, which one node cannot say
+            raise CostModelError(
+                f"node {n.name!r} ({self.describe(n)}) takes {repeated[0].name!r} twice under torch.autocast, which "
+                f"casts it twice: not modelled; pass one cast copy (x.to(dtype)) for both")
         replaced: dict[fx.Node, fx.Node] = {}
         # The last argument first: autocast's kernel wrappers cast in C++ call arguments, which
         # this build evaluates right to left (logged: a conv's bias, then its weight, then its
         # input), and the order decides the backward's too (autograd runs later nodes first).
         for source in reversed(sources):
             value = self.env[source]
-            if value.dtype == dtype or source in replaced:
+            if value.dtype == dtype:
                 continue
             replaced[source] = self._cast(source, value, dtype, state, before=n)
         if replaced:
             n.args = fx.node.map_arg(n.args, lambda a: replaced.get(a, a))
             n.kwargs = fx.node.map_arg(n.kwargs, lambda a: replaced.get(a, a))
 
+    def _cacheable(self, source: fx.Node, value: torch.Tensor, dtype: torch.dtype, state: AutocastState) -> bool:
+        """Whether autocast's weight cache keeps this cast: a float32 leaf that requires grad, cast to
+        the lower precision, in a region with the cache on. In an evaluation pass the engine's
+        parameters require no grad (``trace.for_phase``) while the real ones still do under
+        ``torch.no_grad()``, hence the method's trainable names rather than ``requires_grad``."""
+        return (state.region is not None and dtype == state.dtype and value.dtype == torch.float32
+                and source.op == "get_attr" and self.trainable(source))
+
     def _cast(self, source: fx.Node, value: torch.Tensor, dtype: torch.dtype, state: AutocastState,
               before: fx.Node) -> fx.Node:
-        # autocast caches a float32 leaf that requires grad cast to the lower precision; in an
-        # evaluation pass the engine's parameters require no grad (``trace.for_phase``) while the
-        # real ones still do under ``torch.no_grad()``, hence the method's trainable names.
-        cacheable = (state.region is not None and dtype == state.dtype and value.dtype == torch.float32
-                     and source.op == "get_attr" and self.trainable(source))
+        cacheable = self._cacheable(source, value, dtype, state)
         key = (source, dtype, state.region)
         if cacheable and key in self.cached:
             return self.cached[key]

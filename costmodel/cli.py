@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from costmodel.config import DTYPES, STEP_KINDS, TRAINING, StepConfig
+from costmodel.config import AUTOCAST_DTYPES, DTYPES, STEP_KINDS, TRAINING, StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost, render_comparison
 
@@ -46,12 +46,16 @@ def _add_step_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_setup_options(parser: argparse.ArgumentParser) -> None:
-    """How the step trains (``--dtype``, ``--checkpoint``, ``--accumulate``, ``--optimizer``,
+    """How the step trains (``--dtype``, ``--autocast``, ``--checkpoint``, ``--accumulate``, ``--optimizer``,
     ``--optimizer-option``), for one step, a scenario and a fine-tuning run alike."""
     parser.add_argument("--dtype", default=StepConfig.dtype, choices=tuple(DTYPES),
                         help="the step's precision: the model is cast with model.to(dtype) before the method is "
                              "applied, the images are in it, the optimizer state follows the parameters "
                              "(default: %(default)s)")
+    parser.add_argument("--autocast", default=StepConfig.autocast, choices=AUTOCAST_DTYPES,
+                        help="mixed precision: the forward and the loss under torch.autocast('cpu', dtype=...): the "
+                             "ops on autocast's lists cast their inputs (convolutions and matrix products to bf16/fp16, "
+                             "the losses to fp32), the parameters stay in --dtype (default: none)")
     parser.add_argument("--checkpoint", default=StepConfig.checkpoint, metavar="PATTERN",
                         help="activation checkpointing of the outermost modules whose qualified name matches the "
                              "fnmatch PATTERN (layer* -> ResNet's layer1..layer4): torch.utils.checkpoint.checkpoint("
@@ -109,9 +113,11 @@ def _config(args: argparse.Namespace) -> StepConfig:
 
 def setup_fields(args: argparse.Namespace) -> dict[str, object]:
     """The StepConfig fields of :func:`add_setup_options`' flags (``optimizer``,
-    ``optimizer_options``, ``accumulate``, ``dtype``, ``checkpoint``; the defaults where not given)."""
+    ``optimizer_options``, ``accumulate``, ``dtype``, ``autocast``, ``checkpoint``; the defaults where not
+    given)."""
     fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
-                                 "accumulate": args.accumulate, "dtype": args.dtype, "checkpoint": args.checkpoint}
+                                 "accumulate": args.accumulate, "dtype": args.dtype, "autocast": args.autocast,
+                                 "checkpoint": args.checkpoint}
     if args.optimizer is not None:
         fields["optimizer"] = args.optimizer
     return fields

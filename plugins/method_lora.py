@@ -262,6 +262,14 @@ def costmodel_method_options(name: str) -> MethodOptions | None:
 def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
     if name not in METHODS:
         return None
+    if name == "dora" and config.autocast:
+        # peft's DoRA computes lora_B.weight @ lora_A.weight with gradients on: under autocast that
+        # product saves bf16/fp16 casts of both weights, kept by an autograd graph that no backward
+        # ever runs and that dies with the product when the DoRA forward returns. The engine frees
+        # saved tensors at a node's backward only, so it would predict them gone: refused.
+        raise CostModelError("dora with --autocast: peft's DoRA keeps autocast's casts of its adapter weights alive "
+                             "through an autograd graph that never runs backward, which the engine does not model; "
+                             "use lora, or dora without --autocast")
     targets = apply_adapters(model, config, use_dora=name == "dora")
     ranks = sorted({t.rank for t in targets})
     group = optimizer_group(trainable_metas(model), config)

@@ -1,5 +1,5 @@
 """A forward that changes what autograd or the kernels do through a context fx does not record
-(autocast, no_grad, custom autograd Functions, saved-tensor hooks other than a checkpointed
+(another device's autocast, no_grad, custom autograd Functions, saved-tensor hooks other than a checkpointed
 module call's) is refused by node, never predicted as a plain fp32 step (issue 11: "no silent
 wrong numbers")."""
 
@@ -34,8 +34,8 @@ def _region(kind: str):
             return checkpoint(block, x, use_reentrant=True)
         if kind == "function":
             return _Double.apply(block(x))
-        if kind == "autocast":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+        if kind == "xpu_autocast":  # CPU autocast is modelled (test_engine_autocast)
+            with torch.autocast("xpu", dtype=torch.bfloat16):
                 return block(x).float()
         if kind == "no_grad":
             with torch.no_grad():
@@ -63,7 +63,7 @@ class Net(nn.Module):
 @pytest.mark.parametrize("kind, says", [
     ("checkpoint", "saved-tensor hooks"), ("save_on_cpu", "saved-tensor hooks"),
     ("reentrant", "gradients disabled"), ("function", "gradients disabled"), ("no_grad", "gradients disabled"),
-    ("autocast", "torch.autocast('cpu', dtype=torch.bfloat16)"),
+    ("xpu_autocast", "torch.autocast('xpu', dtype=torch.bfloat16)"),
 ])
 def test_unmodelled_context_is_refused_by_node(kind: str, says: str) -> None:
     with pytest.raises(CostModelError, match=r"^node '\w+' ") as refused:

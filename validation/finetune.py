@@ -606,7 +606,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     planned; see the module docstring."""
     from tqdm import tqdm
 
-    from costmodel.models import TrainingStep, checkpointed_modules, in_step_dtype, step_dtype
+    from costmodel.models import TrainingStep, autocast_dtype, checkpointed_modules, in_step_dtype, step_dtype
     from costmodel.validation.measure import (evaluation_logits, tracked_evaluation, tracked_train_step, train_step,
                                               wrap_checkpointed)
     from costmodel.validation.methods import apply_config
@@ -627,7 +627,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     applied = apply_config(model, first)
     wrap_checkpointed(applied.model, checkpointed)  # no_grad evaluations run the modules as they are
     dtype = step_dtype(first)
-    training_step = TrainingStep(applied.model, nn.CrossEntropyLoss(), first.micro_batches)
+    training_step = TrainingStep(applied.model, nn.CrossEntropyLoss(), first.micro_batches, autocast_dtype(first))
     applied.model.train()
     # One optimizer step's images: its micro-batches together (split by the step itself).
     loader = torch.utils.data.DataLoader(task.train, batch_size=config.batch * first.micro_batches, shuffle=True,

@@ -151,7 +151,7 @@ def measure_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: tor
     """Run steps 1..``step``-1 untracked, then measure step ``step`` of ``model`` trained by ``optimizer``
     on ``images``/``labels`` with ``criterion`` (default ``nn.CrossEntropyLoss()``): any module, any
     optimizer (call it inside the FakeTensorMode that made them, if any); ``micro_batches``: gradient
-    accumulation over that many ``chunk``\ s of the batch (:func:`split_micro_batches`); ``autocast``: the
+    accumulation over that many ``chunk`` pieces of the batch (:func:`split_micro_batches`); ``autocast``: the
     forward and the loss under ``torch.autocast("cpu", dtype=autocast)``."""
     training_step = TrainingStep(model, nn.CrossEntropyLoss() if criterion is None else criterion, micro_batches,
                                  autocast)
@@ -347,7 +347,7 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     evaluation (``config.phase == "evaluate"``), run ``config.step`` training steps untracked and
     measure the evaluation pass after them.
 
-    With ``fake=True``, an optimizer of ``REAL_TENSORS_ONLY`` is refused before any work, and any
+    With ``fake=True``, an optimizer of ``REAL_TENSORS_ONLY`` and autocast are refused before any work, and any
     other step that reads a tensor's value (a ``.item()``) fails as it does so: fake tensors have
     no values. Either is a one-line CostModelError saying so."""
     if not fake:
@@ -355,6 +355,11 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     if config.optimizer in REAL_TENSORS_ONLY:
         raise CostModelError(f"measure --fake: --optimizer {config.optimizer} runs on real tensors only "
                              f"({REAL_TENSORS_ONLY[config.optimizer]}); measure it without --fake")
+    if config.autocast:
+        raise CostModelError(f"measure --fake: --autocast {config.autocast} is measured with real tensors only "
+                             f"(a batch norm then sees a lower-precision input with float32 parameters, and fake "
+                             f"tensors give its statistics the input's dtype where the CPU kernel keeps float32); "
+                             f"measure it without --fake")
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
     try:
