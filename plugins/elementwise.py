@@ -239,12 +239,20 @@ def _gradient_of(node: OpNode, operand: TensorMeta, out: TensorMeta, computed: b
     index = input_index(node, operand)
     if index is None or not node.needs_input_grad[index]:
         return 0
+    # An operand of another dtype than the result (type promotion: a bf16 activation added to a
+    # float32 residual under autocast) gets its gradient in the result's dtype from the formula;
+    # autograd's engine then casts it to the operand's (``validate_outputs``): a new tensor.
+    cast = operand.dtype != out.dtype
     if broadcast_reduced(operand.shape, out.shape):
         if computed:
             transients.append(Alloc(out.nbytes, "transient"))
+        if cast:  # the sum, in the result's dtype, before its cast
+            transients.append(Alloc(numel(operand.shape) * out.dtype.itemsize, "transient"))
         grads[index] = operand.nbytes
         return numel(out.shape)
-    grads[index] = out.nbytes if computed else 0
+    if cast and computed:
+        transients.append(Alloc(out.nbytes, "transient"))
+    grads[index] = operand.nbytes if cast else out.nbytes if computed else 0
     return 0
 
 
