@@ -266,11 +266,12 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any], checkpointed: bool = False) -> None:
     """Refuse a node that the model's forward creates in a context fx does not record.
 
-    fx traces by running the forward with proxies, so a context manager in it (``torch.autocast``,
-    ``torch.no_grad``, the saved-tensor hooks ``torch.utils.checkpoint`` installs) changes nothing
-    in the graph: its nodes would be predicted as plain fp32 ops that autograd records and saves
-    for, a silently wrong number. The state is visible while the node is created, so such a node is
-    refused by name. Gradients disabled covers ``torch.no_grad()``, ``torch.utils.checkpoint(...,
+    fx traces by running the forward with proxies, so a context manager in it (another device's
+    ``torch.autocast``, ``torch.no_grad``, the saved-tensor hooks ``torch.utils.checkpoint``
+    installs) changes nothing in the graph: its nodes would be predicted as plain fp32 ops that
+    autograd records and saves for, a silently wrong number. The state is visible while the node
+    is created, so such a node is refused by name. (CPU autocast is recorded instead, as
+    ``AutocastState``, and made explicit by ``costmodel.autocast``.) Gradients disabled covers ``torch.no_grad()``, ``torch.utils.checkpoint(...,
     use_reentrant=True)`` and a custom ``torch.autograd.Function`` (its forward runs with grad
     mode off); saved-tensor hooks cover ``use_reentrant=False`` checkpoints and
     ``torch.autograd.graph.save_on_cpu``, except a checkpointed module call the tracer models

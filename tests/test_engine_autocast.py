@@ -187,3 +187,23 @@ def test_the_cli_takes_and_checks_autocast(capsys: pytest.CaptureFixture[str]) -
     assert len(err.strip().splitlines()) == 1 and "--autocast" in err
     with pytest.raises(CostModelError, match="--autocast must be one of bf16, fp16"):
         StepConfig(autocast="fp32")
+
+
+class ExplicitCasts(nn.Module):
+    """A forward that casts by hand (no autocast): ``.half()``, ``.to(dtype)``, ``.float()``, and a
+    cast to the tensor's own dtype, which is the tensor itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x).half()).to(torch.bfloat16)
+        h = h.to(dtype=torch.bfloat16).float().to(torch.float32)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_explicit_casts_equal_the_measurement() -> None:
+    predicted = costmodel.predict(ExplicitCasts(), "fft", batch=2, resolution=8)
+    assert_matches(predicted, measure_module(ExplicitCasts, batch=2, resolution=8))

@@ -7,10 +7,11 @@ The models: MobileNetV2, ResNet-18 and an attention model, timm's ViT-Tiny (at i
 A setup is a set of ``StepConfig`` fields beside the method: the precision (``--dtype``),
 activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
 ``features.*`` on MobileNets, ``blocks.*`` on the ViT), gradient accumulation
-(``--accumulate 4``), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
+(``--accumulate 4``), CPU autocast (``--autocast bf16|fp16``, alone and with checkpointing and
+accumulation), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
 GaLore keeping its own), and combinations. For every model x method x setup x step it predicts the
 step and measures it (under FakeTensorMode unless ``--real``; the optimizers that cannot step fake
-tensors always with real ones),
+tensors, and autocast, always with real ones),
 prints one line each, then a table of the setups: how many configurations are equal on every
 field (FLOPs per phase in both conventions, every memory group and the peak to the byte,
 trainable parameters), and the worst field where one is not. Exits with status 1 if any is not.
@@ -61,10 +62,15 @@ SETUPS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"optimizer": "adamw8bit"},
     "bf16+checkpoint+accumulate2": {"dtype": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
     "bf16+adamw8bit": {"dtype": "bf16", "optimizer": "adamw8bit"},
+    "autocast-bf16": {"autocast": "bf16"},
+    "autocast-fp16": {"autocast": "fp16"},
+    "autocast+checkpoint+accumulate2": {"autocast": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
 }
-# Setups whose optimizer cannot step fake tensors (costmodel.validation.optimizers.REAL_TENSORS_ONLY
-# says why): always measured with real tensors.
-REAL_ONLY = frozenset(name for name, fields in SETUPS.items() if fields.get("optimizer") in REAL_TENSORS_ONLY)
+# Setups measured with real tensors always: an optimizer that cannot step fake tensors
+# (costmodel.validation.optimizers.REAL_TENSORS_ONLY says why), and autocast (``measure --fake``
+# refuses it: fake tensors give a mixed-precision batch norm's statistics the input's dtype).
+REAL_ONLY = frozenset(name for name, fields in SETUPS.items()
+                      if fields.get("optimizer") in REAL_TENSORS_ONLY or fields.get("autocast"))
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_options")
 
 
