@@ -154,8 +154,11 @@ def place_autocast_casts(module: fx.GraphModule, inputs: tuple[torch.Tensor, ...
     grad in the real step), the last node of its autocast region: the cache holds it until then.
     A node whose op casts inside (``"through"``, ``"unmodelled"``) is refused, naming it."""
     placer = _CastPlacer(module, policy, describe, trainable)
-    with torch.enable_grad():
-        placer.run(*inputs)
+    try:
+        with torch.enable_grad():
+            placer.run(*inputs)
+    except CostModelError as error:  # fx's interpreter appends the node's graph to the message
+        raise CostModelError(str(error).strip().splitlines()[0]) from None
     module.graph.lint()
     module.recompile()
     last_in_region: dict[int, fx.Node] = {}

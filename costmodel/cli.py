@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from costmodel.config import AUTOCAST_DTYPES, DTYPES, STEP_KINDS, TRAINING, StepConfig
+from costmodel.config import AUTOCAST_DTYPES, DTYPES, QUANTIZE_TYPES, STEP_KINDS, TRAINING, StepConfig
 from costmodel.errors import CostModelError
 from costmodel.result import FLOP_CONVENTIONS, StepCost, render_comparison
 
@@ -56,6 +56,10 @@ def add_setup_options(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision: the forward and the loss under torch.autocast('cpu', dtype=...): the "
                              "ops on autocast's lists cast their inputs (convolutions and matrix products to bf16/fp16, "
                              "the losses to fp32), the parameters stay in --dtype (default: none)")
+    parser.add_argument("--quantize", default=StepConfig.quantize, choices=QUANTIZE_TYPES,
+                        help="a quantized frozen base (QLoRA): every frozen Linear outside the head as bitsandbytes' "
+                             "Linear4bit of this type (blocks of 64, nested statistics), LoRA's adapters on top "
+                             "(default: none)")
     parser.add_argument("--checkpoint", default=StepConfig.checkpoint, metavar="PATTERN",
                         help="activation checkpointing of the outermost modules whose qualified name matches the "
                              "fnmatch PATTERN (layer* -> ResNet's layer1..layer4): torch.utils.checkpoint.checkpoint("
@@ -113,11 +117,11 @@ def _config(args: argparse.Namespace) -> StepConfig:
 
 def setup_fields(args: argparse.Namespace) -> dict[str, object]:
     """The StepConfig fields of :func:`add_setup_options`' flags (``optimizer``,
-    ``optimizer_options``, ``accumulate``, ``dtype``, ``autocast``, ``checkpoint``; the defaults where not
-    given)."""
+    ``optimizer_options``, ``accumulate``, ``dtype``, ``autocast``, ``quantize``, ``checkpoint``; the defaults
+    where not given)."""
     fields: dict[str, object] = {"optimizer_options": _method_options(args.optimizer_option, "--optimizer-option"),
                                  "accumulate": args.accumulate, "dtype": args.dtype, "autocast": args.autocast,
-                                 "checkpoint": args.checkpoint}
+                                 "quantize": args.quantize, "checkpoint": args.checkpoint}
     if args.optimizer is not None:
         fields["optimizer"] = args.optimizer
     return fields

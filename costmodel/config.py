@@ -27,13 +27,16 @@ DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float1
 # What ``StepConfig.autocast`` names: the lower precision ``torch.autocast("cpu", dtype=...)`` runs
 # its listed ops in ("" for no autocast).
 AUTOCAST_DTYPES: tuple[str, ...] = ("bf16", "fp16")
+# What ``StepConfig.quantize`` names: bitsandbytes' 4-bit data types for a frozen base's Linear
+# layers ("" for none).
+QUANTIZE_TYPES: tuple[str, ...] = ("nf4", "fp4")
 
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
     "rank": "--rank", "batch": "--batch", "resolution": "--resolution", "classes": "--classes",
     "step": "--step", "channels": "--channels", "loss": "--loss", "lr": "lr", "phase": "--phase",
     "optimizer": "--optimizer", "optimizer_options": "--optimizer-option", "accumulate": "--accumulate",
-    "dtype": "--dtype", "checkpoint": "--checkpoint", "autocast": "--autocast",
+    "dtype": "--dtype", "checkpoint": "--checkpoint", "autocast": "--autocast", "quantize": "--quantize",
 }
 
 
@@ -137,6 +140,11 @@ class StepConfig:
     # ``with torch.autocast(...): loss = criterion(model(images), labels)``; the parameters stay
     # in ``dtype``, the backward and the optimizer step run outside it. "": no autocast.
     autocast: str = ""
+    # A quantized frozen base (the QLoRA setup): every frozen ``nn.Linear`` outside the head stored
+    # as bitsandbytes' ``Linear4bit`` of this 4-bit type (a key of ``QUANTIZE_TYPES``), with its
+    # defaults (blocks of 64, nested statistics, float32 compute); adapters on top stay float32.
+    # A method that does not train on a quantized base refuses it. "": no quantization.
+    quantize: str = ""
 
     def __post_init__(self) -> None:
         if self.phase not in STEP_KINDS:
@@ -155,6 +163,9 @@ class StepConfig:
         if self.autocast != "" and self.autocast not in AUTOCAST_DTYPES:
             raise CostModelError(f"{_FIELD_NAMES['autocast']} must be one of {', '.join(AUTOCAST_DTYPES)} (or absent), "
                                  f"got {self.autocast!r}")
+        if self.quantize != "" and self.quantize not in QUANTIZE_TYPES:
+            raise CostModelError(f"{_FIELD_NAMES['quantize']} must be one of {', '.join(QUANTIZE_TYPES)} (or absent), "
+                                 f"got {self.quantize!r}")
         if self.batch * self.accumulate > MAX_INT:  # the step is given all its micro-batches' images
             raise CostModelError(f"--batch x --accumulate (the images of one optimizer step) must be <= {MAX_INT} "
                                  f"(2**31 - 1), got {self.batch} x {self.accumulate}")

@@ -277,6 +277,9 @@ class PreparedMethod:
     # integer optimizer options - each an affine function of the rank. The engine checks it at
     # three ranks and predicts rank by rank wherever it does not hold.
     affine_in_rank: bool = False
+    # Whether the method stored its frozen base quantized as ``StepConfig.quantize`` asks; the
+    # engine refuses a quantized step whose method did not (it would be predicted unquantized).
+    quantized: bool = False
 
 
 # The kinds of value a method option can declare (``OptionSpec.kind``). ``costmodel.options`` checks

@@ -491,7 +491,7 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
             lr: float = 1e-3, alpha: float | None = None,
             galore_update_proj_gap: int | None = None, galore_scale: float | None = None,
             optimizer: str | None = None, optimizer_options: dict[str, Any] | None = None,
-            accumulate: int = 1, dtype: str = "fp32", checkpoint: str = "", autocast: str = "",
+            accumulate: int = 1, dtype: str = "fp32", checkpoint: str = "", autocast: str = "", quantize: str = "",
             allow_unknown: bool = False, manager: pluggy.PluginManager | None = None,
             **options: Any) -> Prediction:
     """Predict one fine-tuning step of a torchvision model (by name) or of any ``nn.Module``.
@@ -514,6 +514,8 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
     ``checkpoint``: activation checkpointing of the outermost modules whose qualified name matches
     this fnmatch pattern (``StepConfig.checkpoint``). ``autocast``: ``"bf16"`` or ``"fp16"`` runs
     the forward and the loss under ``torch.autocast("cpu", dtype=...)`` (``StepConfig.autocast``).
+    ``quantize``: ``"nf4"`` or ``"fp4"`` stores the frozen Linear layers outside the head in 4 bits
+    under LoRA, as bitsandbytes' ``Linear4bit`` (``StepConfig.quantize``).
     """
     from costmodel.config import check_int, check_positive
 
@@ -539,5 +541,6 @@ def predict(model_or_name: str | nn.Module, method: str = "fft", *, rank: int = 
                         step=step, phase=phase, lr=lr, channels=channels, loss=loss, options=dict(options),
                         optimizer=StepConfig.optimizer if optimizer is None else optimizer,
                         optimizer_options={} if optimizer_options is None else optimizer_options,
-                        accumulate=accumulate, dtype=dtype, checkpoint=checkpoint, autocast=autocast)
+                        accumulate=accumulate, dtype=dtype, checkpoint=checkpoint, autocast=autocast,
+                        quantize=quantize)
     return predict_config(config, allow_unknown=allow_unknown, manager=manager, model=module)

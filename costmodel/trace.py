@@ -460,6 +460,9 @@ def prepare_method(manager: pluggy.PluginManager, model: nn.Module, config: Step
     prepared = ask_first(manager, PREPARE_METHOD, name=config.method, model=model, config=config)
     if prepared is None:
         raise unknown_method(manager, config.method)
+    if config.quantize and not prepared.quantized:
+        raise CostModelError(f"--quantize {config.quantize}: method {config.method!r} does not train on a quantized "
+                             f"base (a quantized base is frozen; LoRA trains adapters on top of it)")
     if declared is not None and not declared.takes_rank:
         prepared = replace(prepared, note=f"{prepared.note}; rank {config.rank} unused "
                                           f"({config.method} takes no rank)")

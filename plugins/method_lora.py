@@ -78,6 +78,7 @@ from costmodel.costs import MethodOptions, OptionSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
 from costmodel.plugins.method_fft import optimizer_group, trainable_metas
+from costmodel.plugins.quantized import Linear4bit, quantize_frozen_linears
 from costmodel.plugins.method_targets import TARGET_OPTIONS, Target, head_module_names, replace_module, select_targets
 
 METHODS: tuple[str, ...] = ("lora", "dora")
@@ -171,8 +172,10 @@ class LoraConv2d(_LoraLayer):
 class LoraLinear(_LoraLayer):
     """peft 0.21.2 ``lora.Linear`` (and its DoRA variant) in training mode, dropout 0."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, use_dora: bool) -> None:
+    def __init__(self, base_layer: nn.Linear | Linear4bit, rank: int, alpha: float, use_dora: bool) -> None:
         device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        if not dtype.is_floating_point:  # a quantized base: peft leaves the adapters in float32
+            dtype = torch.float32
         lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=dtype)
         super().__init__(base_layer, lora_A, lora_B, (base_layer.out_features,), rank, alpha, use_dora)
@@ -223,11 +226,13 @@ def refuse_body_linear_dora(targets: list[Target], head: set[str]) -> None:
                 f"collector runs, so its measured ACT and peak depend on collection timing")
 
 
-def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list[Target]:
+def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> tuple[list[Target], int]:
     """Freeze ``model`` and wrap its target layers in adapters, as ``inject_adapter_in_model`` does.
 
-    Every base parameter is frozen; the head stays fully trainable unless ``adapt_head``. Returns
-    the targets (name, module, rank, alpha) in model order. ``config.options`` are as the engine
+    Every base parameter is frozen; the head stays fully trainable unless ``adapt_head``; with
+    ``config.quantize`` the frozen Linear layers outside the head are stored in 4 bits first
+    (``costmodel.plugins.quantized``). Returns the targets (name, module, rank, alpha) in model
+    order, and how many layers were quantized. ``config.options`` are as the engine
     coerced them against ``ARGUMENTS`` (``adapt_head`` a real bool, not the string "False").
     """
     method = "dora" if use_dora else "lora"
@@ -242,10 +247,14 @@ def apply_adapters(model: nn.Module, config: StepConfig, use_dora: bool) -> list
     for name, module in model.named_modules():
         for param in module.parameters(recurse=False):
             param.requires_grad_(name in trainable_head)
+    quantized = 0
+    if config.quantize:  # the frozen base's Linear layers, before the adapters wrap some of them
+        quantized = quantize_frozen_linears(model, config.quantize, keep=trainable_head)
     for target in targets:
-        wrapper = LoraConv2d if isinstance(target.module, nn.Conv2d) else LoraLinear
-        replace_module(model, target.name, wrapper(target.module, target.rank, target.alpha, use_dora))
-    return targets
+        base = model.get_submodule(target.name)
+        wrapper = LoraConv2d if isinstance(base, nn.Conv2d) else LoraLinear
+        replace_module(model, target.name, wrapper(base, target.rank, target.alpha, use_dora))
+    return targets, quantized
 
 
 @hookimpl
@@ -262,6 +271,12 @@ def costmodel_method_options(name: str) -> MethodOptions | None:
 def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) -> PreparedMethod | None:
     if name not in METHODS:
         return None
+    if config.quantize and config.dtype != "fp32":
+        raise CostModelError(f"--quantize with --dtype {config.dtype}: bitsandbytes' Linear4bit then casts its input to "
+                             f"its float32 compute dtype and back, which is not modelled; quantize a float32 step")
+    if name == "dora" and config.quantize:
+        raise CostModelError("dora with --quantize: DoRA's weight norm reads the base weight, which peft dequantizes "
+                             "on a 4-bit base; not modelled: use lora")
     if name == "dora" and config.autocast:
         # peft's DoRA computes lora_B.weight @ lora_A.weight with gradients on: under autocast that
         # product saves bf16/fp16 casts of both weights, kept by an autograd graph that no backward
@@ -270,7 +285,7 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
         raise CostModelError("dora with --autocast: peft's DoRA keeps autocast's casts of its adapter weights alive "
                              "through an autograd graph that never runs backward, which the engine does not model; "
                              "use lora, or dora without --autocast")
-    targets = apply_adapters(model, config, use_dora=name == "dora")
+    targets, quantized = apply_adapters(model, config, use_dora=name == "dora")
     ranks = sorted({t.rank for t in targets})
     group = optimizer_group(trainable_metas(model), config)
     # Every adapter's size follows the rank, and its scaling alpha / rank does not (alpha = rank):
@@ -282,5 +297,6 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     return PreparedMethod(
         param_groups=[group],
         note=f"{name}: {len(targets)} adapted layers (rank {', '.join(map(str, ranks))}); "
-             f"{config.optimizer} over {sum(p.numel for p in group.params):,} trainable parameters",
-        affine_in_rank=affine)
+             f"{config.optimizer} over {sum(p.numel for p in group.params):,} trainable parameters"
+             + (f"; {quantized} frozen Linear layers in {config.quantize}" if config.quantize else ""),
+        affine_in_rank=affine, quantized=bool(config.quantize))

@@ -360,6 +360,12 @@ def quantize_blockwise_flop(a: torch.Tensor, *args: Any, out_val: Any = None, **
     return QUANTIZE_BLOCKWISE_K * a.numel()
 
 
+def dequantize_4bit_flop(a: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``out[i] = code[q_i] * absmax[block]`` over the weight's ``prod(shape)`` elements (two codes
+    a byte): one multiply each (csrc/cpu_ops.cpp, ``dequantizeBlockwise4bitCpu``)."""
+    return out_val.numel()
+
+
 def register_bitsandbytes_formulas() -> None:
     """Add the rows above to the exact convention (once; bitsandbytes must be imported)."""
     library = torch.ops.bitsandbytes
@@ -367,6 +373,7 @@ def register_bitsandbytes_formulas() -> None:
         return
     _register(library.quantize_blockwise)(quantize_blockwise_flop)
     _register(library.dequantize_blockwise)(dequantize_blockwise_flop)
+    _register(library.dequantize_4bit)(dequantize_4bit_flop)
 
 
 # ---------------------------------------------------------------------------------------------

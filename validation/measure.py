@@ -175,21 +175,23 @@ def split_micro_batches(training_step: TrainingStep, images: torch.Tensor, label
 
 
 def _forward_backward(training_step: TrainingStep, micro: list[tuple[torch.Tensor, torch.Tensor]],
-                      flops: PhaseFlops | None, tracker: GroupPeakMemTracker | None = None
+                      flops: PhaseFlops | None, tracker: GroupPeakMemTracker | None = None,
+                      in_view: contextlib.AbstractContextManager = contextlib.nullcontext()
                       ) -> tuple[torch.Tensor, float]:
     """Each micro-batch's forward and loss (phase ``forward``) and ``backward()`` (phase
     ``backward``), gradients accumulating in ``.grad``; the last loss (the loop's ``loss`` holds
     each until the next one replaces it) and the losses' sum (each already divided by their count).
     MemTracker refuses a top-level module called twice in one tracked region; its per-module
-    statistics (which the groups and the peak do not use) are reset before each later micro-batch."""
+    statistics (which the groups and the peak do not use) are reset before each later micro-batch.
+    ``in_view`` (``optimizers.kernels_in_view``) is entered inside each phase, above its counters."""
     phase = flops.phase if flops is not None else (lambda name: contextlib.nullcontext())
     total = 0.0
     for number, (images, labels) in enumerate(micro):
         if number and tracker is not None:
             tracker.reset_mod_stats()
-        with phase("forward"):
+        with phase("forward"), in_view:
             loss = _forward_loss(training_step, images, labels)
-        with phase("backward"):
+        with phase("backward"), in_view:
             loss.backward()
         if len(micro) > 1:
             total += _value(loss)
@@ -234,13 +236,13 @@ def tracked_train_step(training_step: TrainingStep, optimizer: torch.optim.Optim
     real run the step's own index."""
     model = training_step.model
     micro = split_micro_batches(training_step, images, labels)
-    in_view = kernels_in_view(optimizer)  # before the counters (its formulas join the table)
+    in_view = kernels_in_view(optimizer, model)  # before the counters (its formulas join the table)
     tracker = GroupPeakMemTracker()
     tracker.track_external(model, optimizer, images, labels)
     flops = PhaseFlops()
     with tracker:
         optimizer.zero_grad(set_to_none=True)
-        loss, total = _forward_backward(training_step, micro, flops, tracker)
+        loss, total = _forward_backward(training_step, micro, flops, tracker, in_view)
         with flops.phase("optimizer"), in_view:
             optimizer.step()
         value = _value(loss) if len(micro) == 1 else total
@@ -273,11 +275,12 @@ def tracked_evaluation(training_step: TrainingStep, optimizer: torch.optim.Optim
     """Measure one evaluation forward in place (``StepConfig.phase == "evaluate"``, phase
     ``evaluate``): :func:`evaluation_logits`, with the parameters, buffers, gradients left by the
     last training step, the optimizer's state and the batch counted as existing before it."""
+    in_view = kernels_in_view(optimizer, training_step.model)  # a 4-bit base's products
     tracker = GroupPeakMemTracker()
     tracker.track_external(training_step.model, optimizer, images, labels)
     flops = PhaseFlops()
     with tracker:
-        with flops.phase(EVALUATE):
+        with flops.phase(EVALUATE), in_view:
             logits, loss = evaluation_logits(training_step, images, labels)
         value = _value(loss)
         del loss
@@ -355,6 +358,9 @@ def measure(config: StepConfig, *, fake: bool = False) -> StepCost:
     if config.optimizer in REAL_TENSORS_ONLY:
         raise CostModelError(f"measure --fake: --optimizer {config.optimizer} runs on real tensors only "
                              f"({REAL_TENSORS_ONLY[config.optimizer]}); measure it without --fake")
+    if config.quantize:
+        raise CostModelError(f"measure --fake: --quantize {config.quantize} is measured with real tensors only "
+                             f"(bitsandbytes quantizes the weights' values); measure it without --fake")
     if config.autocast:
         raise CostModelError(f"measure --fake: --autocast {config.autocast} is measured with real tensors only "
                              f"(a batch norm then sees a lower-precision input with float32 parameters, and fake "

@@ -107,6 +107,15 @@ class GroupPeakMemTracker(MemTracker):
         # Stock MemTracker registers a grad hook on every parameter, which raises on frozen ones;
         # only parameters that can receive a gradient get hooks here.
         memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+        # bitsandbytes' 4-bit weights keep their quantisation statistics and codes in a
+        # ``quant_state`` beside the packed parameter, not as module buffers: model state all the
+        # same, counted as BUFFER.
+        for parameter in module.parameters():
+            state = getattr(parameter, "quant_state", None)
+            for holder in (state, getattr(state, "state2", None)):
+                for tensor in vars(holder).values() if holder is not None else ():
+                    if isinstance(tensor, torch.Tensor):
+                        self._update_and_maybe_create_winfos(tensor, _MemRefType.BUFFER)
         if install_grad_hooks:
             for parameter in module.parameters():
                 if parameter.requires_grad and self._param_to_grad_hook_handles.get(parameter) is None:

@@ -107,6 +107,8 @@ class MethodOptions:
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     # StepConfig.options: which layers, at which rank (and alpha); checked by check_layer_options.
     layer_options: Mapping[str, Any] = field(default_factory=dict)
+    # StepConfig.quantize: the frozen base's Linear layers as bitsandbytes' Linear4bit of this type.
+    quantize: str = ""
 
 
 LORA_OPTIONS: frozenset[str] = frozenset({
@@ -285,6 +287,25 @@ def inject_lora(model: nn.Module, targets: str | list[str], *, rank: int, alpha:
         raise CostModelError(f"peft refuses {kind} with rank {rank}: {message}") from error
 
 
+def quantize_base(model: nn.Module, quant_type: str, head: str | None) -> None:
+    """Every ``nn.Linear`` outside the head as bitsandbytes' ``Linear4bit`` of ``quant_type`` with its
+    defaults (blocks of 64, nested statistics) and float32 compute, its weights quantized from the
+    layer's (``Params4bit`` quantizes when moved to its device), before peft adds adapters: what a
+    user does to fine-tune a vision model on a 4-bit base. Real tensors only."""
+    import bitsandbytes as bnb
+
+    names = [name for name, module in model.named_modules()
+             if type(module) is nn.Linear and not _in_head(f"{name}.weight", head)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=torch.float32, quant_type=quant_type)
+        quantized.load_state_dict(linear.state_dict())
+        setattr(parent, child, quantized.to(linear.weight.device))
+
+
 def _prepare_lora_family(model: nn.Module, options: MethodOptions, *, use_dora: bool) -> PreparedModel:
     from peft.tuners.lora import LoraLayer
 
@@ -294,6 +315,8 @@ def _prepare_lora_family(model: nn.Module, options: MethodOptions, *, use_dora: 
     alpha = float(options.rank if options.alpha is None else options.alpha)
     lora = {key: layer_options[key] for key in ("rank_pattern", "alpha_pattern", "exclude_modules")
             if key in layer_options}
+    if options.quantize:
+        quantize_base(model, options.quantize, head)
     model = inject_lora(model, targets, rank=options.rank, alpha=alpha, use_dora=use_dora, **lora)
     for name, parameter in model.named_parameters():
         # peft freezes everything but its adapters; the head is trained in full on top of them.
@@ -383,7 +406,7 @@ METHODS: dict[str, MethodPreparer] = {
 def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float | None = None, lr: float = 1e-3,
                  update_proj_gap: int = 200, scale: float = 0.25, options: Mapping[str, Any] | None = None,
                  optimizer: str = "adamw", optimizer_options: Mapping[str, Any] | None = None,
-                 materialize: Callable[[nn.Module], None] | None = None) -> AppliedMethod:
+                 materialize: Callable[[nn.Module], None] | None = None, quantize: str = "") -> AppliedMethod:
     """Prepare ``model`` (in place) for ``method`` and build its optimizer.
 
     ``options`` are the method's layer options (``StepConfig.options``, see the module docstring);
@@ -391,6 +414,7 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
     (``StepConfig.optimizer``, ``StepConfig.optimizer_options``).
     ``materialize``, if given, runs between the preparation and the optimizer's creation; it may
     replace the model's tensors (``measure(fake=True)`` turns meta tensors into fake ones there).
+    ``quantize``: LoRA on a 4-bit base (``StepConfig.quantize``, :func:`quantize_base`).
     """
     if method not in METHODS:
         raise CostModelError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -404,9 +428,11 @@ def apply_method(model: nn.Module, method: str, *, rank: int = 4, alpha: float |
     check_layer_options(method, options or {})
     if optimizer not in OPTIMIZERS:  # before any work (the optimizer is built last)
         raise CostModelError(f"--optimizer {optimizer!r}: the runtime reference builds {', '.join(OPTIMIZERS)}")
+    if quantize and method != "lora":
+        raise CostModelError(f"--quantize {quantize}: the runtime reference quantizes the frozen base of lora only")
     settings = MethodOptions(rank=rank, alpha=alpha, lr=lr, update_proj_gap=update_proj_gap, scale=scale,
                              optimizer=optimizer, optimizer_options=dict(optimizer_options or {}),
-                             layer_options=dict(options or {}))
+                             layer_options=dict(options or {}), quantize=quantize)
     prepared = METHODS[method](model, settings)
     if materialize is not None:
         materialize(prepared.model)
@@ -433,4 +459,4 @@ def apply_config(model: nn.Module, config: StepConfig,
     settings = {key: options.pop(key) for key in taken if key in options}
     return apply_method(model, config.method, rank=config.rank, lr=config.lr, **settings,
                         options=options, optimizer=config.optimizer, optimizer_options=config.optimizer_options,
-                        materialize=materialize)
+                        materialize=materialize, quantize=config.quantize)

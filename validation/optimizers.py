@@ -1,4 +1,5 @@
-"""Optimizers the reference builds beyond ``torch.optim``: bitsandbytes' 8-bit AdamW.
+"""Optimizers the reference builds beyond ``torch.optim``: bitsandbytes' 8-bit AdamW; and its
+bitsandbytes kernels in view (the 8-bit optimizer's, the 4-bit Linear's).
 
 ``bnb.optim.AdamW8bit`` updates each parameter through one custom op,
 ``torch.ops.bitsandbytes.optimizer_update_8bit_blockwise`` (``optimizer_update_32bit`` for a
@@ -8,7 +9,10 @@ tracker would miss every float32 copy of the moments the kernel makes, and the F
 operation. :class:`KernelsInView`, entered above the counters and the tracker for the optimizer
 phase, runs that same Python function in the op's place, so each torch op inside reaches them;
 the quantisation ops it calls (``quantize_blockwise``, ``dequantize_blockwise``, compiled code)
-arrive whole and are counted by their rows in the exact convention.
+arrive whole and are counted by their rows in the exact convention. A 4-bit Linear's product
+(``bitsandbytes::gemm_4bit``, ``StepConfig.quantize``) is the same on CPU: its kernel is a Python
+function that dequantizes and calls ``F.linear``; the same mode runs it, entered for the forward
+and the backward.
 
 bitsandbytes is imported only when such an optimizer is built (it takes about two seconds).
 """
@@ -58,31 +62,53 @@ REAL_TENSORS_ONLY: Mapping[str, str] = {
 
 
 class KernelsInView(TorchDispatchMode):
-    """Runs the Python CPU kernels of bitsandbytes' optimizer-update ops in place of the ops
-    (module docstring); every other op passes through unchanged."""
+    """Runs the Python CPU kernels of bitsandbytes' ops given in ``kernels`` (op -> its kernel) in
+    place of the ops (module docstring); every other op passes through unchanged."""
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: Mapping[Any, Callable[..., Any]]) -> None:
         super().__init__()
-        from bitsandbytes.backends.cpu import ops as cpu_ops
-
-        library = torch.ops.bitsandbytes
-        # bitsandbytes 0.50.2 registers these two functions as the ops' CPU kernels.
-        self.kernels: dict[Any, Callable[..., Any]] = {
-            library.optimizer_update_8bit_blockwise.default: cpu_ops._optimizer_update_8bit_blockwise_cpu,
-            library.optimizer_update_32bit.default: cpu_ops._optimizer_update_32bit_cpu,
-        }
+        self.kernels = dict(kernels)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kernel = self.kernels.get(func, func)
         return kernel(*args, **(kwargs or {}))
 
 
-def kernels_in_view(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager:
-    """:class:`KernelsInView` for a bitsandbytes optimizer, else nothing. Call it before the FLOP
-    counters are made: it adds the quantisation ops its kernels call to the exact convention."""
-    if type(optimizer).__module__.startswith("bitsandbytes."):
-        from costmodel.validation.flops import register_bitsandbytes_formulas
+def optimizer_kernels() -> dict[Any, Callable[..., Any]]:
+    """bitsandbytes 0.50.2 registers these two functions as its optimizer ops' CPU kernels."""
+    from bitsandbytes.backends.cpu import ops as cpu_ops
 
-        register_bitsandbytes_formulas()
-        return KernelsInView()
-    return contextlib.nullcontext()
+    library = torch.ops.bitsandbytes
+    return {library.optimizer_update_8bit_blockwise.default: cpu_ops._optimizer_update_8bit_blockwise_cpu,
+            library.optimizer_update_32bit.default: cpu_ops._optimizer_update_32bit_cpu}
+
+
+def matmul_4bit_kernels() -> dict[Any, Callable[..., Any]]:
+    """The CPU kernel of ``bitsandbytes::gemm_4bit`` (the 4-bit Linear's product) is its default
+    implementation: the statistics dequantized, the weight dequantized, ``F.linear``."""
+    from bitsandbytes.backends.default import ops as default_ops
+
+    return {torch.ops.bitsandbytes.gemm_4bit.default: default_ops._gemm_4bit_default_impl}
+
+
+def holds_4bit_weights(model: nn.Module) -> bool:
+    """Whether ``model`` has bitsandbytes 4-bit parameters (``StepConfig.quantize``)."""
+    return any(hasattr(parameter, "quant_state") for parameter in model.parameters())
+
+
+def kernels_in_view(optimizer: torch.optim.Optimizer, model: nn.Module | None = None
+                    ) -> contextlib.AbstractContextManager:
+    """:class:`KernelsInView` for a bitsandbytes optimizer, and for a model with 4-bit weights (one
+    mode for both: enter it for the forward and backward too), else nothing. Call it before the
+    FLOP counters are made: it adds the quantisation ops its kernels call to the exact convention."""
+    kernels: dict[Any, Callable[..., Any]] = {}
+    if type(optimizer).__module__.startswith("bitsandbytes."):
+        kernels.update(optimizer_kernels())
+    if model is not None and holds_4bit_weights(model):
+        kernels.update(matmul_4bit_kernels())
+    if not kernels:
+        return contextlib.nullcontext()
+    from costmodel.validation.flops import register_bitsandbytes_formulas
+
+    register_bitsandbytes_formulas()
+    return KernelsInView(kernels)

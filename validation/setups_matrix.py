@@ -8,10 +8,11 @@ A setup is a set of ``StepConfig`` fields beside the method: the precision (``--
 activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
 ``features.*`` on MobileNets, ``blocks.*`` on the ViT), gradient accumulation
 (``--accumulate 4``), CPU autocast (``--autocast bf16|fp16``, alone and with checkpointing and
+accumulation), a 4-bit base under LoRA (``--quantize nf4|fp4``, and nf4 with checkpointing and
 accumulation), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
 GaLore keeping its own), and combinations. For every model x method x setup x step it predicts the
 step and measures it (under FakeTensorMode unless ``--real``; the optimizers that cannot step fake
-tensors, and autocast, always with real ones),
+tensors, autocast and a quantized base always with real ones),
 prints one line each, then a table of the setups: how many configurations are equal on every
 field (FLOPs per phase in both conventions, every memory group and the peak to the byte,
 trainable parameters), and the worst field where one is not. Exits with status 1 if any is not.
@@ -65,22 +66,30 @@ SETUPS: dict[str, dict[str, Any]] = {
     "autocast-bf16": {"autocast": "bf16"},
     "autocast-fp16": {"autocast": "fp16"},
     "autocast+checkpoint+accumulate2": {"autocast": "bf16", "checkpoint": "BLOCKS", "accumulate": 2},
+    "nf4": {"quantize": "nf4"},
+    "fp4": {"quantize": "fp4"},
+    "nf4+checkpoint+accumulate2": {"quantize": "nf4", "checkpoint": "BLOCKS", "accumulate": 2},
 }
+# A quantized base is frozen: LoRA trains on it, the other methods refuse it.
+QUANTIZED_METHODS = ("lora",)
 # Setups measured with real tensors always: an optimizer that cannot step fake tensors
 # (costmodel.validation.optimizers.REAL_TENSORS_ONLY says why), and autocast (``measure --fake``
 # refuses it: fake tensors give a mixed-precision batch norm's statistics the input's dtype).
 REAL_ONLY = frozenset(name for name, fields in SETUPS.items()
-                      if fields.get("optimizer") in REAL_TENSORS_ONLY or fields.get("autocast"))
+                      if fields.get("optimizer") in REAL_TENSORS_ONLY or fields.get("autocast")
+                      or fields.get("quantize"))
 OPTIMIZER_FIELDS = ("optimizer", "optimizer_options")
 
 
 def configurations(models: Sequence[str], methods: Sequence[str], setups: Sequence[str], steps: Sequence[int],
                    batch: int, resolution: int) -> Iterator[tuple[str, StepConfig]]:
     """Every (setup, configuration); GaLore keeps its own optimizer (no optimizer setups), and is
-    taken at T = 1 (an SVD on every step)."""
+    taken at T = 1 (an SVD on every step); a quantized base is LoRA's only."""
     for model, method, setup, step in itertools.product(models, methods, setups, steps):
         fields = {key: blocks(model) if value == "BLOCKS" else value for key, value in SETUPS[setup].items()}
         if method == "galore" and any(key in fields for key in OPTIMIZER_FIELDS):
+            continue
+        if "quantize" in fields and method not in QUANTIZED_METHODS:
             continue
         options = {"update_proj_gap": 1} if method == "galore" else {}
         yield setup, StepConfig(model=model, method=method, batch=batch,
