@@ -22,8 +22,8 @@ float32) plus the offset (another ``b``, the first freed), the weight dequantize
 (``dequantize_4bit``, ``N x K`` in the input's dtype), then ``F.linear`` with the bias; the
 dequantized tensors die as it returns. With an input that requires grad it runs inside the
 autograd function ``MatMul4Bit``, which saves only the packed weight (a parameter: no bytes); its
-backward dequantizes again (``b`` float32, the offset added in place; ``N x K``) and multiplies:
-``grad_x = grad @ W``, a new input-sized tensor. A bias that trains is refused (LoRA freezes it).
+backward dequantizes again (``b`` float32, the offset added in place; ``N x K``; the maxima freed
+as ``dequantize_4bit`` returns) and multiplies: ``grad_x = grad @ W``, a new input-sized tensor. A bias that trains is refused (LoRA freezes it).
 
 FLOPs, ``exact`` (docs/flop-convention.md): ``dequantize_blockwise`` and ``dequantize_4bit`` one
 multiply per element (a code lookup times the block's maximum), the offset one add per block; the
@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.authoring import HandleTable, input_index, new_output, no_grads, tensor_input
-from costmodel.costs import Alloc, Flops, OpCost, OpNode
+from costmodel.costs import Alloc, Flops, OpCost, OpNode, smaller
 from costmodel.hookspecs import hookimpl
 
 TABLE = HandleTable()
@@ -133,7 +133,12 @@ def linear_4bit_cost(node: OpNode) -> OpCost | None:
     grads = list(no_grads(node))
     if node.needs_input_grad[input_index(node, x)]:
         cost.backward = Flops(torch=product, exact=dequantize + product)
-        cost.backward_allocs = (maxima, dequantized)
+        # ``F.dequantize_4bit`` frees the maxima as it returns, before the product makes grad_x:
+        # the backward's largest moment holds the dequantized weight and the larger of the two.
+        # The engine's one moment holds its transients and the gradient together, so the maxima
+        # count only by what they exceed the gradient by.
+        excess = maxima.nbytes - smaller(maxima.nbytes, x.nbytes)
+        cost.backward_allocs = (dequantized, Alloc(excess, "transient"))
         grads[input_index(node, x)] = x.nbytes
     cost.input_grads = tuple(grads)
     return cost

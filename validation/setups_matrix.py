@@ -99,12 +99,12 @@ def configurations(models: Sequence[str], methods: Sequence[str], setups: Sequen
 
 def table(results: list[tuple[str, Errors]]) -> str:
     """Per setup: configurations equal on every field, and the worst broken field if any."""
-    lines = [f"{'setup':<30}{'equal':>12}  worst difference"]
+    lines = [f"{'setup':<32}{'equal':>12}  worst difference"]
     for setup in dict.fromkeys(name for name, _ in results):
         rows = [e for name, e in results if name == setup]
         broken = [e for e in rows if e.broken()]
         worst = "-" if not broken else f"{broken[0].broken()[0]} ({broken[0].config.model} {broken[0].config.method})"
-        lines.append(f"{setup:<30}{len(rows) - len(broken):>6} of {len(rows):<3}  {worst}")
+        lines.append(f"{setup:<32}{len(rows) - len(broken):>6} of {len(rows):<3}  {worst}")
     return "\n".join(lines)
 
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = errors(predict_config(config), measure(config, fake=not (args.real or setup in REAL_ONLY)))
         results.append((setup, result))
         broken = result.broken()
-        print(f"{setup:<30}{config.model:<28}{config.method:<8}k={config.step}  "
+        print(f"{setup:<32}{config.model:<28}{config.method:<8}k={config.step}  "
               f"{'equal on every field' if not broken else 'BROKEN: ' + '; '.join(broken)}", flush=True)
     print()
     print(table(results))

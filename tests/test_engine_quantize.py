@@ -1,0 +1,105 @@
+"""A 4-bit quantized frozen base under LoRA (``StepConfig.quantize``, ``--quantize nf4|fp4``):
+bitsandbytes 0.50.2's ``Linear4bit`` on the CPU, against live layers and live measurements (real
+tensors: bitsandbytes quantizes the weights' values)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import costmodel
+from costmodel.cli import main
+from costmodel.config import StepConfig
+from costmodel.errors import CostModelError
+from costmodel.models import make_batch
+from costmodel.plugins.quantized import Linear4bit
+from costmodel.prediction import predict_config
+from costmodel.validation.measure import measure, measure_step
+from costmodel.validation.methods import apply_method, quantize_base
+from engine_live import assert_matches
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 32), (192, 576), (33, 7)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_mirror_holds_what_bitsandbytes_holds(in_features: int, out_features: int, quant_type: str) -> None:
+    """The packed weight's bytes and its element count (PARAM, total_params), and the statistics and
+    codes of its quant_state (BUFFER), against a live quantized layer."""
+    holder = nn.Sequential(nn.Linear(in_features, out_features))
+    quantize_base(holder, quant_type, head=None)
+    live = holder[0]
+    state = live.weight.quant_state
+    statistics = [t for holder_ in (state, state.state2) for t in vars(holder_).values() if isinstance(t, torch.Tensor)]
+    mirror = Linear4bit(nn.Linear(in_features, out_features, device="meta"), quant_type)
+    assert mirror.weight.numel() == live.weight.numel()
+    assert mirror.weight.numel() * mirror.weight.element_size() == _storage_bytes([live.weight])
+    assert sum(b.numel() * b.element_size() for b in mirror.buffers()) == _storage_bytes(statistics)
+
+
+class Tokens(nn.Module):
+    """A patch embedding, an MLP block of Linear layers with a residual, and a head: the frozen
+    Linear layers are quantized, LoRA adapts them, the first runs without autograd (its input needs
+    no gradient), the second inside bitsandbytes' autograd function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(48, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2).contiguous()
+        return self.head((self.fc2(F.gelu(self.fc1(tokens))) + tokens).mean(1))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("step", [1, 2])
+def test_lora_on_a_4bit_base_equals_the_measurement(quant_type: str, step: int) -> None:
+    torch.manual_seed(0)
+    model = Tokens()
+    predicted = costmodel.predict(copy.deepcopy(model), "lora", rank=2, batch=2, resolution=8, step=step,
+                                  quantize=quant_type)
+    applied = apply_method(model, "lora", rank=2, quantize=quant_type)
+    images, labels = make_batch(2, 8, 10)
+    measured = measure_step(applied.model, applied.optimizer, images, labels, step)
+    assert_matches(predicted, {"flops": measured.flops, "memory": measured.memory})
+    assert predicted.total_params == applied.total_params
+    quantized = [m for m in applied.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == 2 and math.prod(quantized[0].weight.shape) == 16 * 48 // 2
+
+
+@pytest.mark.slow
+def test_vit_tiny_on_a_4bit_base_equals_the_measurement() -> None:
+    config = StepConfig(model="timm:vit_tiny_patch16_224", method="lora", batch=2, resolution=224, quantize="nf4")
+    assert_matches(predict_config(config), measure(config, fake=False))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--method", "fft", "--quantize", "nf4"], "does not train on a quantized base"),
+    (["--method", "dora", "--quantize", "nf4"], "dora with --quantize"),
+    (["--method", "lora", "--quantize", "nf4", "--dtype", "bf16"], "--quantize with --dtype bf16"),
+    (["--method", "lora", "--quantize", "nf4", "--autocast", "bf16"], "node 'linear_4bit'"),
+    (["--method", "lora", "--quantize", "int3"], "--quantize"),
+])
+def test_what_a_4bit_base_does_not_model_is_refused_in_one_line(argv: list[str], says: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--model", "timm:vit_tiny_patch16_224", "--batch", "1", "--resolution", "224",
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+
+
+def test_measure_fake_refuses_a_quantized_base() -> None:
+    with pytest.raises(CostModelError, match="--quantize nf4 is measured with real tensors only"):
+        measure(StepConfig(model="resnet18", method="lora", quantize="nf4"), fake=True)
+    with pytest.raises(CostModelError, match="--quantize must be one of nf4, fp4"):
+        StepConfig(quantize="int8")
