@@ -27,9 +27,9 @@ DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float1
 # What ``StepConfig.autocast`` names: the lower precision ``torch.autocast("cpu", dtype=...)`` runs
 # its listed ops in ("" for no autocast).
 AUTOCAST_DTYPES: tuple[str, ...] = ("bf16", "fp16")
-# What ``StepConfig.quantize`` names: bitsandbytes' 4-bit data types for a frozen base's Linear
-# layers ("" for none).
-QUANTIZE_TYPES: tuple[str, ...] = ("nf4", "fp4")
+# What ``StepConfig.quantize`` names: bitsandbytes' storage of a frozen base's Linear layers, its
+# 4-bit data types (``Linear4bit``) and int8 (``Linear8bitLt``); "" for none.
+QUANTIZE_TYPES: tuple[str, ...] = ("nf4", "fp4", "int8")
 
 # How each field is named to the user: its CLI flag where it has one, else its keyword.
 _FIELD_NAMES: dict[str, str] = {
@@ -141,8 +141,9 @@ class StepConfig:
     # in ``dtype``, the backward and the optimizer step run outside it. "": no autocast.
     autocast: str = ""
     # A quantized frozen base (the QLoRA setup): every frozen ``nn.Linear`` outside the head stored
-    # as bitsandbytes' ``Linear4bit`` of this 4-bit type (a key of ``QUANTIZE_TYPES``), with its
-    # defaults (blocks of 64, nested statistics, float32 compute); adapters on top stay float32.
+    # as bitsandbytes' ``Linear4bit`` of this 4-bit type, with its defaults (blocks of 64, nested
+    # statistics, float32 compute), or for "int8" as ``Linear8bitLt(has_fp16_weights=False)`` (a
+    # name in ``QUANTIZE_TYPES``); adapters on top stay float32.
     # A method that does not train on a quantized base refuses it. "": no quantization.
     quantize: str = ""
 

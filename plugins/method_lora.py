@@ -73,7 +73,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from costmodel.config import StepConfig
+from costmodel.config import TRAINING, StepConfig
 from costmodel.costs import MethodOptions, OptionSpec, PreparedMethod
 from costmodel.errors import CostModelError
 from costmodel.hookspecs import hookimpl
@@ -274,6 +274,9 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     if config.quantize and config.dtype != "fp32":
         raise CostModelError(f"--quantize with --dtype {config.dtype}: bitsandbytes' Linear4bit then casts its input to "
                              f"its float32 compute dtype and back, which is not modelled; quantize a float32 step")
+    if config.quantize == "int8" and config.phase != TRAINING:
+        raise CostModelError("--quantize int8 in an evaluation: bitsandbytes' Linear8bitLt then takes its int8 "
+                             "inference path (MatMul8bitLt), which is not modelled; predict the training step")
     if name == "dora" and config.quantize:
         raise CostModelError("dora with --quantize: DoRA's weight norm reads the base weight, which peft dequantizes "
                              "on a 4-bit base; not modelled: use lora")

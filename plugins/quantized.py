@@ -36,6 +36,7 @@ autocast; a quantized Linear under autocast is refused by node (its ``F.linear``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -43,7 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from costmodel.authoring import HandleTable, input_index, new_output, no_grads, tensor_input
-from costmodel.costs import Alloc, Flops, OpCost, OpNode, smaller
+from costmodel.costs import Alloc, Flops, OpCost, OpNode, SavedRef, smaller
 from costmodel.hookspecs import hookimpl
 
 TABLE = HandleTable()
@@ -97,15 +98,51 @@ class Linear4bit(nn.Module):
                            self.out_features, self.in_features)
 
 
+def linear_8bit(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                ) -> torch.Tensor:
+    """``bnb.matmul(x, weight, bias, state)`` of a training-mode ``Linear8bitLt`` on the CPU
+    (``MatMul8bitFp``) as one graph node; on meta tensors a ``F.linear`` with a float weight."""
+    return F.linear(x, torch.empty(weight.shape, dtype=x.dtype, device=x.device), bias)
+
+
+torch.fx.wrap("linear_8bit")
+
+
+class Linear8bit(nn.Module):
+    """bitsandbytes' ``nn.Linear8bitLt(has_fp16_weights=False)`` as the engine sees it: the int8
+    weight (a frozen parameter), its per-row scales ``SCB`` as a buffer, the bias."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        device = linear.weight.device
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("SCB", torch.empty(self.out_features, dtype=torch.float32, device=device))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_8bit(x, self.weight, self.SCB, self.bias)
+
+
+# StepConfig.quantize -> the mirror of its bitsandbytes layer.
+MIRRORS: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    "nf4": lambda linear: Linear4bit(linear, "nf4"),
+    "fp4": lambda linear: Linear4bit(linear, "fp4"),
+    "int8": Linear8bit,
+}
+
+
 def quantize_frozen_linears(model: nn.Module, quant_type: str, keep: set[str]) -> int:
     """Replace every frozen ``nn.Linear`` of ``model`` whose name is not in ``keep`` (the head) by
-    :class:`Linear4bit`, as the reference's quantization does; the number replaced."""
+    the mirror of ``quant_type``'s layer (:data:`MIRRORS`), as the reference's quantization does;
+    the number replaced."""
     names = [name for name, module in model.named_modules()
              if type(module) is nn.Linear and name not in keep and not module.weight.requires_grad]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit(getattr(parent, child), quant_type))
+        setattr(parent, child, MIRRORS[quant_type](getattr(parent, child)))
     return len(names)
 
 
@@ -144,6 +181,39 @@ def linear_4bit_cost(node: OpNode) -> OpCost | None:
     return cost
 
 
+@TABLE.register("call_function", linear_8bit)
+def linear_8bit_cost(node: OpNode) -> OpCost | None:
+    """One int8 Linear in training mode (``MatMul8bitFp``, module docstring)."""
+    x, weight = tensor_input(node, 0, "x"), tensor_input(node, 1, "weight")
+    bias = tensor_input(node, 3, "bias")
+    if x is None or weight is None or (bias is not None and bias.requires_grad):
+        return None
+    out_features, in_features = weight.shape
+    rows = math.prod(x.shape) // in_features
+    product = 2 * rows * in_features * out_features
+    dequantize = out_features + out_features * in_features  # the scales / 127, the rows scaled
+    dequantized = Alloc(out_features * in_features * x.dtype.itemsize, "transient")
+    scales = out_features * torch.float32.itemsize  # SCB.unsqueeze(1).mul(1 / 127), gone after mul_
+    out = node.outputs[0]
+    cost = OpCost(forward=Flops(torch=product, exact=dequantize + product + (rows * out_features if bias is not None else 0)),
+                  forward_allocs=(dequantized, Alloc(scales - smaller(scales, out.nbytes), "transient"),
+                                  *new_output(node)),
+                  note=f"int8 linear: dequantize {out_features * in_features:,} weights, "
+                       f"2*{rows}*{in_features}*{out_features}")
+    if not node.records_autograd:
+        return cost
+    # ``ctx.A = A``: the function keeps its input until its backward, though only a weight
+    # gradient (never computed) would read it.
+    cost.saved = (SavedRef("input", input_index(node, x)),)
+    grads = list(no_grads(node))
+    if node.needs_input_grad[input_index(node, x)]:
+        cost.backward = Flops(torch=product, exact=dequantize + product)
+        cost.backward_allocs = (dequantized, Alloc(scales - smaller(scales, x.nbytes), "transient"))
+        grads[input_index(node, x)] = x.nbytes
+    cost.input_grads = tuple(grads)
+    return cost
+
+
 @hookimpl
 def costmodel_op_cost(node: OpNode) -> OpCost | None:
     return TABLE.cost(node)
@@ -153,4 +223,4 @@ def costmodel_op_cost(node: OpNode) -> OpCost | None:
 def costmodel_autocast_policy(kind: str, target: object) -> str | None:
     # Under autocast the product inside (``F.linear``) runs in the lower precision, with casts of
     # the dequantized weight this one node does not show.
-    return "unmodelled" if kind == "call_function" and target is linear_4bit else None
+    return "unmodelled" if kind == "call_function" and target in (linear_4bit, linear_8bit) else None

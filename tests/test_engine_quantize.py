@@ -1,6 +1,6 @@
-"""A 4-bit quantized frozen base under LoRA (``StepConfig.quantize``, ``--quantize nf4|fp4``):
-bitsandbytes 0.50.2's ``Linear4bit`` on the CPU, against live layers and live measurements (real
-tensors: bitsandbytes quantizes the weights' values)."""
+"""A quantized frozen base under LoRA (``StepConfig.quantize``, ``--quantize nf4|fp4|int8``):
+bitsandbytes 0.50.2's ``Linear4bit`` and ``Linear8bitLt`` on the CPU, against live layers and live
+measurements (real tensors: bitsandbytes quantizes the weights' values)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from costmodel.cli import main
 from costmodel.config import StepConfig
 from costmodel.errors import CostModelError
 from costmodel.models import make_batch
-from costmodel.plugins.quantized import Linear4bit
+from costmodel.plugins.quantized import MIRRORS
 from costmodel.prediction import predict_config
 from costmodel.validation.measure import measure, measure_step
+from costmodel.validation.memory import quantization_state
 from costmodel.validation.methods import apply_method, quantize_base
 from engine_live import assert_matches
 
@@ -29,19 +30,17 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 @pytest.mark.parametrize("in_features, out_features", [(64, 32), (192, 576), (33, 7)])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 def test_the_mirror_holds_what_bitsandbytes_holds(in_features: int, out_features: int, quant_type: str) -> None:
-    """The packed weight's bytes and its element count (PARAM, total_params), and the statistics and
-    codes of its quant_state (BUFFER), against a live quantized layer."""
+    """The packed weight's bytes and its element count (PARAM, total_params), and the statistics,
+    codes or scales bitsandbytes keeps beside it (BUFFER), against a live quantized layer."""
     holder = nn.Sequential(nn.Linear(in_features, out_features))
     quantize_base(holder, quant_type, head=None)
     live = holder[0]
-    state = live.weight.quant_state
-    statistics = [t for holder_ in (state, state.state2) for t in vars(holder_).values() if isinstance(t, torch.Tensor)]
-    mirror = Linear4bit(nn.Linear(in_features, out_features, device="meta"), quant_type)
+    mirror = MIRRORS[quant_type](nn.Linear(in_features, out_features, device="meta"))
     assert mirror.weight.numel() == live.weight.numel()
     assert mirror.weight.numel() * mirror.weight.element_size() == _storage_bytes([live.weight])
-    assert sum(b.numel() * b.element_size() for b in mirror.buffers()) == _storage_bytes(statistics)
+    assert sum(b.numel() * b.element_size() for b in mirror.buffers()) == _storage_bytes(quantization_state(holder))
 
 
 class Tokens(nn.Module):
@@ -61,7 +60,7 @@ class Tokens(nn.Module):
         return self.head((self.fc2(F.gelu(self.fc1(tokens))) + tokens).mean(1))
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("step", [1, 2])
 def test_lora_on_a_4bit_base_equals_the_measurement(quant_type: str, step: int) -> None:
     torch.manual_seed(0)
@@ -73,8 +72,9 @@ def test_lora_on_a_4bit_base_equals_the_measurement(quant_type: str, step: int) 
     measured = measure_step(applied.model, applied.optimizer, images, labels, step)
     assert_matches(predicted, {"flops": measured.flops, "memory": measured.memory})
     assert predicted.total_params == applied.total_params
-    quantized = [m for m in applied.model.modules() if type(m).__name__ == "Linear4bit"]
-    assert len(quantized) == 2 and math.prod(quantized[0].weight.shape) == 16 * 48 // 2
+    quantized = [m for m in applied.model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    packed = 16 * 48 if quant_type == "int8" else 16 * 48 // 2  # int8: a byte a weight; 4-bit: two
+    assert len(quantized) == 2 and math.prod(quantized[0].weight.shape) == packed
 
 
 @pytest.mark.slow
@@ -88,6 +88,7 @@ def test_vit_tiny_on_a_4bit_base_equals_the_measurement() -> None:
     (["--method", "dora", "--quantize", "nf4"], "dora with --quantize"),
     (["--method", "lora", "--quantize", "nf4", "--dtype", "bf16"], "--quantize with --dtype bf16"),
     (["--method", "lora", "--quantize", "nf4", "--autocast", "bf16"], "node 'linear_4bit'"),
+    (["--method", "lora", "--quantize", "int8", "--phase", "evaluate"], "--quantize int8 in an evaluation"),
     (["--method", "lora", "--quantize", "int3"], "--quantize"),
 ])
 def test_what_a_4bit_base_does_not_model_is_refused_in_one_line(argv: list[str], says: str,
@@ -101,5 +102,5 @@ def test_what_a_4bit_base_does_not_model_is_refused_in_one_line(argv: list[str],
 def test_measure_fake_refuses_a_quantized_base() -> None:
     with pytest.raises(CostModelError, match="--quantize nf4 is measured with real tensors only"):
         measure(StepConfig(model="resnet18", method="lora", quantize="nf4"), fake=True)
-    with pytest.raises(CostModelError, match="--quantize must be one of nf4, fp4"):
-        StepConfig(quantize="int8")
+    with pytest.raises(CostModelError, match="--quantize must be one of nf4, fp4, int8"):
+        StepConfig(quantize="int4")

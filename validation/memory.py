@@ -91,6 +91,22 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
     return found
 
 
+def quantization_state(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors bitsandbytes keeps beside a quantized layer's parameter, not as module buffers:
+    a 4-bit weight's ``quant_state`` (its blocks' maxima, their offset and codes, and the nested
+    ``state2``), an int8 weight's per-row scales ``SCB`` (on the parameter until the first
+    forward, then in the layer's ``state``). Counted as BUFFER."""
+    found: list[torch.Tensor] = []
+    for parameter in module.parameters():
+        state = getattr(parameter, "quant_state", None)
+        for holder in (state, getattr(state, "state2", None)):
+            if holder is not None:
+                found += [value for value in vars(holder).values() if isinstance(value, torch.Tensor)]
+        found.append(getattr(parameter, "SCB", None))
+    found += [getattr(getattr(layer, "state", None), "SCB", None) for layer in module.modules()]
+    return [tensor for tensor in found if isinstance(tensor, torch.Tensor)]
+
+
 class GroupPeakMemTracker(MemTracker):
     """MemTracker that handles frozen parameters and records each group's maximum.
 
@@ -107,15 +123,8 @@ class GroupPeakMemTracker(MemTracker):
         # Stock MemTracker registers a grad hook on every parameter, which raises on frozen ones;
         # only parameters that can receive a gradient get hooks here.
         memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-        # bitsandbytes' 4-bit weights keep their quantisation statistics and codes in a
-        # ``quant_state`` beside the packed parameter, not as module buffers: model state all the
-        # same, counted as BUFFER.
-        for parameter in module.parameters():
-            state = getattr(parameter, "quant_state", None)
-            for holder in (state, getattr(state, "state2", None)):
-                for tensor in vars(holder).values() if holder is not None else ():
-                    if isinstance(tensor, torch.Tensor):
-                        self._update_and_maybe_create_winfos(tensor, _MemRefType.BUFFER)
+        for tensor in quantization_state(module):  # model state beside the packed weights
+            self._update_and_maybe_create_winfos(tensor, _MemRefType.BUFFER)
         if install_grad_hooks:
             for parameter in module.parameters():
                 if parameter.requires_grad and self._param_to_grad_hook_handles.get(parameter) is None:

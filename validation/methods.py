@@ -289,9 +289,10 @@ def inject_lora(model: nn.Module, targets: str | list[str], *, rank: int, alpha:
 
 def quantize_base(model: nn.Module, quant_type: str, head: str | None) -> None:
     """Every ``nn.Linear`` outside the head as bitsandbytes' ``Linear4bit`` of ``quant_type`` with its
-    defaults (blocks of 64, nested statistics) and float32 compute, its weights quantized from the
-    layer's (``Params4bit`` quantizes when moved to its device), before peft adds adapters: what a
-    user does to fine-tune a vision model on a 4-bit base. Real tensors only."""
+    defaults (blocks of 64, nested statistics) and float32 compute, or for ``"int8"`` as
+    ``Linear8bitLt(has_fp16_weights=False)``, its weights quantized from the layer's (bitsandbytes
+    quantizes when the layer is moved to its device), before peft adds adapters: what a user does
+    to fine-tune a vision model on a quantized base. Real tensors only."""
     import bitsandbytes as bnb
 
     names = [name for name, module in model.named_modules()
@@ -300,8 +301,12 @@ def quantize_base(model: nn.Module, quant_type: str, head: str | None) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                      compute_dtype=torch.float32, quant_type=quant_type)
+        if quant_type == "int8":  # int8 weights with per-row scales, no float copy kept
+            quantized = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                            has_fp16_weights=False, threshold=0.0)
+        else:
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                          compute_dtype=torch.float32, quant_type=quant_type)
         quantized.load_state_dict(linear.state_dict())
         setattr(parent, child, quantized.to(linear.weight.device))
 
