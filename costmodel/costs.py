@@ -217,6 +217,12 @@ class OpCost:
     param_grads: dict[str, int] = field(default_factory=dict)
     backward_allocs: tuple[Alloc, ...] = ()
     late_param_grads: tuple[str, ...] = ()
+    # Tensors the op's autograd node keeps as plain attributes rather than saved tensors (a custom
+    # ``autograd.Function`` writing ``ctx.A = A``): alive from the forward on, inside a checkpointed
+    # region too (checkpointing replaces saved tensors only), and not released by the backward
+    # (which frees saved tensors only): the node lives as long as the step's graph, which the
+    # loss holds (every node is reachable from its ``grad_fn``), so they die with the loss.
+    kept_by_node: tuple[SavedRef, ...] = ()
     # Why: a short human-readable derivation, shown in per-node breakdowns.
     note: str = ""
 

@@ -190,6 +190,9 @@ class _Storages:
         self._snapshots = count()
         # Live tensors of lump sums, per group, in allocation order: (key, nbytes).
         self.lumps: dict[int, list[tuple[object, int]]] = {}
+        # Record index -> the references its autograd node keeps as attributes
+        # (``OpCost.kept_by_node``): released with the graph, which the loss holds.
+        self.kept: dict[int, list[object]] = {}
 
     def _record(self, kind: str, key: object, nbytes: int) -> None:
         refuse_arrays(nbytes)
@@ -379,8 +382,19 @@ def simulate(graph: StepGraph, costs: list[OpCost | None], flow: GradientFlow, o
         previous_loss = mem.new_key()
         mem.rekey(loss, previous_loss)
         again_checkpoints = _Checkpoints(graph, costs)
+        # The previous graph's kept tensors are its storages still: new keys, as for its loss.
+        renamed: dict[object, object] = {}
+        for keys in mem.kept.values():
+            for key in keys:
+                if key not in renamed:
+                    renamed[key] = mem.new_key()
+                    mem.rekey(key, renamed[key])
+        previous_graph = [renamed[key] for keys in mem.kept.values() for key in keys]
+        mem.kept = {}
         saved = _forward_pass(mem, graph, costs, "forward", again_checkpoints)
         mem.release(previous_loss)  # ``loss = ...`` rebinds the loop's name once the forward returns
+        for key in previous_graph:  # ... and the previous graph goes with it
+            mem.release(key)
         again, again_accumulated, grad_accumulated = _backward_pass(mem, graph, costs, flow, saved, True,
                                                                     again_checkpoints)
         assert again == ran_backward and again_accumulated == accumulated, "micro-batches differ"
@@ -657,16 +671,19 @@ def _forward_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, stora
                   checkpointed: bool = False) -> None:
     """One record's forward, then the values the forward code drops after it. In a checkpointed
     region autograd keeps a placeholder, not the tensor (``_Checkpoints``)."""
-    _run_node(mem, record, cost, storage_key, saved, phase, "forward", record.op.records_autograd and not checkpointed)
+    _run_node(mem, record, cost, storage_key, saved, phase, "forward", record.op.records_autograd and not checkpointed,
+              keeps=record.op.records_autograd)
     for value in released:
         mem.release(storage_key(value))
 
 
 def _run_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_key: Callable[[Value], object],
-              saved: dict[int, list[object]], phase: str, label: str, records_autograd: bool) -> None:
+              saved: dict[int, list[object]], phase: str, label: str, records_autograd: bool,
+              keeps: bool = False) -> None:
     """What running ``record``'s op allocates (its plugin's list in order; fresh outputs it does not
     list), one reference to each output for the code that holds it, what autograd keeps
-    (``records_autograd``) in ``saved``, a snapshot, and the transients freed."""
+    (``records_autograd``) in ``saved``, what its node keeps as attributes (``keeps``:
+    ``mem.kept``), a snapshot, and the transients freed."""
     op = record.op
     outputs = record.output_values
     fresh = set(record.fresh_outputs)
@@ -695,6 +712,12 @@ def _run_node(mem: _Storages, record: NodeRecord, cost: OpCost | None, storage_k
             node_saved.append(key)
     if node_saved:
         saved[record.index] = node_saved
+    if cost is not None and keeps and cost.kept_by_node:
+        for ref in cost.kept_by_node:
+            values = record.input_values if ref.of == "input" else outputs
+            key = storage_key(values[ref.index])
+            mem.hold(key)
+            mem.kept.setdefault(record.index, []).append(key)
     mem.snapshot(phase, record.name, label)
     for key in transients:
         mem.release(key)

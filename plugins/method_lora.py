@@ -277,6 +277,13 @@ def costmodel_prepare_method(name: str, model: nn.Module, config: StepConfig) ->
     if config.quantize == "int8" and config.phase != TRAINING:
         raise CostModelError("--quantize int8 in an evaluation: bitsandbytes' Linear8bitLt then takes its int8 "
                              "inference path (MatMul8bitLt), which is not modelled; predict the training step")
+    if config.quantize == "int8" and config.accumulate > 1:
+        # Measured: the previous micro-batch's graph, whose int8 nodes keep their inputs as ctx
+        # attributes, is still alive in the next micro-batch's backward (2.7 MB over the
+        # prediction on ViT-Tiny at B=2); the engine frees it when the next forward returns.
+        raise CostModelError("--quantize int8 with --accumulate: the previous micro-batch's graph, whose int8 layers "
+                             "keep their inputs, outlives the next forward in a way the engine does not model; "
+                             "use nf4 or fp4, or one micro-batch")
     if name == "dora" and config.quantize:
         raise CostModelError("dora with --quantize: DoRA's weight norm reads the base weight, which peft dequantizes "
                              "on a 4-bit base; not modelled: use lora")

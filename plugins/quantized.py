@@ -202,9 +202,10 @@ def linear_8bit_cost(node: OpNode) -> OpCost | None:
                        f"2*{rows}*{in_features}*{out_features}")
     if not node.records_autograd:
         return cost
-    # ``ctx.A = A``: the function keeps its input until its backward, though only a weight
-    # gradient (never computed) would read it.
-    cost.saved = (SavedRef("input", input_index(node, x)),)
+    # ``ctx.A = A``: the function keeps its input as an attribute of its node (not a saved tensor:
+    # a checkpoint does not drop it), until the node goes after its backward, though only a
+    # weight gradient (never computed) would read it.
+    cost.kept_by_node = (SavedRef("input", input_index(node, x)),)
     grads = list(no_grads(node))
     if node.needs_input_grad[input_index(node, x)]:
         cost.backward = Flops(torch=product, exact=dequantize + product)

@@ -8,8 +8,8 @@ A setup is a set of ``StepConfig`` fields beside the method: the precision (``--
 activation checkpointing of every block (``--checkpoint``: ``layer*`` on ResNets,
 ``features.*`` on MobileNets, ``blocks.*`` on the ViT), gradient accumulation
 (``--accumulate 4``), CPU autocast (``--autocast bf16|fp16``, alone and with checkpointing and
-accumulation), a quantized base under LoRA (``--quantize nf4|fp4|int8``, and nf4 and int8 with
-checkpointing and accumulation), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
+accumulation), a quantized base under LoRA (``--quantize nf4|fp4|int8``, nf4 with checkpointing
+and accumulation, int8 with checkpointing), the optimizer (``--optimizer``: SGD, Adam, AdamW's and SGD's foreach paths, Adafactor, bitsandbytes' AdamW8bit;
 GaLore keeping its own), and combinations. For every model x method x setup x step it predicts the
 step and measures it (under FakeTensorMode unless ``--real``; the optimizers that cannot step fake
 tensors, autocast and a quantized base always with real ones),
@@ -70,7 +70,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "fp4": {"quantize": "fp4"},
     "int8": {"quantize": "int8"},
     "nf4+checkpoint+accumulate2": {"quantize": "nf4", "checkpoint": "BLOCKS", "accumulate": 2},
-    "int8+checkpoint+accumulate2": {"quantize": "int8", "checkpoint": "BLOCKS", "accumulate": 2},
+    "int8+checkpoint": {"quantize": "int8", "checkpoint": "BLOCKS"},
 }
 # A quantized base is frozen: LoRA trains on it, the other methods refuse it.
 QUANTIZED_METHODS = ("lora",)
