@@ -209,6 +209,24 @@ def costmodel_autocast_policy(kind: str, target: "Any", args: "tuple[Any, ...]",
 
 
 @hookspec
+def costmodel_exact_flop_formulas() -> "dict[Any, Callable[..., int]]":
+    """Rows this plugin adds to the runtime reference's exact FLOP convention, for the ops its own
+    op rules stand for and the convention's table lacks (a custom op of the plugin's library):
+    ``{torch.ops.my_lib.my_op: formula}``, keyed by the op (its overload packet, or an overload
+    of it), each ``formula(*args, out_val=out, **kwargs) -> int`` over the op's raw arguments, as
+    ``torch.utils.flop_counter`` calls a formula registered with ``get_raw=True``.
+
+    Only the reference asks (``costmodel.validation.flops``, when it builds its exact counter,
+    from the installed plugins), so that ``costmodel compare`` can hold a plugin's op rule against
+    the measurement: without a row, the reference refuses the op as outside the convention. A row
+    for an op the built-in table defines is refused (the convention's own rows stay the
+    reference), as is an op two plugins give; each is a one-line error naming the plugin. Every
+    plugin is asked (no ``firstresult``); the plugin documents its rows, as
+    docs/flop-convention.md documents the built-in ones.
+    """
+
+
+@hookspec
 def costmodel_device_profiles() -> "list[dict]":
     """Device profiles this plugin adds (``costmodel.devices``): a list of dicts, each in the
     schema of the package's ``device_profiles.json`` entries.

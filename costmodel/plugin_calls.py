@@ -339,6 +339,21 @@ AUTOCAST_POLICY = HookContract("costmodel_autocast_policy",
                                check_autocast_policy)
 
 
+def check_flop_formulas(answer: Any) -> None:
+    """A dict of ops (torch.ops packets or overloads) to callables."""
+    if not isinstance(answer, dict):
+        raise BadAnswer(f"the answer is {_shown(answer)}, not a dict of ops to formulas")
+    for op, formula in answer.items():
+        if not isinstance(op, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):
+            raise BadAnswer(f"key {_shown(op)} is not a torch.ops op (an overload packet or overload)")
+        if not callable(formula):
+            raise BadAnswer(f"the formula of {op} is {_shown(formula)}, not a callable")
+
+
+EXACT_FLOP_FORMULAS = HookContract("costmodel_exact_flop_formulas", lambda kwargs: "the exact FLOP formulas",
+                                   check_flop_formulas)
+
+
 def _arguments_for(names: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     """``kwargs -> the positional arguments of an implementation taking ``names``` (a subset of the
     hookspec's, as pluggy allows). ``operator.itemgetter`` is the cheapest such picker, but returns
@@ -382,9 +397,18 @@ class HookAsker:
             return self._through_pluggy_call(kwargs, first=False)
         return list(self._answers(kwargs))
 
-    def _answers(self, kwargs: dict[str, Any]) -> Iterator[Any]:
+    def every_by_plugin(self, **kwargs: Any) -> list[tuple[str, Any]]:
+        """``every``, each answer with the name of the plugin that gave it (for a caller whose
+        messages say who answered what); through pluggy, all the implementing plugins' names."""
+        if self._through_pluggy:
+            return [(", ".join(self._everyone), answer) for answer in self._through_pluggy_call(kwargs, first=False)
+                    if answer is not None]
+        return list(self._answers(kwargs, with_plugin=True))
+
+    def _answers(self, kwargs: dict[str, Any], with_plugin: bool = False) -> Iterator[Any]:
         """The implementations' answers that are not None, in pluggy's order, each checked as it
-        comes (lazily: ``first`` stops asking at the first one)."""
+        comes (lazily: ``first`` stops asking at the first one); ``with_plugin``: as
+        ``(plugin name, answer)``."""
         check = self.contract.check
         for plugin, function, arguments in self._order:
             try:
@@ -398,7 +422,7 @@ class HookAsker:
                     check(answer)
                 except BadAnswer as bad:
                     raise self._bad((plugin,), kwargs, bad) from None
-                yield answer
+                yield (plugin, answer) if with_plugin else answer
 
     def _through_pluggy_call(self, kwargs: dict[str, Any], first: bool) -> Any:
         plugins = self._everyone

@@ -622,6 +622,30 @@ def svd_flop(a: torch.Tensor, full_matrices: bool = False, compute_uv: bool = Tr
 # Counters
 # ---------------------------------------------------------------------------------------------
 
+def plugin_flop_formulas() -> dict[Any, FlopFormula]:
+    """The rows the installed plugins add to the exact convention (``costmodel_exact_flop_formulas``),
+    keyed by overload packet; a row for an op of the built-in table, or one that two plugins
+    give, is a one-line CostModelError naming the plugin."""
+    from costmodel.plugin_calls import EXACT_FLOP_FORMULAS as CONTRACT, HookAsker
+    from costmodel.registry import default_plugin_manager
+
+    rows: dict[Any, FlopFormula] = {}
+    givers: dict[Any, str] = {}
+    for plugin, answer in HookAsker(default_plugin_manager(), CONTRACT).every_by_plugin():
+        for op, formula in answer.items():
+            packet = getattr(op, "overloadpacket", op)
+            if packet in EXACT_FLOP_FORMULAS:
+                raise CostModelError(f"plugin {plugin!r} gives an exact FLOP formula for {packet}, "
+                                     f"which the convention's own table defines (docs/flop-convention.md)")
+            if packet in givers:
+                raise CostModelError(f"plugins {givers[packet]!r} and {plugin!r} both give an "
+                                     f"exact FLOP formula for {packet}")
+            raw = lambda *args, _formula=formula, **kwargs: _formula(*args, **kwargs)  # noqa: E731
+            raw._get_raw = True  # type: ignore[attr-defined]  # FlopCounterMode's raw-argument flag
+            rows[packet], givers[packet] = raw, plugin
+    return rows
+
+
 class ExactFlopCounterMode(FlopCounterMode):
     """FlopCounterMode restricted to the exact convention's table, recording every uncovered op.
 
@@ -630,8 +654,9 @@ class ExactFlopCounterMode(FlopCounterMode):
     """
 
     def __init__(self) -> None:
-        super().__init__(display=False, custom_mapping=EXACT_FLOP_FORMULAS)
-        self.flop_registry = dict(EXACT_FLOP_FORMULAS)
+        table = {**EXACT_FLOP_FORMULAS, **plugin_flop_formulas()}
+        super().__init__(display=False, custom_mapping=table)
+        self.flop_registry = table
         self.uncovered: Counter[str] = Counter()
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
