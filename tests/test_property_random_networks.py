@@ -7,11 +7,16 @@ the smallest network that disagrees. The blocks: convolutions with random kernel
 groups (depthwise included), with or without bias; batch norm; ReLU/ReLU6/Hardswish/Hardsigmoid in
 place or not; residual adds (``out = out + identity`` and in-place ``out += identity``, with a strided
 1x1 projection where shapes change); a squeeze-excitation style ``x * gate``; max and adaptive average
-pooling; dropout; and a head reached through one of several flattening spellings.
+pooling; dropout; group norm and channels-last layer norm with smooth activations (GELU exact and
+tanh, SiLU, sigmoid, tanh); a self-attention block over the pixels as tokens (layer norm, a qkv
+Linear, ``F.scaled_dot_product_attention``, a projection, a residual); channel shuffle; stochastic
+depth on a residual branch; one convolution applied twice (a shared weight); and a head reached
+through one of several flattening spellings, with or without auxiliary logits.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 from math import gcd
 
@@ -19,7 +24,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from costmodel.prediction import predict
 from engine_live import assert_matches, measure_module
@@ -96,6 +103,53 @@ class DropoutSpec:
     inplace: bool
 
 
+SMOOTH: dict[str, nn.Module | None] = {
+    "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "silu": nn.SiLU(), "sigmoid": nn.Sigmoid(),
+    "tanh": nn.Tanh(), "none": None}
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """``GroupNorm(groups, C)``, or ConvNeXt's channels-last ``LayerNorm(C)`` between two permutes;
+    then a smooth activation (or none)."""
+
+    kind: str  # "group" or "layer"
+    channels: int
+    groups: int
+    act: str
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The pixels as tokens: ``x + proj(sdpa(qkv(layer_norm(x))))``, back to an image."""
+
+    channels: int
+    heads: int
+
+
+@dataclass(frozen=True)
+class ShuffleSpec:
+    channels: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class DropPathSpec:
+    """``x + StochasticDepth(p, mode)(branch(x))``, the branch keeping the shape."""
+
+    branch: ConvSpec
+    p: float
+    mode: str
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """One 3x3 convolution applied twice, an activation between: a weight used by two nodes."""
+
+    channels: int
+    act: Act | None
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     name: str  # "fc" (a Linear) or "classifier" (a Sequential)
@@ -105,11 +159,13 @@ class HeadSpec:
     hidden: int | None  # classifier only: Linear, Hardswish, then the last Linear
     features: int
     classes: int
+    aux: bool = False  # auxiliary logits too (a Linear of their own): the output has .logits, .aux_logits
 
 
 @dataclass(frozen=True)
 class NetSpec:
-    blocks: tuple[ConvSpec | ResidualSpec | GateSpec | PoolSpec | DropoutSpec, ...]
+    blocks: tuple[ConvSpec | ResidualSpec | GateSpec | PoolSpec | DropoutSpec | NormSpec | AttentionSpec
+                  | ShuffleSpec | DropPathSpec | SharedSpec, ...]
     head: HeadSpec
 
 
@@ -149,6 +205,75 @@ class Gate(nn.Module):
         return x * gate
 
 
+class Norm(nn.Module):
+    def __init__(self, spec: NormSpec) -> None:
+        super().__init__()
+        self.channels_last = spec.kind == "layer"
+        self.norm = nn.LayerNorm(spec.channels) if self.channels_last else nn.GroupNorm(spec.groups, spec.channels)
+        act = SMOOTH[spec.act]
+        self.act = nn.Identity() if act is None else type(act)(**({"approximate": act.approximate}
+                                                                  if isinstance(act, nn.GELU) else {}))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        else:
+            x = self.norm(x)
+        return self.act(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: AttentionSpec) -> None:
+        super().__init__()
+        self.heads = spec.heads
+        self.norm = nn.LayerNorm(spec.channels)
+        self.qkv = nn.Linear(spec.channels, 3 * spec.channels)
+        self.proj = nn.Linear(spec.channels, spec.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2).contiguous()
+        qkv = self.qkv(self.norm(tokens)).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        tokens = tokens + self.proj(attended)
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Shuffle(nn.Module):
+    def __init__(self, spec: ShuffleSpec) -> None:
+        super().__init__()
+        self.groups = spec.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.size()
+        x = x.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous()
+        return x.view(b, c, h, w)
+
+
+class DropPath(nn.Module):
+    def __init__(self, spec: DropPathSpec) -> None:
+        super().__init__()
+        self.branch = spec.branch.build()
+        self.drop = StochasticDepth(spec.p, spec.mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.branch(x))
+
+
+class Shared(nn.Module):
+    def __init__(self, spec: SharedSpec) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(spec.channels, spec.channels, 3, padding=1)
+        self.act = spec.act.build() if spec.act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.conv(x)))
+
+
+Output = namedtuple("Output", ["logits", "aux_logits"])
+
+
 class RandomNet(nn.Module):
     def __init__(self, spec: NetSpec) -> None:
         super().__init__()
@@ -157,6 +282,8 @@ class RandomNet(nn.Module):
         head = spec.head
         self.pool = nn.AdaptiveAvgPool2d(head.pool)
         self.flatten = nn.Flatten() if head.flatten == "module" else nn.Identity()
+        if head.aux:  # registered before the head, which stays the last child holding parameters
+            self.aux = nn.Linear(head.features, head.classes)
         drop = nn.Dropout(head.dropout.p, head.dropout.inplace) if head.dropout is not None else nn.Identity()
         if head.name == "fc":
             self.drop = drop
@@ -180,9 +307,8 @@ class RandomNet(nn.Module):
             x = x.view(x.size(0), -1)
         else:
             x = self.flatten(x)
-        if self.head_spec.name == "fc":
-            return self.fc(self.drop(x))
-        return self.classifier(x)
+        logits = self.fc(self.drop(x)) if self.head_spec.name == "fc" else self.classifier(x)
+        return Output(logits, self.aux(x)) if self.head_spec.aux else logits
 
 
 def build_block(spec) -> nn.Module:
@@ -192,6 +318,10 @@ def build_block(spec) -> nn.Module:
         return Residual(spec)
     if isinstance(spec, GateSpec):
         return Gate(spec)
+    for kind, module in ((NormSpec, Norm), (AttentionSpec, Attention), (ShuffleSpec, Shuffle),
+                         (DropPathSpec, DropPath), (SharedSpec, Shared)):
+        if isinstance(spec, kind):
+            return module(spec)
     if isinstance(spec, PoolSpec):
         return nn.MaxPool2d(spec.kernel, spec.stride, spec.padding) if spec.kind == "max" else nn.AdaptiveAvgPool2d(spec.kernel)
     return nn.Dropout(spec.p, spec.inplace)
@@ -276,7 +406,8 @@ def networks(draw) -> tuple[NetSpec, int, int]:
     stem, size = draw(conv_specs(3, resolution))
     channels, blocks = stem.c_out, [stem]
     for _ in range(draw(st.integers(0, 6))):
-        kind = draw(st.sampled_from(("conv", "residual", "gate", "pool", "dropout")))
+        kind = draw(st.sampled_from(("conv", "residual", "gate", "pool", "dropout", "norm", "attention", "shuffle",
+                                     "droppath", "shared")))
         if kind == "conv":
             block, size = draw(conv_specs(channels, size))
             channels = block.c_out
@@ -286,23 +417,41 @@ def networks(draw) -> tuple[NetSpec, int, int]:
             block = GateSpec(channels, draw(st.sampled_from((1, 2, 4))), draw(st.sampled_from(("hardsigmoid", "relu6"))))
         elif kind == "pool":
             block, size = draw(pool_specs(size))
-        else:
+        elif kind == "dropout":
             block = draw(dropouts)
             if ends_in_relu(blocks):  # the same autograd rule as residual_specs' in-place add
                 block = DropoutSpec(block.p, inplace=False)
+        elif kind == "norm":
+            groups = [g for g in (1, 2, channels) if channels % g == 0]
+            block = NormSpec(draw(st.sampled_from(("group", "layer"))), channels, draw(st.sampled_from(groups)),
+                             draw(st.sampled_from(sorted(SMOOTH))))
+        elif kind == "attention":
+            block = AttentionSpec(channels, draw(st.sampled_from([h for h in (1, 2) if channels % h == 0])))
+        elif kind == "shuffle":
+            block = ShuffleSpec(channels, 2)  # every width in CHANNELS is even
+        elif kind == "droppath":
+            branch, _ = draw(conv_specs(channels, size, same_shape=True))
+            block = DropPathSpec(branch, draw(st.sampled_from((0.0, 0.3))), draw(st.sampled_from(("row", "batch"))))
+        else:
+            block = SharedSpec(channels, draw(optional_acts))
         blocks.append(block)
     name = draw(st.sampled_from(("fc", "classifier")))
     pool = draw(st.sampled_from((1, 2))) if size >= 2 else 1
-    head = HeadSpec(name, pool, draw(st.sampled_from(("torch.flatten", "method", "module", "view"))),
+    # An attention block or a channels-last layer norm hands on a channels-last layout (a permuted
+    # view), which convolutions and pooling keep: ``x.view(n, -1)`` refuses it (in PyTorch too).
+    channels_last = any(isinstance(b, AttentionSpec) or (isinstance(b, NormSpec) and b.kind == "layer")
+                        for b in blocks)
+    flattens = ("torch.flatten", "method", "module") + (() if channels_last else ("view",))
+    head = HeadSpec(name, pool, draw(st.sampled_from(flattens)),
                     draw(st.none() | dropouts), draw(st.none() | st.sampled_from((4, 8))) if name == "classifier" else None,
-                    channels * pool * pool, draw(st.integers(2, 10)))
+                    channels * pool * pool, draw(st.integers(2, 10)), draw(st.booleans()))
     return NetSpec(tuple(blocks), head), resolution, draw(st.integers(2, 4))
 
 
 steps = st.builds(lambda method, step: (method, step), st.sampled_from(("fft", "bn_head")), st.sampled_from((1, 2)))
 
 
-def record_events(spec: NetSpec, method: str, step: int) -> None:
+def record_events(spec: NetSpec, method: str, step: int) -> None:  # noqa: D401
     """Label the constructs an example exercises (``--hypothesis-show-statistics`` tallies them)."""
     event(f"{method}, step {step}")
     for block in spec.blocks:

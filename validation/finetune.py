@@ -130,6 +130,10 @@ class FinetuneConfig:
     # (an epoch's last incomplete group of ``accumulate * batch`` images is dropped: a smaller one
     # would change the micro-batch); fft, bn_head, lora and dora train with ``optimizer``.
     dtype: str = StepConfig.dtype
+    # ``StepConfig.autocast`` (the forward and loss of every step and evaluation under CPU
+    # autocast) and ``StepConfig.quantize`` (LoRA on a quantized base).
+    autocast: str = StepConfig.autocast
+    quantize: str = StepConfig.quantize
     checkpoint: str = StepConfig.checkpoint
     accumulate: int = StepConfig.accumulate
     optimizer: str = StepConfig.optimizer
@@ -327,7 +331,8 @@ def check_config(config: FinetuneConfig) -> tuple[FinetuneConfig, "Task"]:
     from costmodel.cli import check_optimizer
 
     # their own checks, in one line (the optimizer's options by its plugin)
-    check_optimizer(StepConfig(dtype=config.dtype, checkpoint=config.checkpoint, accumulate=config.accumulate,
+    check_optimizer(StepConfig(dtype=config.dtype, autocast=config.autocast, quantize=config.quantize,
+                               checkpoint=config.checkpoint, accumulate=config.accumulate,
                                optimizer=config.optimizer, optimizer_options=dict(config.optimizer_options)))
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise CostModelError(f"--seed must be an integer >= 0, got {config.seed!r}")
@@ -424,9 +429,9 @@ class Predictor:
 def step_config(config: FinetuneConfig, classes: int, phase: str, step: int, batch: int) -> StepConfig:
     return StepConfig(model=config.model, method=config.method, rank=config.rank, batch=batch,
                       resolution=config.resolution, classes=classes, step=step, phase=phase,
-                      lr=config.lr, options=dict(config.options), dtype=config.dtype, checkpoint=config.checkpoint,
-                      accumulate=config.accumulate, optimizer=config.optimizer,
-                      optimizer_options=dict(config.optimizer_options))
+                      lr=config.lr, options=dict(config.options), dtype=config.dtype, autocast=config.autocast,
+                      quantize=config.quantize, checkpoint=config.checkpoint, accumulate=config.accumulate,
+                      optimizer=config.optimizer, optimizer_options=dict(config.optimizer_options))
 
 
 def predict_schedule(config: FinetuneConfig, classes: int, schedule: Sequence[PlannedStep],
