@@ -175,7 +175,11 @@ def costmodel_meta_function(target: "Callable[..., Any]") -> "Callable[..., Any]
     whose output is contiguous; on CPU it runs the flash kernel, whose output keeps the query's
     layout): the replacement dispatches what ``target`` dispatches on CPU, so that every result's
     shape, dtype, strides and storage are the CPU run's. It must take ``target``'s arguments and
-    return what ``target`` returns. The node keeps ``target`` (op rules still see it)."""
+    return what ``target`` returns. The node keeps ``target`` (op rules still see it). For a
+    module the tracer keeps whole, ``target`` is its class and the replacement is called with the
+    module first: ``replacement(module, *args, **kwargs)`` (a convolution whose CPU kernel writes
+    a channels-last result for a channels-last input, where the meta kernel writes a contiguous
+    one)."""
 
 
 @hookspec(firstresult=True)

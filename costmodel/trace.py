@@ -175,8 +175,9 @@ class StepTracer(fx.Tracer):
             state = self._autocast_state()
             if state is not None:
                 node.meta[AUTOCAST_STATE] = state
-        if kind == "call_function" and self.meta_function_for is not None:
-            replacement = self._meta_function(target)
+        if kind in ("call_function", "call_module") and self.meta_function_for is not None:
+            replacement = self._meta_function(target if kind == "call_function"
+                                              else type(self.root.get_submodule(str(target))))
             if replacement is not None:
                 node.meta[PROPAGATE_AS] = replacement
         return node
@@ -687,8 +688,9 @@ PROPAGATE_AS = "costmodel_propagate_as"
 
 
 class MetaInterpreter(fx.Interpreter):
-    """An interpreter for shape propagation: a ``call_function`` node with a plugin's replacement
-    (``costmodel_meta_function``, in ``node.meta[PROPAGATE_AS]``) calls the replacement."""
+    """An interpreter for shape propagation: a ``call_function`` or ``call_module`` node with a
+    plugin's replacement (``costmodel_meta_function``, in ``node.meta[PROPAGATE_AS]``) calls the
+    replacement (a module's with the module first)."""
 
     _running: fx.Node | None = None
 
@@ -699,6 +701,12 @@ class MetaInterpreter(fx.Interpreter):
     def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         replacement = self._running.meta.get(PROPAGATE_AS) if self._running is not None else None
         return (replacement or target)(*args, **kwargs)
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        replacement = self._running.meta.get(PROPAGATE_AS) if self._running is not None else None
+        if replacement is None:
+            return super().call_module(target, args, kwargs)
+        return replacement(self.fetch_attr(str(target)), *args, **kwargs)
 
 
 class Recorder(MetaInterpreter):

@@ -22,7 +22,11 @@ first), ``padding="same"`` that needs asymmetric padding.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.nn import functional as F
 
 from costmodel.authoring import (HandleTable, add_tensor_argument_grads, input_index, module_param, needs_grad,
@@ -105,6 +109,40 @@ def conv_function(node: OpNode) -> OpCost | None:
     if node.records_autograd:
         add_tensor_argument_grads(node, cost, weight, bias)
     return cost
+
+
+def in_cpu_layout(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``out`` in the memory format CPU's convolution writes: channels-last when the input or the
+    weight suggests it (a permuted tensor: ConvNeXt's ``permute`` back, a token grid reshaped to
+    an image), 4-d and 5-d alike (``determine_backend_memory_format``); the meta kernel writes a
+    contiguous result whatever its input, so later reshapes would be views on meta and copies on
+    CPU. Checked against the CPU kernel in tests/test_op_plugins.py."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    channels_last = formats.get(out.dim())
+    if channels_last is not None and channels_last in (suggest_memory_format(x), suggest_memory_format(weight)):
+        return out.contiguous(memory_format=channels_last)
+    return out
+
+
+def _function_on_cpu(function: Any) -> Any:
+    def propagate(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return in_cpu_layout(function(input, weight, *args, **kwargs), input, weight)
+
+    return propagate
+
+
+def _module_on_cpu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return in_cpu_layout(module(x), x, module.weight)
+
+
+@hookimpl
+def costmodel_meta_function(target: Any) -> Any:
+    """Shape propagation of a convolution gives CPU's layout (:func:`in_cpu_layout`)."""
+    if target in (F.conv2d, F.conv3d):
+        return _function_on_cpu(target)
+    if isinstance(target, type) and issubclass(target, (nn.Conv2d, nn.Conv3d)):
+        return _module_on_cpu
+    return None
 
 
 @hookimpl

@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch._prims_common import suggest_memory_format
 from torch.nn import functional as F
 
 from costmodel.authoring import (HandleTable, add_tensor_argument_grads, input_index, is_float, module_param,
@@ -214,6 +216,32 @@ def group_norm_function(node: OpNode) -> OpCost | None:
         return None
     return _function_cost(node, x, _group_norm_groups(x, node.arg(1, "num_groups")), weight, bias,
                           "group norm", saves_bias=False)
+
+
+def group_norm_in_cpu_layout(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` in the memory format CPU's group norm writes: its input's (channels-last for a
+    channels-last input), where the meta kernel writes a contiguous result (checked against the
+    CPU kernel in tests/test_op_norms.py)."""
+    layout = suggest_memory_format(x)
+    return out.contiguous(memory_format=layout) if layout is not torch.contiguous_format else out
+
+
+def _group_norm_function_on_cpu(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return group_norm_in_cpu_layout(F.group_norm(x, *args, **kwargs), x)
+
+
+def _group_norm_module_on_cpu(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return group_norm_in_cpu_layout(module(x), x)
+
+
+@hookimpl
+def costmodel_meta_function(target: Any) -> Any:
+    """Shape propagation of a group norm gives CPU's layout (:func:`group_norm_in_cpu_layout`)."""
+    if target is F.group_norm or target is torch.group_norm:
+        return _group_norm_function_on_cpu
+    if isinstance(target, type) and issubclass(target, nn.GroupNorm):
+        return _group_norm_module_on_cpu
+    return None
 
 
 @hookimpl

@@ -192,3 +192,14 @@ def test_norm_net_predicted_equals_measured(method, trainable):
     measured = measure_module(NormNet, trainable, batch=2, resolution=16)
     assert predicted.flops == measured["flops"]
     assert predicted.memory == measured["memory"]  # every group, peak included, to the byte
+
+
+@pytest.mark.parametrize("make", [lambda: torch.randn(2, 4, 8, 8), lambda: torch.randn(2, 8, 8, 4).permute(0, 3, 1, 2),
+                                  lambda: torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)])
+def test_group_norm_propagates_the_cpu_kernels_layout(make) -> None:
+    """CPU's group norm keeps a channels-last input's layout, the meta kernel does not."""
+    from costmodel.plugins.normalization import group_norm_in_cpu_layout
+
+    x = make()
+    meta = x.to("meta")
+    assert group_norm_in_cpu_layout(F.group_norm(meta, 2), meta).stride() == F.group_norm(x, 2).stride()

@@ -789,3 +789,28 @@ def test_every_node_of_the_paper_models(model_name, method):
         assert "call_function:iadd" in checked and "call_module:MaxPool2d" in checked
     if model_name == "mobilenet_v3_small":
         assert {"call_function:mul", "call_function:iadd", "call_module:Hardswish", "call_module:Dropout"} <= set(checked)
+
+
+@pytest.mark.parametrize("x_shape, permute, weight_shape, groups, channels_last_weight", [
+    ((2, 4, 8, 8), None, (4, 4, 3, 3), 1, False),
+    ((2, 8, 8, 4), (0, 3, 1, 2), (4, 4, 3, 3), 1, False),   # ConvNeXt's permute back: channels-last
+    ((2, 6, 6, 4), (0, 3, 1, 2), (4, 1, 3, 3), 4, False),   # depthwise on it
+    ((2, 8, 8, 2), (0, 3, 1, 2), (2, 2, 1, 1), 1, False),   # a token grid reshaped to an image
+    ((2, 4, 8, 8), None, (4, 4, 3, 3), 1, True),            # a channels-last weight
+    ((2, 4, 8, 8), (0, 1, 3, 2), (4, 4, 3, 3), 1, False),   # transposed H/W: not channels-last
+])
+def test_convolution_propagates_the_cpu_kernels_layout(x_shape, permute, weight_shape, groups,
+                                                        channels_last_weight) -> None:
+    """Shape propagation of a convolution writes its result in the layout CPU's kernel does
+    (channels-last for a channels-last input or weight), where the meta kernel writes it
+    contiguous: a later flatten is then a copy on CPU and must be one in the prediction."""
+    from costmodel.plugins.conv import in_cpu_layout
+
+    x = torch.randn(x_shape)
+    x = x.permute(permute) if permute else x
+    weight = torch.randn(weight_shape)
+    if channels_last_weight:
+        weight = weight.to(memory_format=torch.channels_last)
+    cpu = F.conv2d(x, weight, groups=groups, padding=1)
+    meta_x, meta_w = x.to("meta"), weight.to("meta")
+    assert in_cpu_layout(F.conv2d(meta_x, meta_w, groups=groups, padding=1), meta_x, meta_w).stride() == cpu.stride()
