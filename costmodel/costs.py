@@ -217,6 +217,12 @@ class OpCost:
     param_grads: dict[str, int] = field(default_factory=dict)
     backward_allocs: tuple[Alloc, ...] = ()
     late_param_grads: tuple[str, ...] = ()
+    # For input ``i``, the tensors autograd makes one after another for its gradient, when it is
+    # not made in one go by the node's apply: first what the apply returns (0: the incoming
+    # gradient itself), then each step autograd's engine takes on it after the apply
+    # (``validate_outputs``, input by input in order: ``sum_to_size`` to the input's shape, a cast
+    # to its dtype), each freeing the one before; the last is ``input_grads[i]``.
+    input_grad_steps: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Tensors the op's autograd node keeps as plain attributes rather than saved tensors (a custom
     # ``autograd.Function`` writing ``ctx.A = A``): alive from the forward on, inside a checkpointed
     # region too (checkpointing replaces saved tensors only), and not released by the backward

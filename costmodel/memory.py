@@ -797,9 +797,14 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
     transients = [mem.anonymous(alloc.nbytes, TEMP) for alloc in cost.backward_allocs]
     produced: list[tuple[Value, object]] = []
     first: object | None = None  # the gradient of input 0, if computed (CopySlices copies it back)
+    stepped: list[tuple[int, int]] = []  # (index into produced, input) of gradients made in steps
     for i, nbytes in enumerate(cost.input_grads):
         if nbytes is None or i >= len(op.inputs) or not op.needs_input_grad[i]:
             continue
+        steps = cost.input_grad_steps.get(i)
+        if steps is not None:  # what the apply returns first (OpCost.input_grad_steps)
+            nbytes = steps[0]
+            stepped.append((len(produced), i))
         if is_zero(nbytes):  # the incoming gradient itself (or a view of it) flows on
             key = incoming[0]
             mem.hold(key)
@@ -823,6 +828,17 @@ def _backward_node(mem: _Storages, record: NodeRecord, cost: OpCost, incoming: l
 
     for key in transients:
         mem.release(key)
+    # After the apply, autograd's engine takes each such gradient through its steps, input by
+    # input (``validate_outputs``: a sum to the input's shape, a cast to its dtype), each new
+    # tensor made before the one it replaces is freed.
+    for slot, i in stepped:
+        target, key = produced[slot]
+        for nbytes in cost.input_grad_steps[i][1:]:
+            new = mem.anonymous(nbytes, TEMP)
+            mem.snapshot("backward", name, "validate")
+            mem.release(key)
+            key = new
+        produced[slot] = (target, key)
     if copy_slices:
         produced = _finish_copy_slices(mem, record, incoming, first, produced, result)
         incoming = [scattered]

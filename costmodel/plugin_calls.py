@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from costmodel.costs import (Alloc, Flops, LossSpec, MemEvent, OpCost, OptimizerCost, ParamGroup, ParamMeta,
-                             PreparedMethod, SavedRef, describe_op)
+                             PreparedMethod, SavedRef, describe_op, differ)
 from costmodel.errors import CostModelError
 
 
@@ -141,6 +141,8 @@ def _plain_op_cost(answer: Any) -> bool:
                 return False
     if type(answer.saved) is not tuple or type(answer.input_grads) is not tuple or type(answer.param_grads) is not dict:
         return False
+    if answer.input_grad_steps or answer.kept_by_node:  # rare: the detailed checks
+        return False
     for ref in answer.saved:
         if type(ref) is not SavedRef or ref.of not in _SAVED_FROM or type(ref.index) is not int or ref.index < 0:
             return False
@@ -185,6 +187,25 @@ def check_op_cost(answer: Any) -> None:
         _check_type(name, str, "a key of OpCost.param_grads")
         _check_count(nbytes, f"OpCost.param_grads[{name!r}]")
     _check_late_grads(answer)
+    kept = answer.kept_by_node
+    _check_sequence(kept, "OpCost.kept_by_node")
+    for i, ref in enumerate(kept):
+        _check_type(ref, SavedRef, f"OpCost.kept_by_node[{i}]")
+        if ref.of not in _SAVED_FROM:
+            raise BadAnswer(f"OpCost.kept_by_node[{i}].of is {_shown(ref.of)}, not 'input' or 'output'")
+        _check_count(ref.index, f"OpCost.kept_by_node[{i}].index")
+    _check_type(answer.input_grad_steps, dict, "OpCost.input_grad_steps")
+    for i, steps in answer.input_grad_steps.items():
+        if type(i) is not int or not 0 <= i < len(grads) or grads[i] is None:
+            raise BadAnswer(f"OpCost.input_grad_steps has key {_shown(i)}, not the index of an input with a gradient")
+        _check_sequence(steps, f"OpCost.input_grad_steps[{i}]")
+        if not steps:
+            raise BadAnswer(f"OpCost.input_grad_steps[{i}] is empty")
+        for k, nbytes in enumerate(steps):
+            _check_count(nbytes, f"OpCost.input_grad_steps[{i}][{k}]")
+        if differ(steps[-1], grads[i]):
+            raise BadAnswer(f"OpCost.input_grad_steps[{i}] ends at {_shown(steps[-1])} bytes, not at "
+                            f"OpCost.input_grads[{i}] = {_shown(grads[i])}")
     _check_type(answer.note, str, "OpCost.note")
 
 

@@ -242,18 +242,17 @@ def _gradient_of(node: OpNode, operand: TensorMeta, out: TensorMeta, computed: b
     # An operand of another dtype than the result (type promotion: a bf16 activation added to a
     # float32 residual under autocast) gets its gradient in the result's dtype from the formula;
     # autograd's engine then casts it to the operand's (``validate_outputs``): a new tensor.
+    # Its steps (``OpCost.input_grad_steps``): what the apply returns (the product, or the incoming
+    # gradient itself), the sum to its shape if broadcast (in the result's dtype), the cast.
     cast = operand.dtype != out.dtype
-    if broadcast_reduced(operand.shape, out.shape):
-        if computed:
-            transients.append(Alloc(out.nbytes, "transient"))
-        if cast:  # the sum, in the result's dtype, before its cast
-            transients.append(Alloc(numel(operand.shape) * out.dtype.itemsize, "transient"))
-        grads[index] = operand.nbytes
-        return numel(out.shape)
-    if cast and computed:
-        transients.append(Alloc(out.nbytes, "transient"))
-    grads[index] = operand.nbytes if cast else out.nbytes if computed else 0
-    return 0
+    reduced = broadcast_reduced(operand.shape, out.shape)
+    grads[index] = operand.nbytes if reduced or cast else out.nbytes if computed else 0
+    if reduced or cast:
+        sizes = [out.nbytes if computed else 0]
+        if reduced and cast:  # the sum in the result's dtype, then its cast
+            sizes.append(numel(operand.shape) * out.dtype.itemsize)
+        cost.input_grad_steps[index] = (*sizes, operand.nbytes)
+    return numel(out.shape) if reduced else 0
 
 
 def binary_cost(node: OpNode, op: str, inplace: bool) -> OpCost | None:

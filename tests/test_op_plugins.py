@@ -246,7 +246,10 @@ def check(obs: Observed, in_convention: bool = True) -> OpCost:
     if node.records_autograd and node.outputs and node.outputs[0].requires_grad:
         assert tuple(cost.input_grads) == obs.input_grads, where
         assert cost.param_grads == obs.param_grads, where
-        assert [a.nbytes for a in cost.backward_allocs] == obs.backward_transients, where
+        # The backward's own temporaries, and the intermediate tensors of gradients made in steps
+        # (a product before its sum to a broadcast operand's shape: OpCost.input_grad_steps).
+        intermediates = [n for steps in cost.input_grad_steps.values() for n in steps[:-1] if n]
+        assert sorted([a.nbytes for a in cost.backward_allocs] + intermediates) == sorted(obs.backward_transients), where
         assert all(a.lifetime == "transient" for a in cost.backward_allocs), where
     else:
         assert cost.backward.torch == cost.backward.exact == 0, where
