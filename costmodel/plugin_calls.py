@@ -170,13 +170,7 @@ def check_op_cost(answer: Any) -> None:
     _check_flops(answer.backward, "OpCost.backward")
     _check_allocs(answer.forward_allocs, "OpCost.forward_allocs")
     _check_allocs(answer.backward_allocs, "OpCost.backward_allocs")
-    saved = answer.saved
-    _check_sequence(saved, "OpCost.saved")
-    for i, ref in enumerate(saved):
-        _check_type(ref, SavedRef, f"OpCost.saved[{i}]")
-        if ref.of not in _SAVED_FROM:
-            raise BadAnswer(f"OpCost.saved[{i}].of is {_shown(ref.of)}, not 'input' or 'output'")
-        _check_count(ref.index, f"OpCost.saved[{i}].index")
+    _check_refs(answer.saved, "OpCost.saved")
     grads = answer.input_grads
     _check_sequence(grads, "OpCost.input_grads")
     for i, nbytes in enumerate(grads):
@@ -187,13 +181,7 @@ def check_op_cost(answer: Any) -> None:
         _check_type(name, str, "a key of OpCost.param_grads")
         _check_count(nbytes, f"OpCost.param_grads[{name!r}]")
     _check_late_grads(answer)
-    kept = answer.kept_by_node
-    _check_sequence(kept, "OpCost.kept_by_node")
-    for i, ref in enumerate(kept):
-        _check_type(ref, SavedRef, f"OpCost.kept_by_node[{i}]")
-        if ref.of not in _SAVED_FROM:
-            raise BadAnswer(f"OpCost.kept_by_node[{i}].of is {_shown(ref.of)}, not 'input' or 'output'")
-        _check_count(ref.index, f"OpCost.kept_by_node[{i}].index")
+    _check_refs(answer.kept_by_node, "OpCost.kept_by_node")
     _check_type(answer.input_grad_steps, dict, "OpCost.input_grad_steps")
     for i, steps in answer.input_grad_steps.items():
         if type(i) is not int or not 0 <= i < len(grads) or grads[i] is None:
@@ -207,6 +195,16 @@ def check_op_cost(answer: Any) -> None:
             raise BadAnswer(f"OpCost.input_grad_steps[{i}] ends at {_shown(steps[-1])} bytes, not at "
                             f"OpCost.input_grads[{i}] = {_shown(grads[i])}")
     _check_type(answer.note, str, "OpCost.note")
+
+
+def _check_refs(refs: Any, field: str) -> None:
+    """A sequence of :class:`SavedRef` to an input or an output."""
+    _check_sequence(refs, field)
+    for i, ref in enumerate(refs):
+        _check_type(ref, SavedRef, f"{field}[{i}]")
+        if ref.of not in _SAVED_FROM:
+            raise BadAnswer(f"{field}[{i}].of is {_shown(ref.of)}, not 'input' or 'output'")
+        _check_count(ref.index, f"{field}[{i}].index")
 
 
 def _check_late_grads(answer: OpCost) -> None:
