@@ -18,7 +18,8 @@ What autocast does that the pass mirrors:
   (dtypes do not depend on sizes) and places each cast as it goes, so that later nodes see the
   cast dtypes;
 - the weight cache: a float32 leaf tensor that requires grad (a trainable parameter) cast to the
-  lower precision is cast once per autocast region, and the cache keeps that copy until the outermost ``torch.autocast`` exits;
+  lower precision is cast once per autocast region, and the cache keeps that copy until the
+  outermost ``torch.autocast`` exits;
   every other tensor (an activation, a frozen parameter) is cast at each use, and the copy dies
   with its last user like any value.
 """

@@ -104,7 +104,8 @@ def setup_label(config: StepConfig) -> str:
     if config.optimizer != defaults.optimizer or config.optimizer_options:
         options = ", ".join(f"{key}={value!r}" for key, value in config.optimizer_options.items())
         label += f", optimizer={config.optimizer}" + (f"({options})" if options else "")
-    return label + "".join(f", {name}={getattr(config, name)}" for name in ("accumulate", "dtype", "autocast", "quantize", "checkpoint")
+    setups = ("accumulate", "dtype", "autocast", "quantize", "checkpoint")
+    return label + "".join(f", {name}={getattr(config, name)}" for name in setups
                            if getattr(config, name) != getattr(defaults, name))
 
 

@@ -272,9 +272,9 @@ def refuse_unmodelled_context(node: fx.Node, module_stack: Mapping[str, Any], ch
     installs) changes nothing in the graph: its nodes would be predicted as plain fp32 ops that
     autograd records and saves for, a silently wrong number. The state is visible while the node
     is created, so such a node is refused by name. (CPU autocast is recorded instead, as
-    ``AutocastState``, and made explicit by ``costmodel.autocast``.) Gradients disabled covers ``torch.no_grad()``, ``torch.utils.checkpoint(...,
-    use_reentrant=True)`` and a custom ``torch.autograd.Function`` (its forward runs with grad
-    mode off); saved-tensor hooks cover ``use_reentrant=False`` checkpoints and
+    ``AutocastState``, and made explicit by ``costmodel.autocast``.) Gradients disabled covers
+    ``torch.no_grad()``, ``torch.utils.checkpoint(..., use_reentrant=True)`` and a custom
+    ``torch.autograd.Function`` (its forward runs with grad mode off); saved-tensor hooks cover ``use_reentrant=False`` checkpoints and
     ``torch.autograd.graph.save_on_cpu``, except a checkpointed module call the tracer models
     (``checkpointed``: ``StepTracer._own_checkpoint``)."""
     where = f"node {node.name!r}"

@@ -1,9 +1,12 @@
-"""A 4-bit quantized frozen base: bitsandbytes 0.50.2's ``nn.Linear4bit`` on the CPU, mirrored.
+"""A quantized frozen base: bitsandbytes 0.50.2's ``nn.Linear4bit`` and ``nn.Linear8bitLt`` on the
+CPU, mirrored.
 
 ``StepConfig.quantize`` (``--quantize nf4|fp4``) stores every frozen ``nn.Linear`` outside the head
 as ``Linear4bit(in, out, bias, compute_dtype=float32, quant_type=...)`` with bitsandbytes'
 defaults: blocks of 64 weights, nested ("compressed") statistics. The mirror, :class:`Linear4bit`,
 holds the same tensors and its forward is one graph node, :func:`linear_4bit`, costed here.
+``--quantize int8`` stores them as ``Linear8bitLt(has_fp16_weights=False)``: :class:`Linear8bit`
+and :func:`linear_8bit` (their rule's docstring says what its training-mode forward runs).
 
 What bitsandbytes holds, per layer with ``N`` outputs and ``K`` inputs (``n = N*K`` weights,
 ``b = ceil(n / 64)`` blocks, ``c = ceil(b / 256)``), checked on this machine:
@@ -23,7 +26,8 @@ float32) plus the offset (another ``b``, the first freed), the weight dequantize
 dequantized tensors die as it returns. With an input that requires grad it runs inside the
 autograd function ``MatMul4Bit``, which saves only the packed weight (a parameter: no bytes); its
 backward dequantizes again (``b`` float32, the offset added in place; ``N x K``; the maxima freed
-as ``dequantize_4bit`` returns) and multiplies: ``grad_x = grad @ W``, a new input-sized tensor. A bias that trains is refused (LoRA freezes it).
+as ``dequantize_4bit`` returns) and multiplies: ``grad_x = grad @ W``, a new input-sized tensor.
+A bias that trains is refused (LoRA freezes it).
 
 FLOPs, ``exact`` (docs/flop-convention.md): ``dequantize_blockwise`` and ``dequantize_4bit`` one
 multiply per element (a code lookup times the block's maximum), the offset one add per block; the
@@ -162,7 +166,8 @@ def linear_4bit_cost(node: OpNode) -> OpCost | None:
     dequantize = first + first + weights  # the maxima, their offset, the weights
     maxima = Alloc(first * torch.float32.itemsize, "transient")
     dequantized = Alloc(weights * x.dtype.itemsize, "transient")
-    cost = OpCost(forward=Flops(torch=product, exact=dequantize + product + (rows * out_features if bias is not None else 0)),
+    bias_add = rows * out_features if bias is not None else 0
+    cost = OpCost(forward=Flops(torch=product, exact=dequantize + product + bias_add),
                   forward_allocs=(maxima, dequantized, *new_output(node)),
                   note=f"4-bit linear: dequantize {weights:,} weights, 2*{rows}*{in_features}*{out_features}")
     if not node.records_autograd:
@@ -183,7 +188,12 @@ def linear_4bit_cost(node: OpNode) -> OpCost | None:
 
 @TABLE.register("call_function", linear_8bit)
 def linear_8bit_cost(node: OpNode) -> OpCost | None:
-    """One int8 Linear in training mode (``MatMul8bitFp``, module docstring)."""
+    """One int8 Linear in training mode, ``MatMul8bitFp`` (bitsandbytes' CPU path, all torch ops):
+    the int8 weight cast to float32 (``N x K``), the row scales times 1/127 (``N``, freed after)
+    multiplied into it in place, ``F.linear`` with the bias. The function keeps its input as
+    ``ctx.A`` (``OpCost.kept_by_node``). Its backward dequantizes again and multiplies:
+    ``grad_x = grad @ W``. Checked on this machine: the int8 weight is the parameter (PARAM,
+    ``N K`` elements of ``total_params``), its row scales ``SCB`` (``N`` float32) BUFFER."""
     x, weight = tensor_input(node, 0, "x"), tensor_input(node, 1, "weight")
     bias = tensor_input(node, 3, "bias")
     if x is None or weight is None or (bias is not None and bias.requires_grad):
@@ -195,7 +205,8 @@ def linear_8bit_cost(node: OpNode) -> OpCost | None:
     dequantized = Alloc(out_features * in_features * x.dtype.itemsize, "transient")
     scales = out_features * torch.float32.itemsize  # SCB.unsqueeze(1).mul(1 / 127), gone after mul_
     out = node.outputs[0]
-    cost = OpCost(forward=Flops(torch=product, exact=dequantize + product + (rows * out_features if bias is not None else 0)),
+    bias_add = rows * out_features if bias is not None else 0
+    cost = OpCost(forward=Flops(torch=product, exact=dequantize + product + bias_add),
                   forward_allocs=(dequantized, Alloc(scales - smaller(scales, out.nbytes), "transient"),
                                   *new_output(node)),
                   note=f"int8 linear: dequantize {out_features * in_features:,} weights, "

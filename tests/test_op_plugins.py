@@ -249,7 +249,8 @@ def check(obs: Observed, in_convention: bool = True) -> OpCost:
         # The backward's own temporaries, and the intermediate tensors of gradients made in steps
         # (a product before its sum to a broadcast operand's shape: OpCost.input_grad_steps).
         intermediates = [n for steps in cost.input_grad_steps.values() for n in steps[:-1] if n]
-        assert sorted([a.nbytes for a in cost.backward_allocs] + intermediates) == sorted(obs.backward_transients), where
+        predicted = sorted([a.nbytes for a in cost.backward_allocs] + intermediates)
+        assert predicted == sorted(obs.backward_transients), where
         assert all(a.lifetime == "transient" for a in cost.backward_allocs), where
     else:
         assert cost.backward.torch == cost.backward.exact == 0, where
