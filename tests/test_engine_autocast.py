@@ -129,7 +129,7 @@ def test_a_models_own_cpu_autocast_region_equals_the_measurement() -> None:
 
 @pytest.mark.parametrize("model, method, autocast", [
     ("resnet18", "lora", "bf16"),
-    ("mobilenet_v2", "fft", "bf16"),
+    pytest.param("mobilenet_v2", "fft", "bf16", marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", "lora", "fp16", marks=pytest.mark.slow),
     pytest.param("resnet18", "galore", "bf16", marks=pytest.mark.slow),
     pytest.param("mobilenet_v2", "bn_head", "bf16", marks=pytest.mark.slow),

@@ -60,7 +60,7 @@ class Tokens(nn.Module):
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
-@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_lora_on_a_4bit_base_equals_the_measurement(quant_type: str, step: int) -> None:
     torch.manual_seed(0)
     model = Tokens()

@@ -474,7 +474,7 @@ def check(spec: NetSpec, resolution: int, batch: int, method: str, step: int) ->
     assert_matches(predicted, measured)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(networks(), steps)
 def test_random_network_matches_the_live_measurement(net, method_step):
     check(*net, *method_step)
