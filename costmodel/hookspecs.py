@@ -217,8 +217,8 @@ def costmodel_exact_flop_formulas() -> "dict[Any, Callable[..., int]]":
     """Rows this plugin adds to the runtime reference's exact FLOP convention, for the ops its own
     op rules stand for and the convention's table lacks (a custom op of the plugin's library):
     ``{torch.ops.my_lib.my_op: formula}``, keyed by the op (its overload packet, or an overload
-    of it), each ``formula(*args, out_val=out, **kwargs) -> int`` over the op's raw arguments, as
-    ``torch.utils.flop_counter`` calls a formula registered with ``get_raw=True``.
+    of it), each ``formula(*args, out_val=out, **kwargs) -> int`` over the op's raw arguments
+    (the reference's raw-argument form: docs/plugin-authoring.md).
 
     Only the reference asks (``costmodel.validation.flops``, when it builds its exact counter,
     from the installed plugins), so that ``costmodel compare`` can hold a plugin's op rule against
